@@ -1,0 +1,181 @@
+package process
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+)
+
+// The sock_diag wire format (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h). It is spelled out here
+// rather than taken from x/sys/unix, which lacks the inet_diag structures, and kept OS-neutral so the decoder
+// can be tested and fuzzed anywhere.
+const (
+	sizeofNlMsghdr  = 16
+	sizeofSockID    = 48
+	sizeofDiagReqV2 = 8 + sizeofSockID  // struct inet_diag_req_v2
+	sizeofDiagMsg   = 24 + sizeofSockID // struct inet_diag_msg
+	sizeofRtAttr    = 4
+
+	nlmsgError       = 2
+	nlmsgDone        = 3
+	sockDiagByFamily = 20
+
+	nlmFRequest = 0x1
+	nlmFMulti   = 0x2
+	nlmFDump    = 0x300
+
+	afInet  = 2
+	afInet6 = 10
+
+	ipprotoTCP = 6
+	ipprotoUDP = 17
+
+	tcpListen = 10
+
+	inetDiagNoCookie = ^uint32(0)
+	inetDiagSKV6Only = 11
+	allStates        = ^uint32(0)
+)
+
+// errNotFound means the kernel has no socket for the request.
+var errNotFound = errors.New("no such socket")
+
+// diagReq is one inet_diag_req_v2.
+type diagReq struct {
+	dump     bool
+	family   uint8
+	protocol uint8
+	states   uint32
+	// src and dst fill the request's socket ID as given; a zero AddrPort leaves the field zero.
+	src, dst netip.AddrPort
+	ifindex  uint32
+}
+
+// appendDiagReq appends the netlink message for req to b.
+func appendDiagReq(b []byte, seq uint32, req *diagReq) []byte {
+	ne := binary.NativeEndian
+	flags := uint16(nlmFRequest)
+	if req.dump {
+		flags |= nlmFDump
+	}
+	b = ne.AppendUint32(b, sizeofNlMsghdr+sizeofDiagReqV2)
+	b = ne.AppendUint16(b, sockDiagByFamily)
+	b = ne.AppendUint16(b, flags)
+	b = ne.AppendUint32(b, seq)
+	b = ne.AppendUint32(b, 0) // port id: the kernel fills it in
+	b = append(b, req.family, req.protocol, 0, 0)
+	b = ne.AppendUint32(b, req.states)
+	b = binary.BigEndian.AppendUint16(b, req.src.Port())
+	b = binary.BigEndian.AppendUint16(b, req.dst.Port())
+	b = appendDiagAddr(b, req.src.Addr())
+	b = appendDiagAddr(b, req.dst.Addr())
+	b = ne.AppendUint32(b, req.ifindex)
+	b = ne.AppendUint32(b, inetDiagNoCookie)
+	b = ne.AppendUint32(b, inetDiagNoCookie)
+	return b
+}
+
+// appendDiagAddr appends a 16-byte address field: IPv4 in the first four bytes, IPv6 in all of them.
+func appendDiagAddr(b []byte, a netip.Addr) []byte {
+	var raw [16]byte
+	switch {
+	case a.Is4():
+		v4 := a.As4()
+		copy(raw[:], v4[:])
+	case a.Is6():
+		raw = a.As16()
+	}
+	return append(b, raw[:]...)
+}
+
+// sockInfo is the part of an inet_diag_msg the resolver needs.
+type sockInfo struct {
+	family uint8
+	state  uint8
+	// local and remote are the socket's own addresses; remote is unspecified with port 0 when unconnected.
+	local, remote netip.AddrPort
+	ifindex       uint32
+	uid           uint32
+	inode         uint32
+	// v6only is 1 for an IPv6-only socket, 0 for a dual-stack IPv6 socket, -1 for IPv4 or unknown.
+	v6only int8
+}
+
+// parseDiagMsg decodes an inet_diag_msg and its attributes (the payload of a SOCK_DIAG_BY_FAMILY message).
+func parseDiagMsg(b []byte) (sockInfo, error) {
+	if len(b) < sizeofDiagMsg {
+		return sockInfo{}, fmt.Errorf("inet_diag_msg of %d bytes, want %d", len(b), sizeofDiagMsg)
+	}
+	ne := binary.NativeEndian
+	s := sockInfo{family: b[0], state: b[1], v6only: -1}
+	id := b[4 : 4+sizeofSockID]
+	sport := binary.BigEndian.Uint16(id[0:2])
+	dport := binary.BigEndian.Uint16(id[2:4])
+	switch s.family {
+	case afInet:
+		s.local = netip.AddrPortFrom(netip.AddrFrom4([4]byte(id[4:8])), sport)
+		s.remote = netip.AddrPortFrom(netip.AddrFrom4([4]byte(id[20:24])), dport)
+	case afInet6:
+		s.local = netip.AddrPortFrom(netip.AddrFrom16([16]byte(id[4:20])), sport)
+		s.remote = netip.AddrPortFrom(netip.AddrFrom16([16]byte(id[20:36])), dport)
+	default:
+		return sockInfo{}, fmt.Errorf("inet_diag_msg of address family %d", s.family)
+	}
+	s.ifindex = ne.Uint32(id[36:40])
+	tail := b[4+sizeofSockID:]
+	// tail: expires, rqueue, wqueue, uid, inode.
+	s.uid = ne.Uint32(tail[12:16])
+	s.inode = ne.Uint32(tail[16:20])
+	for attrs := b[sizeofDiagMsg:]; len(attrs) >= sizeofRtAttr; {
+		l := int(ne.Uint16(attrs[0:2]))
+		if l < sizeofRtAttr || l > len(attrs) {
+			return sockInfo{}, fmt.Errorf("inet_diag attribute of length %d in %d bytes", l, len(attrs))
+		}
+		if ne.Uint16(attrs[2:4]) == inetDiagSKV6Only && l > sizeofRtAttr && s.family == afInet6 {
+			s.v6only = int8(min(attrs[sizeofRtAttr], 1))
+		}
+		next := align4(l)
+		if next >= len(attrs) {
+			break
+		}
+		attrs = attrs[next:]
+	}
+	return s, nil
+}
+
+// nlMsg is one netlink message header and its payload.
+type nlMsg struct {
+	typ     uint16
+	flags   uint16
+	seq     uint32
+	payload []byte
+}
+
+// nextNlMsg splits the first netlink message off b. It returns the rest of b after the message.
+func nextNlMsg(b []byte) (nlMsg, []byte, error) {
+	if len(b) < sizeofNlMsghdr {
+		return nlMsg{}, nil, fmt.Errorf("netlink header of %d bytes", len(b))
+	}
+	ne := binary.NativeEndian
+	l := int(ne.Uint32(b[0:4]))
+	if l < sizeofNlMsghdr || l > len(b) {
+		return nlMsg{}, nil, fmt.Errorf("netlink message of length %d in %d bytes", l, len(b))
+	}
+	m := nlMsg{typ: ne.Uint16(b[4:6]), flags: ne.Uint16(b[6:8]), seq: ne.Uint32(b[8:12]), payload: b[sizeofNlMsghdr:l]}
+	next := align4(l)
+	if next >= len(b) {
+		return m, nil, nil
+	}
+	return m, b[next:], nil
+}
+
+// nlError decodes the errno of an NLMSG_ERROR payload (0 is an acknowledgement).
+func nlError(payload []byte) (int32, error) {
+	if len(payload) < 4 {
+		return 0, fmt.Errorf("netlink error message of %d bytes", len(payload))
+	}
+	return -int32(binary.NativeEndian.Uint32(payload[0:4])), nil
+}
+
+func align4(n int) int { return (n + 3) &^ 3 }
