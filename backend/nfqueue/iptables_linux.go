@@ -1,0 +1,258 @@
+package nfqueue
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os/exec"
+	"strings"
+	"sync"
+
+	"github.com/coreos/go-iptables/iptables"
+)
+
+// iptablesRunner is the part of *iptables.IPTables the installer uses: the seam for tests of the
+// installer's logic (the rules themselves are proven against the real kernel).
+type iptablesRunner interface {
+	NewChain(table, chain string) error
+	ClearAndDeleteChain(table, chain string) error
+	ChainExists(table, chain string) (bool, error)
+	Append(table, chain string, rulespec ...string) error
+	Insert(table, chain string, pos int, rulespec ...string) error
+	List(table, chain string) ([]string, error)
+	DeleteById(table, chain string, id int) error
+}
+
+var _ iptablesRunner = (*iptables.IPTables)(nil)
+
+// family is one address family's rule set and the iptables command that programs it.
+type family struct {
+	name   string // "ipv4" or "ipv6"
+	ipt    iptablesRunner
+	chains []chainRules
+	jumps  []jumpRule
+}
+
+// firewall installs, watches and removes Warden's chains. mu serialises those operations so the watcher
+// never repairs a half-removed rule set.
+type firewall struct {
+	log *slog.Logger
+
+	mu   sync.Mutex
+	fams []family
+}
+
+func newFirewall(log *slog.Logger, p ruleParams, noIPv6 bool) (*firewall, error) {
+	fw := &firewall{log: log}
+	protos := []iptables.Protocol{iptables.ProtocolIPv4}
+	if !noIPv6 {
+		protos = append(protos, iptables.ProtocolIPv6)
+	}
+	for _, proto := range protos {
+		ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Timeout(5))
+		if err != nil {
+			return nil, fmt.Errorf("finding iptables for %v: %w", proto, err)
+		}
+		v6 := proto == iptables.ProtocolIPv6
+		chains, jumps := buildRules(v6, p)
+		name := "ipv4"
+		if v6 {
+			name = "ipv6"
+		}
+		fw.fams = append(fw.fams, family{name: name, ipt: ipt, chains: chains, jumps: jumps})
+	}
+	return fw, nil
+}
+
+// isJumpTo reports whether an `iptables -S` line is a rule in builtin that jumps to target, whatever else it
+// matches (an older Warden may have written it differently).
+func isJumpTo(line, builtin, target string) bool {
+	return strings.HasPrefix(line, "-A "+builtin+" ") && strings.HasSuffix(line, " -j "+target)
+}
+
+// jumpPositions returns the 1-based rule positions in builtin that jump to target. listing is `iptables -S
+// builtin`, whose first line is the policy.
+func jumpPositions(listing []string, j jumpRule) []int {
+	var pos []int
+	n := 0
+	for _, line := range listing {
+		if !strings.HasPrefix(line, "-A ") {
+			continue
+		}
+		n++
+		if isJumpTo(line, j.Builtin, j.Target) {
+			pos = append(pos, n)
+		}
+	}
+	return pos
+}
+
+// ruleAt returns the rule at 1-based position pos of a listing, or "".
+func ruleAt(listing []string, pos int) string {
+	n := 0
+	for _, line := range listing {
+		if strings.HasPrefix(line, "-A ") {
+			n++
+			if n == pos {
+				return line
+			}
+		}
+	}
+	return ""
+}
+
+// deleteJumps removes every jump from builtin into target, highest position first so positions stay valid.
+func deleteJumps(ipt iptablesRunner, j jumpRule) error {
+	listing, err := ipt.List(j.Table, j.Builtin)
+	if err != nil {
+		if isNotExist(err) {
+			return nil
+		}
+		return fmt.Errorf("listing %s %s: %w", j.Table, j.Builtin, err)
+	}
+	pos := jumpPositions(listing, j)
+	var errs []error
+	for i := len(pos) - 1; i >= 0; i-- {
+		if err := ipt.DeleteById(j.Table, j.Builtin, pos[i]); err != nil {
+			errs = append(errs, fmt.Errorf("deleting jump %s %s -> %s: %w", j.Table, j.Builtin, j.Target, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func isNotExist(err error) bool {
+	var e *iptables.Error
+	return errors.As(err, &e) && e.IsNotExist()
+}
+
+// cleanupLocked removes our jumps and chains, whoever left them. It keeps going after errors.
+func (fw *firewall) cleanupLocked() error {
+	var errs []error
+	for _, f := range fw.fams {
+		// Jumps go first: a chain that is still referenced cannot be deleted. mangle first, so nothing is
+		// queued or marked any more while the filter chain still enforces what was marked.
+		for i := len(f.jumps) - 1; i >= 0; i-- {
+			if err := deleteJumps(f.ipt, f.jumps[i]); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", f.name, err))
+			}
+		}
+		for _, c := range f.chains {
+			ok, err := f.ipt.ChainExists(c.Table, c.Chain)
+			if err != nil {
+				if isNotExist(err) {
+					continue
+				}
+				errs = append(errs, fmt.Errorf("%s: checking chain %s %s: %w", f.name, c.Table, c.Chain, err))
+				continue
+			}
+			if !ok {
+				continue
+			}
+			if err := f.ipt.ClearAndDeleteChain(c.Table, c.Chain); err != nil {
+				errs = append(errs, fmt.Errorf("%s: deleting chain %s %s: %w", f.name, c.Table, c.Chain, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// install removes leftovers and installs the rule set; on failure it removes what it added.
+func (fw *firewall) install() error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	if err := fw.cleanupLocked(); err != nil {
+		return fmt.Errorf("removing leftover rules: %w", err)
+	}
+	if err := fw.installLocked(); err != nil {
+		if cerr := fw.cleanupLocked(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("undoing partial install: %w", cerr))
+		}
+		return err
+	}
+	return nil
+}
+
+func (fw *firewall) installLocked() error {
+	for _, f := range fw.fams {
+		// Chains are filled before anything jumps to them, so no packet sees a half-built chain.
+		for _, c := range f.chains {
+			if err := f.ipt.NewChain(c.Table, c.Chain); err != nil {
+				return fmt.Errorf("%s: creating chain %s %s: %w", f.name, c.Table, c.Chain, err)
+			}
+			for _, r := range c.Rules {
+				if err := f.ipt.Append(c.Table, c.Chain, r...); err != nil {
+					return fmt.Errorf("%s: appending to %s %s %q: %w", f.name, c.Table, c.Chain, strings.Join(r, " "), err)
+				}
+			}
+		}
+	}
+	for _, f := range fw.fams {
+		for _, j := range f.jumps {
+			if err := f.ipt.Insert(j.Table, j.Builtin, 1, "-j", j.Target); err != nil {
+				return fmt.Errorf("%s: installing jump rule %s %s -> %s: %w", f.name, j.Table, j.Builtin, j.Target, err)
+			}
+		}
+	}
+	return nil
+}
+
+// remove deletes everything install added.
+func (fw *firewall) remove() error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	return fw.cleanupLocked()
+}
+
+// enforceFirst checks that every jump is the first rule of its built-in chain, exactly once, and restores it
+// when another program inserted above it: the new jump goes in at position 1 before the old one is deleted,
+// so there is no moment without it. It returns the number of repairs.
+func (fw *firewall) enforceFirst() (int, error) {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	repaired := 0
+	var errs []error
+	for _, f := range fw.fams {
+		for _, j := range f.jumps {
+			listing, err := f.ipt.List(j.Table, j.Builtin)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: listing %s %s: %w", f.name, j.Table, j.Builtin, err))
+				continue
+			}
+			pos := jumpPositions(listing, j)
+			if len(pos) == 1 && pos[0] == 1 {
+				continue
+			}
+			repaired++
+			stale := pos
+			if len(pos) == 0 || pos[0] != 1 {
+				fw.log.Warn("jump rule lost first place; restoring it", "family", f.name, "table", j.Table,
+					"chain", j.Builtin, "target", j.Target, "now_first", ruleAt(listing, 1), "was_at", pos)
+				if err := f.ipt.Insert(j.Table, j.Builtin, 1, "-j", j.Target); err != nil {
+					errs = append(errs, fmt.Errorf("%s: reinserting jump %s %s: %w", f.name, j.Table, j.Builtin, err))
+					continue
+				}
+				// Everything moved down by one.
+				for i := range stale {
+					stale[i]++
+				}
+			} else {
+				stale = pos[1:]
+				fw.log.Warn("duplicate jump rules; removing extras", "family", f.name, "table", j.Table,
+					"chain", j.Builtin, "positions", pos)
+			}
+			for i := len(stale) - 1; i >= 0; i-- {
+				if err := f.ipt.DeleteById(j.Table, j.Builtin, stale[i]); err != nil {
+					errs = append(errs, fmt.Errorf("%s: deleting old jump %s %s #%d: %w", f.name, j.Table, j.Builtin, stale[i], err))
+				}
+			}
+		}
+	}
+	return repaired, errors.Join(errs...)
+}
+
+// iptablesIsNFT reports whether the iptables command is the nf_tables variant, whose changes the nf_tables
+// generation counter reflects.
+func iptablesIsNFT() bool {
+	out, err := exec.Command("iptables", "-V").Output()
+	return err == nil && strings.Contains(string(out), "nf_tables")
+}

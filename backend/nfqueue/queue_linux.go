@@ -1,0 +1,192 @@
+package nfqueue
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	nfq "github.com/florianl/go-nfqueue/v2"
+	"github.com/mdlayher/netlink"
+	"github.com/warden-fw/warden/backend"
+	"golang.org/x/sys/unix"
+)
+
+// Netfilter hook numbers (linux/netfilter.h) as the queue reports them.
+const (
+	hookLocalIn  = 1
+	hookLocalOut = 3
+)
+
+// queue is one NFQUEUE queue, read by its own goroutine (the library's), so queues balanced across CPUs are
+// served in parallel.
+type queue struct {
+	num uint16
+	dir backend.Direction
+	nf  *nfq.Nfqueue
+	e   *engine
+	log *slog.Logger
+
+	enobufs   atomic.Uint64
+	lastErrAt atomic.Int64
+}
+
+var _ verdicter = (*queue)(nil)
+
+// verdict answers NF_ACCEPT with the mark the rules enforce.
+func (q *queue) verdict(id, mark uint32) error {
+	return q.nf.SetVerdictWithOption(id, nfq.NfAccept, nfq.WithMark(mark))
+}
+
+// openQueue binds queue num and starts reading it.
+func openQueue(ctx context.Context, num uint16, dir backend.Direction, s *settings, e *engine) (*queue, error) {
+	flags := uint32(nfq.NfQaCfgFlagUIDGid | nfq.NfQaCfgFlagGSO)
+	if s.cfg.FailOpenOnOverload {
+		flags |= nfq.NfQaCfgFlagFailOpen
+	}
+	nf, err := nfq.Open(&nfq.Config{
+		NfQueue:      num,
+		MaxPacketLen: s.cfg.CopyRange,
+		MaxQueueLen:  s.cfg.MaxQueueLen,
+		Copymode:     nfq.NfQnlCopyPacket,
+		Flags:        flags,
+		AfFamily:     unix.AF_UNSPEC,
+		WriteTimeout: time.Second,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("opening queue %d: %w", num, err)
+	}
+	q := &queue{num: num, dir: dir, nf: nf, e: e, log: s.log}
+	// A full socket buffer must never tear the queue down (an unbound queue is bypassed): ask the kernel not
+	// to report ENOBUFS and give it room. The kernel's own drop counters still count overruns.
+	if err := nf.SetOption(netlink.NoENOBUFS, true); err != nil {
+		nf.Close()
+		return nil, fmt.Errorf("setting NETLINK_NO_ENOBUFS on queue %d: %w", num, err)
+	}
+	if err := setReadBuffer(nf.Con, s.cfg.ReadBuffer); err != nil {
+		s.log.Warn("could not enlarge queue socket buffer", "queue", num, "err", err)
+	}
+	if err := nf.RegisterWithErrorFunc(ctx, q.hook, func(err error) int { return q.onError(ctx, err) }); err != nil {
+		nf.Close()
+		return nil, fmt.Errorf("binding queue %d: %w", num, err)
+	}
+	return q, nil
+}
+
+// setReadBuffer sets the receive buffer, beyond rmem_max when we may (SO_RCVBUFFORCE needs CAP_NET_ADMIN).
+func setReadBuffer(c *netlink.Conn, n int) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return c.SetReadBuffer(n)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return c.SetReadBuffer(n)
+	}
+	return nil
+}
+
+// hook is called by the library for every queued packet, on the queue's goroutine.
+func (q *queue) hook(a nfq.Attribute) int {
+	if a.PacketID == nil {
+		return 0
+	}
+	m := meta{id: *a.PacketID, dir: q.dir, uid: backend.Unknown}
+	// The hook tells which way this packet goes; the queue tells which side opened its connection.
+	if a.Hook != nil {
+		m.out = *a.Hook == hookLocalOut
+	} else {
+		m.out = a.OutDev != nil && a.InDev == nil
+	}
+	if m.out {
+		if a.OutDev != nil {
+			m.ifIndex = int(*a.OutDev)
+		}
+	} else if a.InDev != nil {
+		m.ifIndex = int(*a.InDev)
+	}
+	if a.UID != nil {
+		m.uid = int32(*a.UID)
+	}
+	if a.Mark != nil {
+		m.mark = *a.Mark
+	}
+	var payload []byte
+	if a.Payload != nil {
+		payload = *a.Payload
+	}
+	q.e.receive(q, &m, payload)
+	return 0
+}
+
+// onError decides whether the queue keeps reading after a receive error: it always does, except when we are
+// stopping, because a queue that stops reading is bypassed by the kernel.
+func (q *queue) onError(ctx context.Context, err error) int {
+	if ctx.Err() != nil {
+		return 1
+	}
+	if errors.Is(err, unix.ENOBUFS) {
+		q.enobufs.Add(1)
+		return 0
+	}
+	var oe *netlink.OpError
+	if errors.As(err, &oe) && (oe.Timeout() || oe.Temporary()) {
+		return 0
+	}
+	if errors.Is(err, os.ErrClosed) || errors.Is(err, syscall.EBADF) {
+		return 1
+	}
+	// Unknown error: log at most once a second and avoid spinning on a persistent one.
+	now := time.Now().UnixNano()
+	if last := q.lastErrAt.Load(); now-last > int64(time.Second) && q.lastErrAt.CompareAndSwap(last, now) {
+		q.log.Error("reading queue", "queue", q.num, "err", err)
+	}
+	time.Sleep(10 * time.Millisecond)
+	return 0
+}
+
+func (q *queue) close() error {
+	return q.nf.Close()
+}
+
+// queueDrops reads the kernel's per-queue drop counters (queue full, and netlink delivery failed) from
+// /proc/net/netfilter/nfnetlink_queue, which shows the reading process's network namespace.
+func queueDrops(nums map[uint16]bool) (uint64, error) {
+	f, err := os.Open("/proc/net/netfilter/nfnetlink_queue")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	var total uint64
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// queue_number peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 7 {
+			continue
+		}
+		n, err := strconv.ParseUint(fields[0], 10, 16)
+		if err != nil || !nums[uint16(n)] {
+			continue
+		}
+		for _, i := range []int{5, 6} {
+			v, err := strconv.ParseUint(fields[i], 10, 64)
+			if err == nil {
+				total += v
+			}
+		}
+	}
+	return total, sc.Err()
+}

@@ -1,0 +1,186 @@
+package nfqueue
+
+import (
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/marks"
+)
+
+// Chain names. They are Warden's own; a crashed run's leftovers are found by these names.
+const (
+	chainIngestOutput = "WARDEN-INGEST-OUTPUT"
+	chainIngestInput  = "WARDEN-INGEST-INPUT"
+	chainFilter       = "WARDEN-FILTER"
+	chainRedirect     = "WARDEN-REDIRECT"
+)
+
+// chainRules is one of our chains and its rules, in order.
+type chainRules struct {
+	Table string
+	Chain string
+	Rules [][]string
+}
+
+// jumpRule is a jump from a built-in chain into one of ours, always kept at position 1.
+type jumpRule struct {
+	Table   string
+	Builtin string
+	Target  string
+}
+
+// spec renders the jump's rule spec as `iptables -S` prints it, for comparing against listings.
+func (j jumpRule) spec() string { return "-A " + j.Builtin + " -j " + j.Target }
+
+// queueRange is a contiguous range of queue numbers.
+type queueRange struct{ First, Last uint16 }
+
+// args renders the NFQUEUE target's options. --queue-bypass lets packets through (to the filter chain, which
+// then applies fail_mode) while nothing listens on the queue, i.e. while the daemon is down.
+func (q queueRange) args() []string {
+	if q.First == q.Last {
+		return []string{"-j", "NFQUEUE", "--queue-num", strconv.Itoa(int(q.First)), "--queue-bypass"}
+	}
+	return []string{"-j", "NFQUEUE", "--queue-balance", fmt.Sprintf("%d:%d", q.First, q.Last), "--queue-bypass"}
+}
+
+// ruleParams is everything the rule set depends on.
+type ruleParams struct {
+	// Out receives packets of connections this host opened; In those of connections opened from outside.
+	Out, In  queueRange
+	FailMode backend.FailMode
+	// Ports of the local endpoints the reroute verdicts DNAT to.
+	TunnelPort, SplitPort, NameserverPort uint16
+}
+
+func mark(m uint32) []string {
+	return []string{"-m", "mark", "--mark", strconv.FormatUint(uint64(m), 10)}
+}
+
+func cat(parts ...[]string) []string {
+	var out []string
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+// permanentMarks are saved to the connmark so the connection's later packets (both directions) restore them
+// and never reach user space.
+var permanentMarks = []uint32{
+	marks.AcceptFinal, marks.AcceptAlways, marks.BlockAlways, marks.DropAlways,
+	marks.RerouteTunnel, marks.RerouteSplit, marks.RerouteNS,
+}
+
+// buildRules returns our chains and the jumps into them for one address family. The order of the rules
+// matters and is explained next to them.
+func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
+	icmp := []string{"-p", "icmp"}
+	reject := "icmp-admin-prohibited"
+	loopback := netip.MustParseAddr("127.0.0.17")
+	if v6 {
+		icmp = []string{"-p", "ipv6-icmp"}
+		reject = "icmp6-adm-prohibited"
+		loopback = netip.IPv6Loopback()
+	}
+	related := []string{"-m", "conntrack", "--ctstate", "RELATED"}
+	rst := []string{"-p", "tcp", "-m", "tcp", "--tcp-flags", "RST", "RST"}
+
+	ingest := func(chain string, replies, rest queueRange) chainRules {
+		c := chainRules{Table: "mangle", Chain: chain}
+		add := func(r ...[]string) { c.Rules = append(c.Rules, cat(r...)) }
+		// 1. A foreign mark (a WireGuard fwmark, say) on a connection already accepted for good: leave the
+		// packet alone, so the restore below does not overwrite the mark other software routes by.
+		for _, cm := range []uint32{marks.AcceptAlways, marks.AcceptFinal} {
+			add([]string{"-m", "mark", "!", "--mark", "0", "-m", "connmark", "--mark", strconv.Itoa(int(cm)), "-j", "RETURN"})
+		}
+		// 2. Warden's own sockets carry SO_MARK 1709: remember it on the connection and never queue them.
+		// Saving here is safe because the packet returns before the restore.
+		add(mark(marks.AcceptFinal), []string{"-j", "CONNMARK", "--save-mark"})
+		add(mark(marks.AcceptFinal), []string{"-j", "RETURN"})
+		// 3. Later packets of a decided connection get its permanent mark back from the connmark.
+		add([]string{"-j", "CONNMARK", "--restore-mark"})
+		// ICMP errors and the TCP resets REJECT generates are RELATED to a connection already decided; they
+		// are not queued (a queued reset would be rejected again and never leave).
+		add(mark(0), icmp, related, []string{"-j", "RETURN"})
+		add(mark(0), rst, related, []string{"-j", "RETURN"})
+		// 4. Undecided: ask Warden. Reply-direction packets belong to connections opened from the other
+		// side, so they go to that direction's queues; the queue tells the connection's direction.
+		add(mark(0), []string{"-m", "conntrack", "--ctdir", "REPLY"}, replies.args())
+		add(mark(0), rest.args())
+		return c
+	}
+
+	filter := chainRules{Table: "filter", Chain: chainFilter}
+	addF := func(r ...[]string) { filter.Rules = append(filter.Rules, cat(r...)) }
+	// The filter table runs after mangle, where the verdict's mark was set (and, for later packets, restored),
+	// so saving here never races the restore. Saves come first because REJECT and DROP end the traversal.
+	for _, m := range permanentMarks {
+		addF(mark(m), []string{"-j", "CONNMARK", "--save-mark"})
+	}
+	// Own traffic is ACCEPTed, ending this table: later rules of other software cannot drop it.
+	addF(mark(marks.AcceptFinal), []string{"-j", "ACCEPT"})
+	// Accepts RETURN: the system's own rules still apply.
+	addF(mark(marks.Accept), []string{"-j", "RETURN"})
+	addF(mark(marks.AcceptAlways), []string{"-j", "RETURN"})
+	// The ICMP error or reset a REJECT sends belongs to the rejected connection and restores its block mark;
+	// it must pass, or the reject turns into a silent drop.
+	addF(icmp, related, []string{"-j", "RETURN"})
+	addF(rst, related, []string{"-j", "RETURN"})
+	for _, m := range []uint32{marks.Block, marks.BlockAlways} {
+		addF([]string{"-p", "tcp"}, mark(m), []string{"-j", "REJECT", "--reject-with", "tcp-reset"})
+		addF(mark(m), []string{"-j", "REJECT", "--reject-with", reject})
+	}
+	addF(mark(marks.Drop), []string{"-j", "DROP"})
+	addF(mark(marks.DropAlways), []string{"-j", "DROP"})
+	if p.FailMode == backend.FailClosed {
+		// Mark 0 here means the queue was bypassed: nobody listens, the daemon is down.
+		addF(mark(0), []string{"-j", "DROP"})
+	}
+
+	redirect := chainRules{Table: "nat", Chain: chainRedirect}
+	for _, r := range []struct {
+		mark uint32
+		port uint16
+	}{{marks.RerouteTunnel, p.TunnelPort}, {marks.RerouteSplit, p.SplitPort}, {marks.RerouteNS, p.NameserverPort}} {
+		to := netip.AddrPortFrom(loopback, r.port).String()
+		for _, proto := range []string{"tcp", "udp"} {
+			redirect.Rules = append(redirect.Rules, cat([]string{"-p", proto}, mark(r.mark),
+				[]string{"-j", "DNAT", "--to-destination", to}))
+		}
+	}
+
+	chains := []chainRules{
+		ingest(chainIngestOutput, p.In, p.Out),
+		ingest(chainIngestInput, p.Out, p.In),
+		filter,
+		redirect,
+	}
+	// Installation order: filter first, so that no verdict mark is ever set without being enforced.
+	jumps := []jumpRule{
+		{"filter", "OUTPUT", chainFilter},
+		{"filter", "INPUT", chainFilter},
+		{"nat", "OUTPUT", chainRedirect},
+		{"mangle", "OUTPUT", chainIngestOutput},
+		{"mangle", "INPUT", chainIngestInput},
+	}
+	return chains, jumps
+}
+
+// renderRules renders a rule set as iptables-restore-like text, for tests and debugging.
+func renderRules(chains []chainRules, jumps []jumpRule) string {
+	var b strings.Builder
+	for _, c := range chains {
+		fmt.Fprintf(&b, "*%s -N %s\n", c.Table, c.Chain)
+		for _, r := range c.Rules {
+			fmt.Fprintf(&b, "-A %s %s\n", c.Chain, strings.Join(r, " "))
+		}
+	}
+	for _, j := range jumps {
+		fmt.Fprintf(&b, "*%s -I %s 1 -j %s\n", j.Table, j.Builtin, j.Target)
+	}
+	return b.String()
+}
