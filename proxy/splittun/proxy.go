@@ -1,0 +1,408 @@
+// Package splittun is Warden's split-tunnel proxy, shared by every backend. The pipeline records a split
+// connection's original destination in a redirect.Table and the kernel redirects the connection here (Linux:
+// DNAT to 127.0.0.17:719 / [::1]:719). The proxy confirms the destination with the OS, dials it through the
+// configured interface as Warden's own traffic (never intercepted again), and relays: TCP with half-close and
+// zero-copy splicing, UDP as one session per (client, original destination) with idle expiry.
+//
+// The OS-specific parts sit behind Platform; interface choice is proxy/netif.
+package splittun
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/proxy/netif"
+	"github.com/warden-fw/warden/proxy/redirect"
+)
+
+// Options carries the proxy's collaborators. Every field is optional.
+type Options struct {
+	// Logger receives the proxy's logs; nil discards.
+	Logger *slog.Logger
+	// Platform overrides this OS's default (NewPlatform). The proxy does not close a platform it was given.
+	Platform Platform
+	// Resolver overrides the interface resolver (default: netif.NewResolver(netif.SystemSource(), ...)).
+	// The proxy keeps a resolver it creates current itself; one passed in must be kept current by its owner.
+	Resolver *netif.Resolver
+}
+
+// Stats is a snapshot of the proxy's state and counters.
+type Stats struct {
+	// Listen lists the addresses the proxy listens on (TCP and UDP alike, unless the platform chose port 0).
+	Listen []string `json:"listen"`
+	// Interface is the state of the default split interface.
+	Interface netif.State `json:"interface"`
+	// Interfaces lists the state of every interface spec in use (the default and those table entries named).
+	Interfaces      []netif.State `json:"interfaces,omitempty"`
+	OnInterfaceDown string        `json:"on_interface_down"`
+	// TableEntries is the number of unconsumed redirect table entries.
+	TableEntries int        `json:"table_entries"`
+	TCP          ProtoStats `json:"tcp"`
+	UDP          ProtoStats `json:"udp"`
+}
+
+// ProtoStats are one protocol's counters. For TCP a session is a connection; for UDP a flow.
+type ProtoStats struct {
+	Active int64  `json:"active"`
+	Total  uint64 `json:"total"` // sessions relayed since start
+	// Rejected counts connections (TCP) or packets of new flows (UDP) refused because the session bound was hit.
+	Rejected uint64 `json:"rejected"`
+	// Refused counts those refused because the interface was down and on_interface_down is block.
+	Refused uint64 `json:"refused_interface_down"`
+	// Direct counts sessions dialled unbound because the interface was down and on_interface_down is direct.
+	Direct uint64 `json:"direct"`
+	// Unresolved counts those whose original destination or table entry could not be found.
+	Unresolved  uint64 `json:"unresolved"`
+	DialErrors  uint64 `json:"dial_errors"`
+	IdleExpired uint64 `json:"idle_expired"`
+	BytesOut    uint64 `json:"bytes_out"` // client → destination
+	BytesIn     uint64 `json:"bytes_in"`  // destination → client
+}
+
+type protoCounters struct {
+	active                                                       atomic.Int64
+	total, rejected, refused, direct, unresolved, dialErrs, idle atomic.Uint64
+	bytesOut, bytesIn                                            atomic.Uint64
+}
+
+func (c *protoCounters) snapshot() ProtoStats {
+	return ProtoStats{
+		Active: c.active.Load(), Total: c.total.Load(), Rejected: c.rejected.Load(), Refused: c.refused.Load(),
+		Direct: c.direct.Load(), Unresolved: c.unresolved.Load(), DialErrors: c.dialErrs.Load(),
+		IdleExpired: c.idle.Load(), BytesOut: c.bytesOut.Load(), BytesIn: c.bytesIn.Load(),
+	}
+}
+
+// tryAcquire takes a session slot unless max are in use.
+func (c *protoCounters) tryAcquire(max int) bool {
+	for {
+		n := c.active.Load()
+		if n >= int64(max) {
+			return false
+		}
+		if c.active.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// Proxy is the split-tunnel proxy. Create it with New, then Start it once; Close ends it for good (a restart is
+// a new Proxy, which purges the table).
+type Proxy struct {
+	cfg     Config
+	log     *slog.Logger
+	table   *redirect.Table
+	plat    Platform
+	ownPlat bool
+	res     *netif.Resolver
+	ownRes  bool
+	self    map[netip.AddrPort]bool // our listen addresses: a flow "originally" going there is a loop
+
+	ctx    context.Context // cancelled by Close: aborts dials
+	cancel context.CancelFunc
+
+	mu      sync.Mutex
+	started bool
+	closed  bool
+	tcpLns  []*net.TCPListener
+	udpLns  []*udpListener
+	tcpSess map[*tcpSession]struct{}
+	listen  []string
+
+	udpMu   sync.RWMutex
+	udpSess map[udpKey]*udpSession
+
+	loops    sync.WaitGroup // accept and read loops, resolver
+	sessions sync.WaitGroup // TCP relays and UDP reply loops
+
+	tcp, udp protoCounters
+}
+
+// New returns a proxy that is not yet listening. table is shared with the pipeline and must not be nil.
+func New(cfg Config, table *redirect.Table, opts Options) (*Proxy, error) {
+	if table == nil {
+		return nil, errors.New("split tunnel: nil redirect table")
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("split tunnel config: %w", err)
+	}
+	cfg = cfg.WithDefaults()
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	p := &Proxy{
+		cfg: cfg, log: log, table: table, plat: opts.Platform, res: opts.Resolver,
+		tcpSess: make(map[*tcpSession]struct{}), udpSess: make(map[udpKey]*udpSession),
+		self: make(map[netip.AddrPort]bool),
+	}
+	if p.plat == nil {
+		plat, err := NewPlatform(log)
+		if err != nil {
+			return nil, err
+		}
+		p.plat, p.ownPlat = plat, true
+	}
+	if p.res == nil {
+		p.res, p.ownRes = netif.NewResolver(netif.SystemSource(), log), true
+	}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	return p, nil
+}
+
+// Start purges the redirect table (no entry of a previous run survives), opens the listeners and starts
+// serving. It fails if the IPv4 address cannot be bound; an unavailable IPv6 loopback (IPv6 disabled) is
+// logged and skipped.
+func (p *Proxy) Start() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.started || p.closed {
+		return errors.New("split tunnel: Start called twice or after Close")
+	}
+	p.started = true
+	p.table.Purge()
+
+	var errs []error
+	for _, a := range p.plat.ListenAddrs(p.cfg.Port) {
+		if err := p.listenLocked(a); err != nil {
+			if a.Addr().Is6() && len(p.tcpLns) > 0 {
+				p.log.Warn("split tunnel: IPv6 listener unavailable", "addr", a, "err", err)
+				continue
+			}
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 || len(p.tcpLns) == 0 {
+		p.closeListenersLocked()
+		return fmt.Errorf("split tunnel: starting listeners: %w", errors.Join(append(errs, errors.New("no listener"))...))
+	}
+
+	p.res.OnChange(p.interfaceChanged)
+	p.res.Get(p.cfg.Interface) // resolve the default now, so status shows it from the start
+	if p.ownRes {
+		p.loops.Add(1)
+		go func() {
+			defer p.loops.Done()
+			_ = p.res.Run(p.ctx, p.cfg.InterfacePoll)
+		}()
+	}
+	for _, ln := range p.tcpLns {
+		p.loops.Add(1)
+		go p.acceptLoop(ln)
+	}
+	for _, ln := range p.udpLns {
+		p.loops.Add(1)
+		go p.readLoop(ln)
+	}
+	p.log.Info("split-tunnel proxy listening", "addrs", p.listen, "interface", p.cfg.Interface,
+		"on_interface_down", p.cfg.OnInterfaceDown)
+	return nil
+}
+
+func (p *Proxy) listenLocked(a netip.AddrPort) error {
+	fam := "4"
+	if a.Addr().Is6() {
+		fam = "6"
+	}
+	tl, err := net.ListenTCP("tcp"+fam, net.TCPAddrFromAddrPort(a))
+	if err != nil {
+		return fmt.Errorf("listening on tcp %s: %w", a, err)
+	}
+	// Bound to the exact address, never a wildcard: UDP replies must leave from the address the client's packet
+	// was DNATed to, or conntrack cannot map them back to the original peer.
+	ua := a
+	if a.Port() == 0 {
+		ua = netip.AddrPortFrom(a.Addr(), 0)
+	}
+	uc, err := net.ListenUDP("udp"+fam, net.UDPAddrFromAddrPort(ua))
+	if err != nil {
+		tl.Close()
+		return fmt.Errorf("listening on udp %s: %w", a, err)
+	}
+	tap := tl.Addr().(*net.TCPAddr).AddrPort()
+	uap := uc.LocalAddr().(*net.UDPAddr).AddrPort()
+	p.self[unmap(tap)] = true
+	p.self[unmap(uap)] = true
+	p.tcpLns = append(p.tcpLns, tl)
+	p.udpLns = append(p.udpLns, &udpListener{conn: uc, local: unmap(uap), idx: len(p.udpLns)})
+	p.listen = append(p.listen, "tcp "+tap.String(), "udp "+uap.String())
+	return nil
+}
+
+func (p *Proxy) closeListenersLocked() {
+	for _, l := range p.tcpLns {
+		l.Close()
+	}
+	for _, l := range p.udpLns {
+		l.conn.Close()
+	}
+}
+
+// Addrs returns the bound TCP and UDP listen addresses (useful when the platform asked for port 0).
+func (p *Proxy) Addrs() (tcp, udp []netip.AddrPort) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.tcpLns {
+		tcp = append(tcp, unmap(l.Addr().(*net.TCPAddr).AddrPort()))
+	}
+	for _, l := range p.udpLns {
+		udp = append(udp, l.local)
+	}
+	return tcp, udp
+}
+
+// Close shuts the proxy down, giving TCP relays Config.ShutdownTimeout to finish.
+func (p *Proxy) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownTimeout)
+	defer cancel()
+	return p.Shutdown(ctx)
+}
+
+// Shutdown stops the listeners, ends every UDP session, waits for TCP relays until ctx is done and then cuts
+// the rest, and purges the redirect table. It is safe to call more than once.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
+	p.closeListenersLocked()
+	p.mu.Unlock()
+
+	p.udpMu.Lock()
+	sessions := make([]*udpSession, 0, len(p.udpSess))
+	for _, s := range p.udpSess {
+		sessions = append(sessions, s)
+	}
+	p.udpMu.Unlock()
+	for _, s := range sessions {
+		p.endUDP(s, false)
+	}
+
+	done := make(chan struct{})
+	go func() {
+		p.sessions.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		p.mu.Lock()
+		n := len(p.tcpSess)
+		for s := range p.tcpSess {
+			s.abort()
+		}
+		p.mu.Unlock()
+		p.log.Warn("split tunnel: cut relays still running at shutdown", "count", n)
+		<-done
+	}
+	p.cancel()
+	p.loops.Wait()
+	p.table.Purge()
+	if p.ownPlat {
+		return p.plat.Close()
+	}
+	return nil
+}
+
+// Stats returns a snapshot of the proxy's state and counters.
+func (p *Proxy) Stats() Stats {
+	p.mu.Lock()
+	listen := append([]string(nil), p.listen...)
+	p.mu.Unlock()
+	return Stats{
+		Listen:          listen,
+		Interface:       p.res.Get(p.cfg.Interface),
+		Interfaces:      p.res.States(),
+		OnInterfaceDown: p.cfg.OnInterfaceDown,
+		TableEntries:    p.table.Len(),
+		TCP:             p.tcp.snapshot(),
+		UDP:             p.udp.snapshot(),
+	}
+}
+
+// errRefused marks a session refused because its interface is down and the config says block.
+var errRefused = errors.New("split interface down; blocking")
+
+// upstream decides how a session to original leaves: bound to its interface, unbound (interface down, direct),
+// or not at all (errRefused). It returns the dialer and the interface spec the session depends on.
+func (p *Proxy) upstream(c *protoCounters, e *redirect.Entry, udp bool) (*net.Dialer, string, error) {
+	spec := e.Interface
+	if spec == "" {
+		spec = p.cfg.Interface
+	}
+	st := p.res.Get(spec)
+	d := &net.Dialer{Timeout: p.cfg.DialTimeout}
+	if !st.Up {
+		if p.cfg.OnInterfaceDown != DownDirect {
+			c.refused.Add(1)
+			return nil, spec, errRefused
+		}
+		c.direct.Add(1)
+		d.Control = p.plat.UpstreamControl(nil)
+		return d, spec, nil
+	}
+	ifc := st.Interface
+	src := ifc.Source(e.Original.Addr())
+	if !src.IsValid() {
+		return nil, spec, fmt.Errorf("interface %s has no usable address of the destination's family", ifc.Name)
+	}
+	if udp {
+		d.LocalAddr = &net.UDPAddr{IP: src.AsSlice()}
+	} else {
+		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+	}
+	d.Control = p.plat.UpstreamControl(&ifc)
+	return d, spec, nil
+}
+
+// interfaceChanged ends the UDP sessions of a spec whose interface went down or changed, so the flows' next
+// packets get a session that follows the new state (bound elsewhere, direct, or refused). TCP relays are left
+// alone: a short link flap need not kill them, and a dead path makes them fail on their own.
+func (p *Proxy) interfaceChanged(st netif.State) {
+	p.udpMu.RLock()
+	var stale []*udpSession
+	for _, s := range p.udpSess {
+		if s.spec == st.Spec && (!st.Up || s.ifIndex != st.Interface.Index) {
+			stale = append(stale, s)
+		}
+	}
+	p.udpMu.RUnlock()
+	for _, s := range stale {
+		p.endUDP(s, false)
+	}
+}
+
+func (p *Proxy) isSelf(a netip.AddrPort) bool { return p.self[unmap(a)] }
+
+func unmap(a netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(a.Addr().Unmap().WithZone(""), a.Port())
+}
+
+func family(a netip.AddrPort) string {
+	if a.Addr().Unmap().Is4() {
+		return "4"
+	}
+	return "6"
+}
+
+// isUnsupported reports whether err says the platform cannot tell (so the table alone decides).
+func isUnsupported(err error) bool { return errors.Is(err, backend.ErrUnsupported) }
+
+// retryDelay backs off accept/read loops on unexpected errors (e.g. EMFILE) without spinning.
+func retryDelay(attempt int) time.Duration {
+	d := time.Duration(attempt) * 5 * time.Millisecond
+	if d > time.Second {
+		d = time.Second
+	}
+	return d
+}

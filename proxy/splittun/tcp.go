@@ -1,0 +1,215 @@
+package splittun
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/proxy/redirect"
+)
+
+func (p *Proxy) acceptLoop(ln *net.TCPListener) {
+	defer p.loops.Done()
+	for attempt := 0; ; {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			attempt++
+			p.log.Debug("split tunnel: accept failed", "err", err)
+			time.Sleep(retryDelay(attempt)) // back off on EMFILE and the like; no event to wait for
+			continue
+		}
+		attempt = 0
+		if !p.tcp.tryAcquire(p.cfg.MaxTCPSessions) {
+			p.tcp.rejected.Add(1)
+			reset(c)
+			continue
+		}
+		p.mu.Lock()
+		if p.closed { // Shutdown may already be waiting on p.sessions
+			p.mu.Unlock()
+			p.tcp.active.Add(-1)
+			reset(c)
+			return
+		}
+		p.sessions.Add(1)
+		p.mu.Unlock()
+		go p.handleTCP(c)
+	}
+}
+
+// reset closes c with an RST, so the application sees its connection refused rather than an orderly end.
+func reset(c *net.TCPConn) {
+	_ = c.SetLinger(0)
+	c.Close()
+}
+
+// tcpSession is one relayed connection.
+type tcpSession struct {
+	client, up *net.TCPConn
+	idle       time.Duration
+
+	// idleSince holds, per direction (0: client→up, 1: up→client), the UnixNano time since which that direction
+	// has moved no byte, or 0 while it is active. A finished (half-closed) direction stays idle.
+	idleSince [2]atomic.Int64
+	expired   atomic.Bool
+	closeOnce sync.Once
+}
+
+func (p *Proxy) handleTCP(c *net.TCPConn) {
+	defer p.sessions.Done()
+	defer p.tcp.active.Add(-1)
+
+	from := unmap(c.RemoteAddr().(*net.TCPAddr).AddrPort())
+	e, ok := p.resolveTCP(c, from)
+	if !ok {
+		p.tcp.unresolved.Add(1)
+		reset(c)
+		return
+	}
+	d, _, err := p.upstream(&p.tcp, &e, false)
+	if err != nil {
+		if !errors.Is(err, errRefused) {
+			p.tcp.dialErrs.Add(1)
+			p.log.Debug("split tunnel: tcp upstream", "client", from, "dst", e.Original, "err", err)
+		}
+		reset(c)
+		return
+	}
+	uc, err := d.DialContext(p.ctx, "tcp"+family(e.Original), e.Original.String())
+	if err != nil {
+		p.tcp.dialErrs.Add(1)
+		p.log.Debug("split tunnel: tcp dial", "client", from, "dst", e.Original, "err", err)
+		reset(c)
+		return
+	}
+	s := &tcpSession{client: c, up: uc.(*net.TCPConn), idle: p.cfg.IdleTimeout}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		s.abort()
+		return
+	}
+	p.tcpSess[s] = struct{}{}
+	p.mu.Unlock()
+	p.tcp.total.Add(1)
+
+	p.relay(s)
+
+	p.mu.Lock()
+	delete(p.tcpSess, s)
+	p.mu.Unlock()
+}
+
+// resolveTCP finds the table entry of an accepted connection, confirming its destination with the kernel
+// where the platform can.
+func (p *Proxy) resolveTCP(c *net.TCPConn, from netip.AddrPort) (redirect.Entry, bool) {
+	orig, err := p.plat.OriginalTCP(c)
+	switch {
+	case err == nil:
+		if p.isSelf(orig) {
+			// Connected to the proxy directly, not redirected: relaying would loop.
+			return redirect.Entry{}, false
+		}
+		return p.table.TakeFlow(backend.TCP, from, unmap(orig))
+	case isUnsupported(err):
+		e, ok := p.table.Take(backend.TCP, from)
+		if ok && p.isSelf(e.Original) {
+			return redirect.Entry{}, false
+		}
+		return e, ok
+	default:
+		p.log.Debug("split tunnel: original destination", "client", from, "err", err)
+		return redirect.Entry{}, false
+	}
+}
+
+// relay copies both directions until both have ended, then closes both connections.
+func (p *Proxy) relay(s *tcpSession) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		p.pipe(s, 0, s.up, s.client, &p.tcp.bytesOut)
+	}()
+	p.pipe(s, 1, s.client, s.up, &p.tcp.bytesIn)
+	wg.Wait()
+	s.client.Close()
+	s.up.Close()
+}
+
+// pipe copies src to dst. dst.ReadFrom(src) with both *net.TCPConn splices on Linux (no copy through user
+// space). The idle timeout cannot watch bytes inside a splice, so the copy runs in rounds bounded by a read
+// deadline: a round that moved bytes proves activity; a round that moved none proves this direction was idle
+// for the whole round, and when both directions prove idleness for IdleTimeout the session expires. Only read
+// deadlines are used: a write deadline could interrupt a splice with data already drained from src.
+func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, bytes *atomic.Uint64) {
+	round := s.idle / 2
+	for {
+		start := time.Now()
+		_ = src.SetReadDeadline(start.Add(round))
+		n, err := dst.ReadFrom(src)
+		bytes.Add(uint64(n))
+		if err == nil {
+			// EOF from src: pass the half-close on and let the other direction finish.
+			_ = dst.CloseWrite()
+			s.markIdle(dir, time.Now())
+			if s.bothIdleFor(time.Now()) {
+				p.expire(s)
+			}
+			return
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			// Reset or closed (possibly by the other direction, expiry or shutdown): end the session, passing a
+			// reset on to the side that did not cause it.
+			if !s.expired.Load() {
+				_ = dst.SetLinger(0)
+			}
+			s.abort()
+			return
+		}
+		if n > 0 {
+			s.idleSince[dir].Store(0)
+			continue
+		}
+		s.markIdle(dir, start)
+		if s.bothIdleFor(time.Now()) {
+			p.expire(s)
+			return
+		}
+	}
+}
+
+// markIdle records that direction dir has been idle since t, unless it already was.
+func (s *tcpSession) markIdle(dir int, t time.Time) {
+	s.idleSince[dir].CompareAndSwap(0, t.UnixNano())
+}
+
+// bothIdleFor reports whether both directions have been idle for the idle timeout at now.
+func (s *tcpSession) bothIdleFor(now time.Time) bool {
+	limit := now.Add(-s.idle).UnixNano()
+	a, b := s.idleSince[0].Load(), s.idleSince[1].Load()
+	return a != 0 && b != 0 && a <= limit && b <= limit
+}
+
+func (p *Proxy) expire(s *tcpSession) {
+	if s.expired.CompareAndSwap(false, true) {
+		p.tcp.idle.Add(1)
+		s.abort()
+	}
+}
+
+// abort closes both connections, which ends both pipes.
+func (s *tcpSession) abort() {
+	s.closeOnce.Do(func() {
+		s.client.Close()
+		s.up.Close()
+	})
+}
