@@ -60,6 +60,9 @@ type Policy struct {
 	NeedsInterface bool
 	// NeedsDomain reports whether some rule names domains.
 	NeedsDomain bool
+
+	refs        []ruleRef // one per rule, shared by every connection it decides
+	defaultRefs [1]ruleRef
 }
 
 type compiledRule struct {
@@ -103,7 +106,11 @@ type dirIndex struct {
 
 // Compile builds a Policy from a validated config.
 func Compile(cfg *config.Config) (*Policy, error) {
-	p := &Policy{cfg: cfg, rules: make([]compiledRule, len(cfg.Rules))}
+	p := &Policy{cfg: cfg, rules: make([]compiledRule, len(cfg.Rules)), refs: make([]ruleRef, len(cfg.Rules))}
+	p.defaultRefs[0] = ruleRef{Index: -1, Source: "default"}
+	for i := range cfg.Rules {
+		p.refs[i] = ruleRef{Name: cfg.Rules[i].Name, Index: i, Source: "rule"}
+	}
 	p.defaults[backend.Outbound] = cfg.Default
 	p.defaults[backend.Inbound] = cfg.InboundDefaultA
 	type builder struct {

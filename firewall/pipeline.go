@@ -1,0 +1,426 @@
+// Package firewall is the one place where Warden decides verdicts. Backends hand it packets (through the
+// backend.Handler interface); it recognises Warden's own traffic, runs the external verdict hook, evaluates
+// the compiled policy, records split-tunnel destinations, tracks connections and re-evaluates them when the
+// policy changes. It knows nothing of iptables or drivers.
+package firewall
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/config"
+)
+
+// VerdictHook lets an embedding program decide connections before the policy. Only Accept and Block are
+// honoured; any other verdict (or ok=false) leaves the decision to the policy.
+type VerdictHook func(info *backend.Info, proc backend.Process) (v backend.Verdict, ok bool)
+
+// ErrHookInstalled is returned when a verdict hook is installed twice.
+var ErrHookInstalled = errors.New("a verdict hook is already installed")
+
+// SplitRecorder receives the original destination of every connection the pipeline splits, before the
+// packet's verdict is applied, so the split-tunnel proxy can find it.
+type SplitRecorder interface {
+	RecordSplit(proto backend.Protocol, client, original netip.AddrPort, via string)
+}
+
+// Options configures a pipeline. Zero values are sensible defaults.
+type Options struct {
+	Logger   *slog.Logger
+	FailMode backend.FailMode
+	// OwnPID is the daemon's PID: its connections are accepted as final. 0 means this process.
+	OwnPID int
+	// MaxConnections bounds the connection table (default 262144).
+	MaxConnections int
+	// Processes finds the process behind a connection when the policy needs it; optional.
+	Processes backend.ProcessResolver
+	// Split receives split connections' destinations; without it split rules fall back to allow.
+	Split SplitRecorder
+	// InterfaceName resolves an interface index; default: the OS's table, cached.
+	InterfaceName func(index int) string
+	// OnDecision is called once per newly decided connection, after the verdict was applied, with how long
+	// the decision took. It runs on the deciding goroutine and must be quick.
+	OnDecision func(c *Conn, took time.Duration)
+	// ProcessWorkers bounds concurrent process lookups (default 8).
+	ProcessWorkers int
+}
+
+// Pipeline decides verdicts. It implements backend.Handler.
+type Pipeline struct {
+	log  *slog.Logger
+	opts Options
+	own  int32
+
+	policy atomic.Pointer[Policy]
+	hook   atomic.Pointer[VerdictHook]
+	conns  *connTable
+	stats  counters
+	clock  atomic.Int64 // Unix seconds, advanced by the janitor; coarse on purpose (it is read per packet)
+	ifaces ifaceCache
+
+	jobs     chan backend.Packet
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	stopOnce sync.Once
+}
+
+var _ backend.Handler = (*Pipeline)(nil)
+
+// New returns a running pipeline with the given policy. Close stops its goroutines.
+func New(pol *Policy, o Options) *Pipeline {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.OwnPID == 0 {
+		o.OwnPID = osGetpid()
+	}
+	if o.MaxConnections <= 0 {
+		o.MaxConnections = 262144
+	}
+	if o.ProcessWorkers <= 0 {
+		o.ProcessWorkers = 8
+	}
+	p := &Pipeline{
+		log:   o.Logger,
+		opts:  o,
+		own:   int32(o.OwnPID),
+		conns: newConnTable(o.MaxConnections),
+		jobs:  make(chan backend.Packet, 1024),
+		stop:  make(chan struct{}),
+	}
+	p.ifaces.lookup = o.InterfaceName
+	p.policy.Store(pol)
+	p.clock.Store(time.Now().Unix())
+	p.wg.Add(1)
+	go p.janitor()
+	if o.Processes != nil {
+		for i := 0; i < o.ProcessWorkers; i++ {
+			p.wg.Add(1)
+			go p.processWorker()
+		}
+	}
+	return p
+}
+
+// Close stops the pipeline's goroutines. Packets still waiting for a process lookup get the fail-mode
+// verdict. The pipeline must not receive packets afterwards.
+func (p *Pipeline) Close() {
+	p.stopOnce.Do(func() {
+		close(p.stop)
+		p.wg.Wait()
+		for {
+			select {
+			case pkt := <-p.jobs:
+				p.applyFailed(pkt, errors.New("pipeline closed"))
+			default:
+				return
+			}
+		}
+	})
+}
+
+// Policy returns the policy in force.
+func (p *Pipeline) Policy() *Policy { return p.policy.Load() }
+
+// SetVerdictHook installs the external verdict hook. It can be installed once; a second call fails.
+func (p *Pipeline) SetVerdictHook(h VerdictHook) error {
+	if h == nil {
+		return errors.New("nil verdict hook")
+	}
+	if !p.hook.CompareAndSwap(nil, &h) {
+		return ErrHookInstalled
+	}
+	return nil
+}
+
+// HandlePacket decides one packet and answers it. Every packet is answered exactly once, on every path.
+func (p *Pipeline) HandlePacket(pkt backend.Packet) {
+	p.stats.packets.Add(1)
+	info := pkt.Info()
+	if c := p.conns.get(info.Key()); c != nil {
+		// A packet of a connection already decided (a retransmitted SYN, or a backend that asks per packet):
+		// the same answer, without allocating or deciding again.
+		p.stats.known.Add(1)
+		c.lastSeen.Store(p.clock.Load())
+		p.apply(pkt, c.Decision())
+		return
+	}
+	pol := p.policy.Load()
+	if pol.NeedsProcess && p.opts.Processes != nil && info.PID != p.own {
+		select {
+		case p.jobs <- pkt:
+			return
+		default:
+			// Too many lookups in flight: decide now with what the kernel told us rather than stall.
+			p.stats.lookupsSkipped.Add(1)
+		}
+	}
+	p.decide(pkt, pol, backend.Process{PID: info.PID, UID: info.UID}, time.Now())
+}
+
+func (p *Pipeline) processWorker() {
+	defer p.wg.Done()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case pkt := <-p.jobs:
+			start := time.Now()
+			proc := p.resolve(pkt)
+			p.decide(pkt, p.policy.Load(), proc, start)
+		}
+	}
+}
+
+func (p *Pipeline) resolve(pkt backend.Packet) (proc backend.Process) {
+	info := pkt.Info()
+	proc = backend.Process{PID: info.PID, UID: info.UID}
+	defer func() {
+		if r := recover(); r != nil {
+			p.log.Error("process lookup panicked", "conn", info.String(), "panic", r)
+		}
+	}()
+	p.stats.lookups.Add(1)
+	if got, ok := p.opts.Processes.ResolveProcess(info); ok {
+		if got.UID < 0 {
+			got.UID = info.UID
+		}
+		return got
+	}
+	p.stats.lookupsUnknown.Add(1)
+	return proc
+}
+
+// decide evaluates and applies a decision for a new connection. A panic anywhere in it still answers the
+// packet (with the fail-mode verdict).
+func (p *Pipeline) decide(pkt backend.Packet, pol *Policy, proc backend.Process, start time.Time) {
+	defer func() {
+		if r := recover(); r != nil {
+			p.stats.panics.Add(1)
+			p.applyFailed(pkt, fmt.Errorf("panic while deciding: %v\n%s", r, debug.Stack()))
+		}
+	}()
+	info := pkt.Info()
+	if info.Interface == "" && info.IfIndex > 0 && pol.NeedsInterface {
+		info.Interface = p.ifaces.name(info.IfIndex)
+	}
+	c := &Conn{
+		Key: info.Key(), Direction: info.Direction, PID: proc.PID, UID: proc.UID, App: proc.Path,
+		Interface: info.Interface, Created: start.UnixNano(),
+	}
+	d, ref, via := p.evaluate(info, c, pol)
+	c.Own = ref.Source == "own"
+	c.decision.Store(packDecision(d))
+	c.rule.Store(ref)
+	c.lastSeen.Store(p.clock.Load())
+	if existing, inserted := p.conns.insert(c); !inserted {
+		// Another packet of this connection was decided meanwhile: give the same answer.
+		c = existing
+		d = existing.Decision()
+	} else if d.Verdict == backend.RerouteToSplitTun {
+		p.opts.Split.RecordSplit(info.Protocol, info.Local, info.Remote, via)
+	}
+	p.apply(pkt, d)
+	if p.opts.OnDecision != nil {
+		p.opts.OnDecision(c, time.Since(start))
+	}
+}
+
+// evaluate runs the decision order: own traffic, hook, policy, default.
+func (p *Pipeline) evaluate(info *backend.Info, c *Conn, pol *Policy) (backend.Decision, *ruleRef, string) {
+	if c.PID == p.own || info.PID == p.own {
+		return backend.AcceptFinal, refOwn, ""
+	}
+	if h := p.hook.Load(); h != nil {
+		switch v, ok := (*h)(info, backend.Process{PID: c.PID, Path: c.App, UID: c.UID}); {
+		case ok && v == backend.Accept:
+			return backend.Decision{Verdict: backend.Accept, Permanent: true}, refHookAccept, ""
+		case ok && v == backend.Block:
+			return backend.Decision{Verdict: backend.Block, Permanent: true}, refHookBlock, ""
+		}
+	}
+	q := Query{Direction: c.Direction, Protocol: c.Key.Protocol, Remote: c.Key.Remote.Addr().Unmap(),
+		App: c.App, UID: c.UID, Interface: c.Interface, Domain: c.Domain}
+	if c.Direction == backend.Inbound {
+		q.ServicePort = c.Key.Local.Port()
+	} else {
+		q.ServicePort = c.Key.Remote.Port()
+	}
+	m := pol.Decide(&q)
+	ref := pol.ref(m)
+	switch m.Action {
+	case config.BlockAction:
+		return backend.Decision{Verdict: backend.Block, Permanent: true}, ref, ""
+	case config.DropAction:
+		return backend.Decision{Verdict: backend.Drop, Permanent: true}, ref, ""
+	case config.Split:
+		if p.opts.Split != nil {
+			return backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true}, ref, m.Via
+		}
+	}
+	return backend.Decision{Verdict: backend.Accept, Permanent: true}, ref, ""
+}
+
+var (
+	refOwn        = &ruleRef{Index: -1, Source: "own"}
+	refHookAccept = &ruleRef{Name: "hook", Index: -1, Source: "hook"}
+	refHookBlock  = &ruleRef{Name: "hook", Index: -1, Source: "hook"}
+	refFailed     = &ruleRef{Index: -1, Source: "failed"}
+)
+
+func (p *Pipeline) apply(pkt backend.Packet, d backend.Decision) {
+	if err := pkt.Apply(d); err != nil {
+		if errors.Is(err, backend.ErrAlreadyApplied) {
+			// The backend's verdict timeout answered first; the late decision has nowhere to go.
+			p.stats.late.Add(1)
+			return
+		}
+		p.stats.applyErrors.Add(1)
+		p.log.Warn("applying verdict failed", "conn", pkt.Info().String(), "decision", d.String(), "err", err)
+		return
+	}
+	p.stats.count(d)
+}
+
+func (p *Pipeline) applyFailed(pkt backend.Packet, cause error) {
+	p.stats.failures.Add(1)
+	p.log.Error("deciding failed; applying the fail-mode verdict", "conn", pkt.Info().String(), "err", cause)
+	d := p.opts.FailMode.Decision()
+	if err := pkt.Apply(d); err == nil {
+		p.stats.count(backend.Decision{Verdict: backend.Failed})
+	}
+}
+
+// ConnectionEnded forgets a connection the backend saw end.
+func (p *Pipeline) ConnectionEnded(k backend.ConnKey) { p.conns.remove(k) }
+
+// Idle timeouts per protocol. Established flows never reach user space, so "idle" means "not seen by the
+// pipeline": these bound how long a connection stays eligible for re-evaluation after its last queued packet.
+var idleTimeouts = map[backend.Protocol]time.Duration{
+	backend.TCP:    6 * time.Hour,
+	backend.UDP:    10 * time.Minute,
+	backend.ICMP:   30 * time.Second,
+	backend.ICMPv6: 30 * time.Second,
+}
+
+const otherIdleTimeout = 10 * time.Minute
+
+func (p *Pipeline) janitor() {
+	defer p.wg.Done()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	lastSweep := time.Now()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case now := <-tick.C:
+			p.clock.Store(now.Unix())
+			if now.Sub(lastSweep) >= 10*time.Second {
+				lastSweep = now
+				p.sweep(now)
+				p.ifaces.m.Store(nil) // interfaces come and go; indexes get reused
+			}
+		}
+	}
+}
+
+func (p *Pipeline) sweep(now time.Time) int {
+	n := now.Unix()
+	return p.conns.expire(func(proto backend.Protocol) int64 {
+		d, ok := idleTimeouts[proto]
+		if !ok {
+			d = otherIdleTimeout
+		}
+		return n - int64(d/time.Second)
+	})
+}
+
+// SetPolicy makes pol the policy in force and re-evaluates every tracked connection against it. It returns
+// exactly the connections whose decision changed (their stored decision is already updated); the caller
+// hands them to the backend (backend.Reevaluator) so the kernel feels the change.
+func (p *Pipeline) SetPolicy(pol *Policy) []backend.ConnChange {
+	p.policy.Store(pol)
+	var changes []backend.ConnChange
+	var splits []*Conn
+	p.conns.each(func(c *Conn) {
+		if c.Own {
+			return
+		}
+		old := c.Decision()
+		info := backend.Info{Protocol: c.Key.Protocol, Direction: c.Direction, Local: c.Key.Local,
+			Remote: c.Key.Remote, Interface: c.Interface, PID: c.PID, UID: c.UID}
+		d, ref, _ := p.evaluate(&info, c, pol)
+		c.rule.Store(ref)
+		if d != old {
+			c.decision.Store(packDecision(d))
+			changes = append(changes, backend.ConnChange{Key: c.Key, Old: old, New: d})
+			if d.Verdict == backend.RerouteToSplitTun {
+				splits = append(splits, c)
+			}
+		}
+	})
+	for _, c := range splits {
+		// A live connection cannot move into the proxy; its next new flow will. Forget it so the kernel's
+		// next packet of it is decided afresh.
+		p.conns.remove(c.Key)
+	}
+	if len(changes) > 0 {
+		p.log.Info("policy changed live connections", "changed", len(changes))
+	}
+	return changes
+}
+
+// ref returns the shared ruleRef for a match.
+func (pol *Policy) ref(m Match) *ruleRef {
+	if m.Rule >= 0 {
+		return &pol.refs[m.Rule]
+	}
+	return &pol.defaultRefs[0]
+}
+
+// Explain returns what the policy in force decides for q (the external hook and own-traffic checks do not
+// apply to hypothetical connections).
+func (p *Pipeline) Explain(q Query) Match { return p.policy.Load().Decide(&q) }
+
+// ifaceCache resolves interface indexes to names. The map is replaced, never mutated, so readers need no
+// lock.
+type ifaceCache struct {
+	lookup func(int) string
+	m      atomic.Pointer[map[int]string]
+	mu     sync.Mutex
+}
+
+func (c *ifaceCache) name(index int) string {
+	if m := c.m.Load(); m != nil {
+		if n, ok := (*m)[index]; ok {
+			return n
+		}
+	}
+	var n string
+	if c.lookup != nil {
+		n = c.lookup(index)
+	} else if ifi, err := net.InterfaceByIndex(index); err == nil {
+		n = ifi.Name
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.m.Load()
+	next := make(map[int]string, 8)
+	if old != nil && len(*old) < 4096 {
+		for k, v := range *old {
+			next[k] = v
+		}
+	}
+	next[index] = n
+	c.m.Store(&next)
+	return n
+}

@@ -1,0 +1,458 @@
+package firewall
+
+import (
+	"errors"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/config"
+)
+
+// testPacket records every Apply call; only the first one counts, like a real backend's packet.
+type testPacket struct {
+	info    backend.Info
+	mu      sync.Mutex
+	applied []backend.Decision
+	calls   int
+	done    chan struct{}
+}
+
+func newPacket(proto backend.Protocol, dir backend.Direction, local, remote string) *testPacket {
+	return &testPacket{info: backend.Info{Protocol: proto, Direction: dir,
+		Local: netip.MustParseAddrPort(local), Remote: netip.MustParseAddrPort(remote), PID: -1, UID: -1},
+		done: make(chan struct{})}
+}
+
+func (t *testPacket) Info() *backend.Info { return &t.info }
+func (t *testPacket) Payload() []byte     { return nil }
+func (t *testPacket) Apply(d backend.Decision) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.calls++
+	if len(t.applied) > 0 {
+		return backend.ErrAlreadyApplied
+	}
+	t.applied = append(t.applied, d)
+	close(t.done)
+	return nil
+}
+
+// wait returns the packet's decision, failing the test if none comes within a few seconds.
+func (t *testPacket) wait(tb testing.TB) backend.Decision {
+	tb.Helper()
+	select {
+	case <-t.done:
+	case <-time.After(5 * time.Second):
+		tb.Fatalf("packet %s was never answered", t.info.String())
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.applied[0]
+}
+
+func newPipeline(t testing.TB, yaml string, o Options) *Pipeline {
+	t.Helper()
+	p := New(mustPolicy(t, yaml), o)
+	t.Cleanup(p.Close)
+	return p
+}
+
+const basicPolicy = `
+default_action: allow
+inbound_default: block
+rules:
+  - {name: no-telnet, action: block, protocol: tcp, ports: [23]}
+  - {name: drop-dns, action: drop, protocol: udp, ports: [53]}
+  - {name: split-web, action: split, protocol: tcp, ports: [443], via: eth1}
+`
+
+var (
+	permAccept = backend.Decision{Verdict: backend.Accept, Permanent: true}
+	permBlock  = backend.Decision{Verdict: backend.Block, Permanent: true}
+	permDrop   = backend.Decision{Verdict: backend.Drop, Permanent: true}
+	permSplit  = backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true}
+)
+
+type splitLog struct {
+	mu      sync.Mutex
+	entries []string
+}
+
+func (s *splitLog) RecordSplit(proto backend.Protocol, client, original netip.AddrPort, via string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.entries = append(s.entries, proto.String()+" "+client.String()+" "+original.String()+" "+via)
+}
+
+func TestPipelineDecisions(t *testing.T) {
+	splits := &splitLog{}
+	p := newPipeline(t, basicPolicy, Options{OwnPID: 4242, Split: splits})
+	tests := []struct {
+		name string
+		pkt  *testPacket
+		pid  int32
+		want backend.Decision
+	}{
+		{"allowed", newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40000", "10.0.0.2:80"), -1, permAccept},
+		{"blocked", newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40001", "10.0.0.2:23"), -1, permBlock},
+		{"dropped", newPacket(backend.UDP, backend.Outbound, "10.0.0.1:40002", "10.0.0.2:53"), -1, permDrop},
+		{"inbound default", newPacket(backend.TCP, backend.Inbound, "10.0.0.1:8080", "10.0.0.2:40003"), -1, permBlock},
+		{"split", newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40004", "192.0.2.1:443"), -1, permSplit},
+		{"own pid beats block", newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40005", "10.0.0.2:23"), 4242, backend.AcceptFinal},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.pkt.info.PID = tt.pid
+			p.HandlePacket(tt.pkt)
+			if got := tt.pkt.wait(t); got != tt.want {
+				t.Errorf("decision %v, want %v", got, tt.want)
+			}
+			if tt.pkt.calls != 1 {
+				t.Errorf("Apply called %d times", tt.pkt.calls)
+			}
+		})
+	}
+	if len(splits.entries) != 1 || splits.entries[0] != "tcp 10.0.0.1:40004 192.0.2.1:443 eth1" {
+		t.Errorf("split entries %q", splits.entries)
+	}
+	st := p.Stats()
+	if st.Packets != 6 || st.Verdicts["block"] != 2 || st.Verdicts["accept"] != 2 || st.Verdicts["accept-final"] != 1 ||
+		st.Verdicts["drop"] != 1 || st.Verdicts["reroute-split"] != 1 || st.Connections != 6 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+func TestSplitWithoutProxyFallsBackToAllow(t *testing.T) {
+	p := newPipeline(t, basicPolicy, Options{})
+	pkt := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40004", "192.0.2.1:443")
+	p.HandlePacket(pkt)
+	if got := pkt.wait(t); got != permAccept {
+		t.Errorf("split without a proxy decided %v", got)
+	}
+}
+
+func TestKnownConnectionSameAnswer(t *testing.T) {
+	p := newPipeline(t, basicPolicy, Options{})
+	first := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40001", "10.0.0.2:23")
+	p.HandlePacket(first)
+	first.wait(t)
+	again := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40001", "10.0.0.2:23")
+	p.HandlePacket(again)
+	if got := again.wait(t); got != permBlock {
+		t.Errorf("retransmission decided %v", got)
+	}
+	if st := p.Stats(); st.KnownPackets != 1 || st.Connections != 1 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+// reusablePacket answers without allocating, for the allocation test.
+type reusablePacket struct {
+	info backend.Info
+	n    atomic.Int64
+}
+
+func (r *reusablePacket) Info() *backend.Info { return &r.info }
+func (r *reusablePacket) Payload() []byte     { return nil }
+func (r *reusablePacket) Apply(backend.Decision) error {
+	r.n.Add(1)
+	return nil
+}
+
+func TestKnownConnectionNoAllocs(t *testing.T) {
+	p := newPipeline(t, basicPolicy, Options{})
+	pkt := &reusablePacket{info: backend.Info{Protocol: backend.TCP, Local: netip.MustParseAddrPort("10.0.0.1:1"),
+		Remote: netip.MustParseAddrPort("10.0.0.2:80"), PID: -1, UID: -1}}
+	p.HandlePacket(pkt)
+	allocs := testing.AllocsPerRun(1000, func() { p.HandlePacket(pkt) })
+	if allocs != 0 {
+		t.Errorf("known-connection packet allocates %v times", allocs)
+	}
+	if pkt.n.Load() != 1001+1 { // AllocsPerRun runs the function once more to warm up
+		t.Errorf("applied %d times", pkt.n.Load())
+	}
+}
+
+func TestHookSetOnceAndHonoured(t *testing.T) {
+	p := newPipeline(t, basicPolicy, Options{})
+	calls := 0
+	hook := func(info *backend.Info, _ backend.Process) (backend.Verdict, bool) {
+		calls++
+		switch info.Remote.Port() {
+		case 80:
+			return backend.Block, true
+		case 23:
+			return backend.Accept, true
+		case 81:
+			return backend.Drop, true // not honoured: the policy decides
+		}
+		return 0, false
+	}
+	if err := p.SetVerdictHook(hook); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.SetVerdictHook(hook); !errors.Is(err, ErrHookInstalled) {
+		t.Errorf("second install: %v", err)
+	}
+	if err := p.SetVerdictHook(nil); err == nil {
+		t.Error("nil hook accepted")
+	}
+	cases := map[uint16]backend.Decision{80: permBlock, 23: permAccept, 81: permAccept, 53: permAccept}
+	port := 41000
+	for rp, want := range cases {
+		port++
+		pkt := newPacket(backend.TCP, backend.Outbound, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(port)).String(),
+			netip.AddrPortFrom(netip.MustParseAddr("10.0.0.2"), rp).String())
+		p.HandlePacket(pkt)
+		if got := pkt.wait(t); got != want {
+			t.Errorf("port %d: %v, want %v", rp, got, want)
+		}
+	}
+	if calls != len(cases) {
+		t.Errorf("hook called %d times", calls)
+	}
+}
+
+func TestPanicsStillAnswer(t *testing.T) {
+	for _, mode := range []backend.FailMode{backend.FailOpen, backend.FailClosed} {
+		p := newPipeline(t, basicPolicy, Options{FailMode: mode})
+		if err := p.SetVerdictHook(func(*backend.Info, backend.Process) (backend.Verdict, bool) { panic("boom") }); err != nil {
+			t.Fatal(err)
+		}
+		pkt := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40000", "10.0.0.2:80")
+		p.HandlePacket(pkt)
+		if got := pkt.wait(t); got != mode.Decision() {
+			t.Errorf("%s: panic answered %v", mode, got)
+		}
+		if st := p.Stats(); st.Panics != 1 || st.Failures != 1 || st.Verdicts["failed"] != 1 {
+			t.Errorf("%s: stats %+v", mode, st)
+		}
+		if pkt.calls != 1 {
+			t.Errorf("%s: Apply called %d times", mode, pkt.calls)
+		}
+	}
+}
+
+// slowResolver answers process lookups from a table, optionally panicking or blocking.
+type slowResolver struct {
+	procs   map[uint16]backend.Process // by local port
+	release chan struct{}
+}
+
+func (r *slowResolver) ResolveProcess(info *backend.Info) (backend.Process, bool) {
+	if r.release != nil {
+		<-r.release
+	}
+	if info.Local.Port() == 666 {
+		panic("resolver bug")
+	}
+	p, ok := r.procs[info.Local.Port()]
+	return p, ok
+}
+
+func TestProcessRules(t *testing.T) {
+	res := &slowResolver{procs: map[uint16]backend.Process{
+		1000: {PID: 10, Path: "/usr/bin/curl", UID: 1000},
+		1001: {PID: 11, Path: "/usr/bin/wget", UID: 1000},
+		1002: {PID: 4242, Path: "/usr/bin/warden", UID: 0},
+	}}
+	p := newPipeline(t, `
+rules:
+  - {name: no-curl, action: block, app: /usr/bin/curl}
+`, Options{Processes: res, OwnPID: 4242})
+	tests := []struct {
+		port uint16
+		want backend.Decision
+	}{
+		{1000, permBlock},
+		{1001, permAccept},
+		{1002, backend.AcceptFinal}, // own process found by lookup
+		{1003, permAccept},          // unknown process: app rules do not match
+		{666, permAccept},           // resolver panics: decided without the process
+	}
+	for _, tt := range tests {
+		pkt := newPacket(backend.TCP, backend.Outbound, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), tt.port).String(), "10.0.0.2:80")
+		p.HandlePacket(pkt)
+		if got := pkt.wait(t); got != tt.want {
+			t.Errorf("port %d: %v, want %v", tt.port, got, tt.want)
+		}
+	}
+	var found bool
+	for _, c := range p.Connections() {
+		if c.App == "/usr/bin/curl" {
+			found = c.Rule == "no-curl" && c.Verdict == "block-permanent" && c.PID == 10
+		}
+	}
+	if !found {
+		t.Errorf("connections %+v", p.Connections())
+	}
+}
+
+// TestSlowLookupDoesNotBlockOthers checks that a process lookup that hangs holds only its own connection.
+func TestSlowLookupDoesNotBlockOthers(t *testing.T) {
+	res := &slowResolver{release: make(chan struct{})}
+	p := newPipeline(t, "rules: [{name: x, action: block, app: /bin/x}]", Options{Processes: res, ProcessWorkers: 1})
+	stuck := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:1", "10.0.0.2:80")
+	p.HandlePacket(stuck) // occupies the only worker
+	// The handler returned; a packet of another connection is still taken and queued without blocking.
+	other := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:2", "10.0.0.2:80")
+	p.HandlePacket(other)
+	close(res.release)
+	if got := stuck.wait(t); got != permAccept {
+		t.Errorf("stuck: %v", got)
+	}
+	if got := other.wait(t); got != permAccept {
+		t.Errorf("other: %v", got)
+	}
+}
+
+func TestReevaluationReportsExactlyChanged(t *testing.T) {
+	p := newPipeline(t, basicPolicy, Options{OwnPID: 4242})
+	pkts := []*testPacket{
+		newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40000", "10.0.0.2:80"),   // accept -> block
+		newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40001", "10.0.0.2:23"),   // block -> accept
+		newPacket(backend.UDP, backend.Outbound, "10.0.0.1:40002", "10.0.0.2:53"),   // drop stays
+		newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40003", "10.0.0.3:80"),   // accept stays
+		newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40004", "10.0.0.2:8080"), // own: never re-evaluated
+	}
+	pkts[4].info.PID = 4242
+	for _, pk := range pkts {
+		p.HandlePacket(pk)
+		pk.wait(t)
+	}
+	changes := p.SetPolicy(mustPolicy(t, `
+rules:
+  - {name: drop-dns, action: drop, protocol: udp, ports: [53]}
+  - {name: block-host, action: block, remote: [10.0.0.2]}
+  - {name: allow-telnet, action: allow, ports: [23]}
+`))
+	got := map[string]string{}
+	for _, c := range changes {
+		got[c.Key.String()] = c.Old.String() + ">" + c.New.String()
+	}
+	// block-host precedes allow-telnet, so 40001 keeps its block (now by another rule, which is no change
+	// for the kernel); 40003 and the DNS drop keep theirs; the own connection is never touched.
+	want := map[string]string{
+		"tcp 10.0.0.1:40000 10.0.0.2:80": "accept-permanent>block-permanent",
+	}
+	if len(got) != len(want) {
+		t.Fatalf("changes %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s: %q, want %q", k, got[k], v)
+		}
+	}
+	c := p.Lookup(pkts[0].info.Key())
+	if name, _, _ := c.Rule(); name != "block-host" || c.Decision() != permBlock {
+		t.Errorf("stored conn after reload: %s %v", name, c.Decision())
+	}
+	// The next packet of a changed connection gets the new decision.
+	again := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40000", "10.0.0.2:80")
+	p.HandlePacket(again)
+	if d := again.wait(t); d != permBlock {
+		t.Errorf("after reload: %v", d)
+	}
+}
+
+func TestTableBound(t *testing.T) {
+	p := newPipeline(t, "", Options{MaxConnections: connShards * 2})
+	for i := 0; i < 1000; i++ {
+		pkt := &reusablePacket{info: backend.Info{Protocol: backend.UDP,
+			Local:  netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(1000+i)),
+			Remote: netip.MustParseAddrPort("10.0.0.2:80"), PID: -1, UID: -1}}
+		p.HandlePacket(pkt)
+		if pkt.n.Load() != 1 {
+			t.Fatalf("packet %d answered %d times", i, pkt.n.Load())
+		}
+	}
+	st := p.Stats()
+	if st.Connections > connShards*2 || st.Evicted != uint64(1000-st.Connections) {
+		t.Errorf("connections %d, evicted %d", st.Connections, st.Evicted)
+	}
+}
+
+func TestConcurrentPacketsOneAnswerEach(t *testing.T) {
+	p := newPipeline(t, basicPolicy, Options{})
+	var wg sync.WaitGroup
+	pkts := make([]*testPacket, 400)
+	for i := range pkts {
+		// 4 packets per connection, racing.
+		pkts[i] = newPacket(backend.TCP, backend.Outbound,
+			netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(2000+i/4)).String(), "10.0.0.2:23")
+	}
+	for _, pk := range pkts {
+		wg.Add(1)
+		go func(pk *testPacket) {
+			defer wg.Done()
+			p.HandlePacket(pk)
+		}(pk)
+	}
+	wg.Wait()
+	for _, pk := range pkts {
+		if d := pk.wait(t); d != permBlock || pk.calls != 1 {
+			t.Fatalf("%s: %v after %d calls", pk.info.String(), d, pk.calls)
+		}
+	}
+	if st := p.Stats(); st.Connections != 100 {
+		t.Errorf("connections %d", st.Connections)
+	}
+}
+
+func TestSweepExpiresIdle(t *testing.T) {
+	p := newPipeline(t, "", Options{})
+	for i, proto := range []backend.Protocol{backend.TCP, backend.UDP, backend.ICMP} {
+		pk := newPacket(proto, backend.Outbound, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(i+1)).String(), "10.0.0.2:1")
+		p.HandlePacket(pk)
+		pk.wait(t)
+	}
+	now := time.Unix(p.clock.Load(), 0)
+	if n := p.sweep(now.Add(time.Minute)); n != 1 { // ICMP only
+		t.Errorf("after a minute %d expired", n)
+	}
+	if n := p.sweep(now.Add(time.Hour)); n != 1 { // UDP
+		t.Errorf("after an hour %d expired", n)
+	}
+	if n := p.sweep(now.Add(7 * time.Hour)); n != 1 { // TCP
+		t.Errorf("after 7 hours %d expired", n)
+	}
+}
+
+func TestExplain(t *testing.T) {
+	p := newPipeline(t, basicPolicy, Options{})
+	m := p.Explain(Query{Protocol: backend.TCP, Remote: netip.MustParseAddr("1.2.3.4"), ServicePort: 443, UID: -1})
+	if m.Action != config.Split || m.Name != "split-web" || m.Via != "eth1" {
+		t.Errorf("explain %+v", m)
+	}
+}
+
+func BenchmarkNewConnection(b *testing.B) {
+	p := New(mustPolicy(b, realisticRules(1000)), Options{})
+	defer p.Close()
+	pkt := &reusablePacket{info: backend.Info{Protocol: backend.TCP, Local: netip.MustParseAddrPort("10.0.0.1:1"),
+		Remote: netip.MustParseAddrPort("10.0.0.2:80"), PID: -1, UID: -1}}
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		pkt.info.Local = netip.AddrPortFrom(pkt.info.Local.Addr(), uint16(i))
+		pkt.info.Remote = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 80)
+		p.HandlePacket(pkt)
+	}
+}
+
+func BenchmarkKnownConnection(b *testing.B) {
+	p := New(mustPolicy(b, basicPolicy), Options{})
+	defer p.Close()
+	pkt := &reusablePacket{info: backend.Info{Protocol: backend.TCP, Local: netip.MustParseAddrPort("10.0.0.1:1"),
+		Remote: netip.MustParseAddrPort("10.0.0.2:80"), PID: -1, UID: -1}}
+	p.HandlePacket(pkt)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			p.HandlePacket(pkt)
+		}
+	})
+}
