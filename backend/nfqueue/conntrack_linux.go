@@ -19,6 +19,13 @@ func flowFor(k backend.ConnKey) conntrack.Flow {
 	f.TupleOrig.Proto.Protocol = uint8(k.Protocol)
 	f.TupleOrig.Proto.SourcePort = k.Local.Port()
 	f.TupleOrig.Proto.DestinationPort = k.Remote.Port()
+	// The kernel looks up by the first tuple only, but the library picks the message's address family from
+	// both: without a reply tuple an IPv6 delete goes out as IPv4 and fails with EINVAL.
+	f.TupleReply.IP.SourceAddress = f.TupleOrig.IP.DestinationAddress
+	f.TupleReply.IP.DestinationAddress = f.TupleOrig.IP.SourceAddress
+	f.TupleReply.Proto.Protocol = f.TupleOrig.Proto.Protocol
+	f.TupleReply.Proto.SourcePort = f.TupleOrig.Proto.DestinationPort
+	f.TupleReply.Proto.DestinationPort = f.TupleOrig.Proto.SourcePort
 	return f
 }
 

@@ -25,10 +25,15 @@ type tcpServer struct {
 
 func listenTCP(t *testing.T, ns string, port uint16) *tcpServer {
 	t.Helper()
+	return listenTCPOn(t, ns, netip.AddrPortFrom(netip.IPv6Unspecified(), port))
+}
+
+func listenTCPOn(t *testing.T, ns string, addr netip.AddrPort) *tcpServer {
+	t.Helper()
 	s := &tcpServer{}
 	var err error
 	inNS(t, ns, func() {
-		s.ln, err = net.Listen("tcp", netip.AddrPortFrom(netip.IPv6Unspecified(), port).String())
+		s.ln, err = net.Listen("tcp", addr.String())
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -50,34 +55,37 @@ func listenTCP(t *testing.T, ns string, port uint16) *tcpServer {
 	return s
 }
 
-// udpServer echoes datagrams and counts them.
+// udpServer echoes datagrams and counts them. It binds each address on its own socket, so replies leave
+// from the address the client sent to (a wildcard socket would pick a source by route).
 type udpServer struct {
-	pc       net.PacketConn
 	received atomic.Int64
 }
 
-func listenUDP(t *testing.T, ns string, port uint16) *udpServer {
+func listenUDP(t *testing.T, ns string, port uint16, addrs ...netip.Addr) *udpServer {
 	t.Helper()
 	s := &udpServer{}
-	var err error
-	inNS(t, ns, func() {
-		s.pc, err = net.ListenPacket("udp", netip.AddrPortFrom(netip.IPv6Unspecified(), port).String())
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.pc.Close() })
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := s.pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			s.received.Add(1)
-			_, _ = s.pc.WriteTo(buf[:n], from)
+	for _, a := range addrs {
+		var pc net.PacketConn
+		var err error
+		inNS(t, ns, func() {
+			pc, err = net.ListenPacket("udp", netip.AddrPortFrom(a, port).String())
+		})
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
+		t.Cleanup(func() { pc.Close() })
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				n, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				s.received.Add(1)
+				_, _ = pc.WriteTo(buf[:n], from)
+			}
+		}()
+	}
 	return s
 }
 
