@@ -61,7 +61,10 @@ func parseStat(stat []byte) (comm []byte, start uint64, ok bool) {
 		field++
 		if field == statStartField {
 			v, ok := parseUint64(rest[:end])
-			return comm, v, ok
+			if !ok {
+				return nil, 0, false
+			}
+			return comm, v, true
 		}
 		rest = rest[end:]
 		if len(rest) > 0 && rest[0] == '\n' {

@@ -40,13 +40,17 @@ type Resolver struct {
 	alive func(pid int32) bool
 	// now returns monotonic time since the resolver's creation.
 	now  func() time.Duration
-	diag *diagPool // nil in unit tests
+	diag    *diagPool    // nil in unit tests
+	watcher *exitWatcher // nil in unit tests: records are then checked with alive
+	// exitHook, when set, is called with the PID of each watched process that exits (tests wait on it).
+	exitHook atomic.Pointer[func(pid int32)]
 
 	tupleTTL     time.Duration
 	scanInterval time.Duration
 
 	closeOnce sync.Once
-	closed    chan struct{}
+	closed    chan struct{} // closed by Close, to wake waiters
+	isClosed  atomic.Bool
 	lastLog   atomic.Int64 // time.Duration of the last logged lookup error, for rate limiting
 	scans     atomic.Uint64
 
@@ -59,7 +63,7 @@ type Resolver struct {
 	hotNext int
 
 	exeMu sync.Mutex // guards exes
-	exes  map[int32]exeEntry
+	exes  map[int32]*procRecord
 
 	scanMu       sync.Mutex // guards the fields below
 	pending      map[uint32]struct{}
@@ -76,7 +80,8 @@ type Resolver struct {
 
 // tupleEntry is a cached answer for one 5-tuple.
 type tupleEntry struct {
-	proc    backend.Process
+	rec     *procRecord
+	uid     int32
 	expires time.Duration
 }
 
@@ -84,14 +89,6 @@ type tupleEntry struct {
 type owner struct {
 	pid int32
 	fd  int32
-}
-
-// exeEntry is a process's executable, valid while the PID's start time and command name stay the same: a
-// reused PID has another start time, and exec(2) changes the name (almost always).
-type exeEntry struct {
-	start uint64
-	comm  string
-	path  string
 }
 
 // walkState holds a /proc walk's reusable buffers and what the last walk saw.
@@ -120,6 +117,10 @@ func New(logger *slog.Logger) (*Resolver, error) {
 	}
 	r := newResolver(logger, procFS{root: "/proc"}, pool.findSocket, processAlive)
 	r.diag = pool
+	if r.watcher, err = newExitWatcher(r.recordExited); err != nil {
+		pool.close()
+		return nil, err
+	}
 	return r, nil
 }
 
@@ -139,7 +140,7 @@ func newResolver(logger *slog.Logger, proc procFS, find socketFinder, alive func
 		closed:       make(chan struct{}),
 		tuples:       make(map[backend.ConnKey]tupleEntry),
 		owners:       make(map[uint32]owner),
-		exes:         make(map[int32]exeEntry),
+		exes:         make(map[int32]*procRecord),
 		pending:      make(map[uint32]struct{}),
 		walk: walkState{
 			bufs:    newScanBuffers(),
@@ -154,9 +155,13 @@ func newResolver(logger *slog.Logger, proc procFS, find socketFinder, alive func
 // Close releases the netlink sockets. Lookups after Close report unknown.
 func (r *Resolver) Close() error {
 	r.closeOnce.Do(func() {
+		r.isClosed.Store(true)
 		close(r.closed)
 		if r.diag != nil {
 			r.diag.close()
+		}
+		if r.watcher != nil {
+			r.watcher.close()
 		}
 	})
 	return nil
@@ -173,7 +178,7 @@ func processAlive(pid int32) bool {
 // process holds the socket any more, or the socket cannot be found. It may read /proc and wait for a shared
 // /proc walk (tens of milliseconds at worst), so it must not run on a packet-reading goroutine.
 func (r *Resolver) ResolveProcess(info *backend.Info) (backend.Process, bool) {
-	if info == nil || !info.Protocol.HasPorts() {
+	if info == nil || !info.Protocol.HasPorts() || r.isClosed.Load() {
 		return backend.Process{}, false
 	}
 	key := backend.ConnKey{
@@ -184,37 +189,50 @@ func (r *Resolver) ResolveProcess(info *backend.Info) (backend.Process, bool) {
 	if !key.Local.Addr().IsValid() || !key.Remote.Addr().IsValid() || key.Local.Addr().Is4() != key.Remote.Addr().Is4() {
 		return backend.Process{}, false
 	}
-	if p, ok := r.cachedTuple(key); ok {
-		return p, true
+	if e, ok := r.cachedTuple(key); ok {
+		return backend.Process{PID: e.rec.pid, Path: e.rec.path, UID: e.uid}, true
 	}
-	p, ok := r.resolve(info.Direction, key, info.IfIndex)
-	if ok && r.tupleTTL > 0 {
-		r.storeTuple(key, p)
+	rec, uid, ok := r.resolve(info.Direction, key, info.IfIndex)
+	if !ok {
+		return backend.Process{}, false
 	}
-	return p, ok
+	if r.tupleTTL > 0 {
+		r.storeTuple(key, tupleEntry{rec: rec, uid: uid})
+	}
+	return backend.Process{PID: rec.pid, Path: rec.path, UID: uid}, true
 }
 
 // cachedTuple returns a fresh cached answer whose process still exists.
-func (r *Resolver) cachedTuple(key backend.ConnKey) (backend.Process, bool) {
+func (r *Resolver) cachedTuple(key backend.ConnKey) (tupleEntry, bool) {
 	r.tupleMu.RLock()
 	e, ok := r.tuples[key]
 	r.tupleMu.RUnlock()
 	if !ok || r.now() >= e.expires {
-		return backend.Process{}, false
+		return tupleEntry{}, false
 	}
 	// The process may have exited since: then the socket may be gone or inherited, so look again.
-	if !r.alive(e.proc.PID) {
+	if !r.recordAlive(e.rec) {
 		r.tupleMu.Lock()
 		if cur, ok := r.tuples[key]; ok && cur == e {
 			delete(r.tuples, key)
 		}
 		r.tupleMu.Unlock()
-		return backend.Process{}, false
+		return tupleEntry{}, false
 	}
-	return e.proc, true
+	return e, true
 }
 
-func (r *Resolver) storeTuple(key backend.ConnKey, p backend.Process) {
+// recordAlive reports whether rec's process still runs: from the exit watcher's flag, without a system call,
+// when the record is watched.
+func (r *Resolver) recordAlive(rec *procRecord) bool {
+	if rec.dead.Load() {
+		return false
+	}
+	// pidfd is set before the record is published and never changes after.
+	return rec.pidfd >= 0 || r.alive(rec.pid)
+}
+
+func (r *Resolver) storeTuple(key backend.ConnKey, e tupleEntry) {
 	now := r.now()
 	r.tupleMu.Lock()
 	defer r.tupleMu.Unlock()
@@ -228,26 +246,28 @@ func (r *Resolver) storeTuple(key backend.ConnKey, p backend.Process) {
 			clear(r.tuples) // a burst of distinct connections; they are all new anyway
 		}
 	}
-	r.tuples[key] = tupleEntry{proc: p, expires: now + r.tupleTTL}
+	e.expires = now + r.tupleTTL
+	r.tuples[key] = e
 }
 
-func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex int) (backend.Process, bool) {
+// resolve finds the socket, its owner and the owner's record, and returns the record and the socket's UID.
+func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex int) (*procRecord, int32, bool) {
 	s, err := r.find(key.Protocol, dir, key.Local, key.Remote, ifindex)
 	if err != nil {
 		if err != errNotFound && err != errClosed {
 			r.logError("socket lookup failed", key, err)
 		}
-		return backend.Process{}, false
+		return nil, 0, false
 	}
 	pid, ok := r.ownerOf(s.inode)
 	if !ok {
-		return backend.Process{}, false
+		return nil, 0, false
 	}
-	path, ok := r.exePath(pid)
+	rec, ok := r.record(pid)
 	if !ok {
-		return backend.Process{}, false
+		return nil, 0, false
 	}
-	return backend.Process{PID: pid, Path: path, UID: int32(s.uid)}, true
+	return rec, int32(s.uid), true
 }
 
 // logError logs at most one lookup error per ten seconds; a broken netlink socket would otherwise flood the log.
@@ -435,39 +455,90 @@ func (r *Resolver) scan(wanted map[uint32]struct{}) {
 	}
 	r.ownerMu.Unlock()
 
+	var gone []*procRecord
 	r.exeMu.Lock()
-	for pid := range r.exes {
+	for pid, rec := range r.exes {
 		if _, ok := w.present[pid]; !ok {
 			delete(r.exes, pid)
+			gone = append(gone, rec)
 		}
 	}
 	r.exeMu.Unlock()
+	for _, rec := range gone {
+		r.forget(rec) // an exit the watcher has not reported yet, or an unwatched record
+	}
 
 	w.known, w.present = w.present, w.known
 }
 
-// exePath returns process pid's executable, from the cache when the PID still names the same process.
-func (r *Resolver) exePath(pid int32) (string, bool) {
+// record returns the record of the process running as pid, from the cache while the PID still names the same
+// process (same start time, so not a reused PID; same name, so (almost certainly) no exec since).
+func (r *Resolver) record(pid int32) (*procRecord, bool) {
 	var sb [statBufSize]byte
 	comm, start, err := r.proc.readStat(pid, &sb)
 	if err != nil {
-		return "", false // gone
+		return nil, false // gone
 	}
 	r.exeMu.Lock()
-	e, ok := r.exes[pid]
+	rec := r.exes[pid]
 	r.exeMu.Unlock()
-	if ok && e.start == start && e.comm == string(comm) {
-		return e.path, true
+	if rec != nil && rec.start == start && rec.comm == string(comm) && !rec.dead.Load() {
+		return rec, true
+	}
+
+	pidfd := -1
+	if r.watcher != nil {
+		if pidfd = openPidfd(pid); pidfd >= 0 {
+			// The pidfd pins whatever process has the PID now; make sure it is the one whose stat we read.
+			c2, s2, err := r.proc.readStat(pid, &sb)
+			if err != nil || s2 != start {
+				unix.Close(pidfd)
+				return nil, false
+			}
+			comm = c2
+		}
 	}
 	path, err := r.proc.readExe(pid)
 	if err != nil {
 		if !errors.Is(err, unix.ENOENT) || !r.alive(pid) {
-			return "", false
+			if pidfd >= 0 {
+				unix.Close(pidfd)
+			}
+			return nil, false
 		}
 		path = "" // alive without an executable link (a kernel thread): known PID, unknown path
 	}
+	nrec := &procRecord{pid: pid, start: start, comm: string(comm), path: path, pidfd: -1}
+	if pidfd >= 0 {
+		r.watcher.watch(nrec, pidfd)
+	}
 	r.exeMu.Lock()
-	r.exes[pid] = exeEntry{start: start, comm: string(comm), path: path}
+	old := r.exes[pid]
+	r.exes[pid] = nrec
 	r.exeMu.Unlock()
-	return path, true
+	if old != nil {
+		r.forget(old) // answers cached from it are stale (exec or PID reuse)
+	}
+	return nrec, true
+}
+
+// forget marks rec dead, so every cached answer pointing at it is looked up afresh.
+func (r *Resolver) forget(rec *procRecord) {
+	if r.watcher != nil {
+		r.watcher.forget(rec)
+		return
+	}
+	rec.dead.Store(true)
+}
+
+// recordExited runs on the watcher goroutine when a watched process exits.
+func (r *Resolver) recordExited(rec *procRecord) {
+	r.exeMu.Lock()
+	if r.exes[rec.pid] == rec {
+		delete(r.exes, rec.pid)
+	}
+	r.exeMu.Unlock()
+	if hook := r.exitHook.Load(); hook != nil {
+		(*hook)(rec.pid)
+	}
 }

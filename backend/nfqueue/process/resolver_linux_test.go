@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -107,6 +108,8 @@ func runChild(fam string) error {
 		return err
 	}
 	_, _ = io.Copy(io.Discard, os.Stdin) // hold everything until the parent closes stdin
+	// Unreferenced sockets may be closed by their finalizers; keep them all until here.
+	runtime.KeepAlive([]any{ln, dual, c, u, uw, uc, accepted})
 	return nil
 }
 
@@ -280,6 +283,9 @@ func testRealSockets(t *testing.T, fam, bin string) {
 	}
 
 	r := newTestResolver(t)
+	exited := make(chan int32, 64)
+	hook := func(pid int32) { exited <- pid }
+	r.exitHook.Store(&hook)
 	for _, round := range []string{"cold", "cached"} {
 		for _, c := range append(childCases, parentCases...) {
 			got, ok := r.ResolveProcess(&c.info)
@@ -297,6 +303,15 @@ func testRealSockets(t *testing.T, fam, bin string) {
 	// unknown, though the 5-tuple cache still holds them.
 	if err := wait(); err != nil {
 		t.Fatalf("child: %v", err)
+	}
+	// The resolver learns of the exit asynchronously (pidfd); wait for that before asking.
+	for noticed := false; !noticed; {
+		select {
+		case pid := <-exited:
+			noticed = pid == child.PID
+		case <-time.After(10 * time.Second):
+			t.Fatal("the resolver did not notice the child's exit")
+		}
 	}
 	for _, c := range childCases {
 		if got, ok := r.ResolveProcess(&c.info); ok {

@@ -1,0 +1,193 @@
+package process
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestAppendDiagReq(t *testing.T) {
+	ne := binary.NativeEndian
+	// header builds the expected netlink header and the start of the request.
+	header := func(flags uint16, family, proto uint8) []byte {
+		b := ne.AppendUint32(nil, 72)
+		b = ne.AppendUint16(b, 20)
+		b = ne.AppendUint16(b, flags)
+		b = ne.AppendUint32(b, 7)
+		b = ne.AppendUint32(b, 0)
+		b = append(b, family, proto, 0, 0)
+		return ne.AppendUint32(b, 0xffffffff)
+	}
+	trailer := func(ifindex uint32) []byte {
+		b := ne.AppendUint32(nil, ifindex)
+		return append(b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff)
+	}
+	cat := func(parts ...[]byte) []byte {
+		var b []byte
+		for _, p := range parts {
+			b = append(b, p...)
+		}
+		return b
+	}
+	zero12 := make([]byte, 12)
+	tests := []struct {
+		name string
+		req  diagReq
+		want []byte
+	}{
+		{
+			"tcp4 exact",
+			diagReq{family: afInet, protocol: ipprotoTCP, states: allStates, src: netip.MustParseAddrPort("10.0.0.1:443"), dst: netip.MustParseAddrPort("192.168.1.2:50000"), ifindex: 3},
+			cat(header(1, 2, 6), []byte{0x01, 0xbb, 0xc3, 0x50}, []byte{10, 0, 0, 1}, zero12, []byte{192, 168, 1, 2}, zero12, trailer(3)),
+		},
+		{
+			"udp6 dump by port",
+			diagReq{dump: true, family: afInet6, protocol: ipprotoUDP, states: allStates, src: netip.AddrPortFrom(netip.Addr{}, 53)},
+			cat(header(0x301, 10, 17), []byte{0, 53, 0, 0}, make([]byte, 32), trailer(0)),
+		},
+		{
+			"tcp6 exact",
+			diagReq{family: afInet6, protocol: ipprotoTCP, states: allStates, src: netip.MustParseAddrPort("[2001:db8::1]:1"), dst: netip.MustParseAddrPort("[::1]:2")},
+			cat(header(1, 10, 6), []byte{0, 1, 0, 2}, netip.MustParseAddr("2001:db8::1").AsSlice(), netip.IPv6Loopback().AsSlice(), trailer(0)),
+		},
+	}
+	for _, tt := range tests {
+		got := appendDiagReq(nil, 7, &tt.req)
+		if diff := cmp.Diff(tt.want, got); diff != "" {
+			t.Errorf("%s: -want +got\n%s", tt.name, diff)
+		}
+	}
+}
+
+// diagMsgBytes encodes an inet_diag_msg the way the kernel does, plus attributes.
+func diagMsgBytes(s sockInfo, attrs ...[]byte) []byte {
+	ne := binary.NativeEndian
+	b := []byte{s.family, s.state, 0, 0}
+	b = binary.BigEndian.AppendUint16(b, s.local.Port())
+	b = binary.BigEndian.AppendUint16(b, s.remote.Port())
+	b = appendDiagAddr(b, s.local.Addr())
+	b = appendDiagAddr(b, s.remote.Addr())
+	b = ne.AppendUint32(b, s.ifindex)
+	b = append(b, 1, 2, 3, 4, 5, 6, 7, 8) // cookie
+	b = ne.AppendUint32(b, 0)            // expires
+	b = ne.AppendUint32(b, 0)            // rqueue
+	b = ne.AppendUint32(b, 0)            // wqueue
+	b = ne.AppendUint32(b, s.uid)
+	b = ne.AppendUint32(b, s.inode)
+	for _, a := range attrs {
+		b = append(b, a...)
+	}
+	return b
+}
+
+func attr(typ uint16, data ...byte) []byte {
+	b := binary.NativeEndian.AppendUint16(nil, uint16(4+len(data)))
+	b = binary.NativeEndian.AppendUint16(b, typ)
+	b = append(b, data...)
+	for len(b)%4 != 0 {
+		b = append(b, 0)
+	}
+	return b
+}
+
+func TestParseDiagMsg(t *testing.T) {
+	v4 := sockInfo{family: afInet, state: 1, local: netip.MustParseAddrPort("127.0.0.1:5000"), remote: netip.MustParseAddrPort("10.1.2.3:443"), ifindex: 2, uid: 1000, inode: 424242, v6only: -1}
+	v6 := sockInfo{family: afInet6, state: tcpListen, local: netip.MustParseAddrPort("[::]:22"), remote: netip.MustParseAddrPort("[::]:0"), uid: 0, inode: 7, v6only: 0}
+	v6only := v6
+	v6only.v6only = 1
+	tests := []struct {
+		name    string
+		in      []byte
+		want    sockInfo
+		wantErr bool
+	}{
+		{"ipv4 no attributes", diagMsgBytes(v4), v4, false},
+		{"ipv4 ignores v6only", diagMsgBytes(v4, attr(inetDiagSKV6Only, 1)), v4, false},
+		{"ipv6 dual-stack", diagMsgBytes(v6, attr(1, 9, 9, 9, 9, 9), attr(inetDiagSKV6Only, 0)), v6, false},
+		{"ipv6 only", diagMsgBytes(v6, attr(inetDiagSKV6Only, 1)), v6only, false},
+		{"short", diagMsgBytes(v4)[:sizeofDiagMsg-1], sockInfo{}, true},
+		{"bad family", append([]byte{3}, diagMsgBytes(v4)[1:]...), sockInfo{}, true},
+		{"attribute too long", diagMsgBytes(v4, []byte{200, 0, 1, 0}), sockInfo{}, true},
+		{"attribute too short", diagMsgBytes(v4, []byte{2, 0, 1, 0}), sockInfo{}, true},
+	}
+	for _, tt := range tests {
+		got, err := parseDiagMsg(tt.in)
+		if (err != nil) != tt.wantErr {
+			t.Errorf("%s: err = %v, want error %v", tt.name, err, tt.wantErr)
+		}
+		if diff := cmp.Diff(tt.want, got, cmp.AllowUnexported(sockInfo{}), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); diff != "" {
+			t.Errorf("%s: -want +got\n%s", tt.name, diff)
+		}
+	}
+}
+
+func nlMsgBytes(typ, flags uint16, seq uint32, payload []byte) []byte {
+	ne := binary.NativeEndian
+	b := ne.AppendUint32(nil, uint32(sizeofNlMsghdr+len(payload)))
+	b = ne.AppendUint16(b, typ)
+	b = ne.AppendUint16(b, flags)
+	b = ne.AppendUint32(b, seq)
+	b = ne.AppendUint32(b, 0)
+	b = append(b, payload...)
+	for len(b)%4 != 0 {
+		b = append(b, 0)
+	}
+	return b
+}
+
+func TestNextNlMsg(t *testing.T) {
+	errPayload := binary.NativeEndian.AppendUint32(nil, uint32(0xfffffffe)) // -ENOENT
+	buf := append(nlMsgBytes(sockDiagByFamily, nlmFMulti, 5, []byte{1, 2, 3}), nlMsgBytes(nlmsgError, 0, 6, errPayload)...)
+	m1, rest, err := nextNlMsg(buf)
+	if err != nil || m1.typ != sockDiagByFamily || m1.flags != nlmFMulti || m1.seq != 5 || string(m1.payload) != "\x01\x02\x03" {
+		t.Fatalf("first message: %+v, %v", m1, err)
+	}
+	m2, rest, err := nextNlMsg(rest)
+	if err != nil || m2.typ != nlmsgError || m2.seq != 6 || rest != nil {
+		t.Fatalf("second message: %+v, rest %d bytes, %v", m2, len(rest), err)
+	}
+	if errno, err := nlError(m2.payload); errno != 2 || err != nil {
+		t.Fatalf("nlError = %d, %v; want 2 (ENOENT)", errno, err)
+	}
+	for _, bad := range [][]byte{buf[:10], buf[:sizeofNlMsghdr+1], {8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}} {
+		if _, _, err := nextNlMsg(bad); err == nil {
+			t.Errorf("nextNlMsg(%x) accepted", bad)
+		}
+	}
+}
+
+// FuzzDiagAnswer feeds arbitrary bytes through the decoding a netlink answer goes through.
+func FuzzDiagAnswer(f *testing.F) {
+	v4 := sockInfo{family: afInet, local: netip.MustParseAddrPort("127.0.0.1:5000"), remote: netip.MustParseAddrPort("10.1.2.3:443"), inode: 1}
+	f.Add(nlMsgBytes(sockDiagByFamily, 0, 1, diagMsgBytes(v4)))
+	f.Add(nlMsgBytes(sockDiagByFamily, 0, 1, diagMsgBytes(sockInfo{family: afInet6}, attr(inetDiagSKV6Only, 1))))
+	f.Add(nlMsgBytes(nlmsgDone, 0, 1, nil))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		for steps := 0; len(b) > 0; steps++ {
+			if steps > len(b) {
+				t.Fatal("no progress")
+			}
+			m, rest, err := nextNlMsg(b)
+			if err != nil {
+				if rest != nil || m.payload != nil {
+					t.Fatal("error with a value")
+				}
+				return
+			}
+			if len(rest) >= len(b) || len(m.payload) > len(b)-sizeofNlMsghdr {
+				t.Fatalf("consumed nothing or more than the input: %d of %d", len(b)-len(rest), len(b))
+			}
+			s, err := parseDiagMsg(m.payload)
+			if err != nil && s != (sockInfo{}) {
+				t.Fatal("error with a value")
+			}
+			if err == nil && s.family != afInet && s.family != afInet6 {
+				t.Fatalf("accepted family %d", s.family)
+			}
+			_, _ = nlError(m.payload)
+			b = rest
+		}
+	})
+}
