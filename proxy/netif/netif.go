@@ -210,22 +210,25 @@ func Resolve(l *Link) Interface {
 	return ifc
 }
 
-// pickSource prefers a global address; a link-local IPv4 address is a last resort, an IPv6 link-local one is
-// never used (it would need a zone and cannot reach beyond the link).
+// pickSource prefers a global address. Link-local IPv4 and loopback addresses are last resorts; IPv6
+// link-local ones are never used (they would need a zone and cannot reach beyond the link).
 func pickSource(addrs []Addr, v4 bool) netip.Addr {
 	var fallback netip.Addr
 	for _, a := range addrs {
-		ip := a.Prefix.Addr().Unmap()
-		if ip.Is4() != v4 || a.Unusable || ip.IsLoopback() || ip.IsMulticast() || ip.IsUnspecified() {
+		ip := a.Prefix.Addr().Unmap().WithZone("")
+		if ip.Is4() != v4 || a.Unusable || ip.IsMulticast() || ip.IsUnspecified() {
 			continue
 		}
-		if ip.IsLinkLocalUnicast() {
-			if v4 && !fallback.IsValid() {
+		if ip.IsLoopback() || (v4 && ip.IsLinkLocalUnicast()) {
+			if !fallback.IsValid() {
 				fallback = ip
 			}
 			continue
 		}
-		return ip.WithZone("")
+		if ip.IsLinkLocalUnicast() {
+			continue
+		}
+		return ip
 	}
 	return fallback
 }
