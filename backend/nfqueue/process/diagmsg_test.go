@@ -71,9 +71,9 @@ func diagMsgBytes(s sockInfo, attrs ...[]byte) []byte {
 	b = appendDiagAddr(b, s.remote.Addr())
 	b = ne.AppendUint32(b, s.ifindex)
 	b = append(b, 1, 2, 3, 4, 5, 6, 7, 8) // cookie
-	b = ne.AppendUint32(b, 0)            // expires
-	b = ne.AppendUint32(b, 0)            // rqueue
-	b = ne.AppendUint32(b, 0)            // wqueue
+	b = ne.AppendUint32(b, 0)             // expires
+	b = ne.AppendUint32(b, 0)             // rqueue
+	b = ne.AppendUint32(b, 0)             // wqueue
 	b = ne.AppendUint32(b, s.uid)
 	b = ne.AppendUint32(b, s.inode)
 	for _, a := range attrs {

@@ -39,7 +39,7 @@ type Resolver struct {
 	find  socketFinder
 	alive func(pid int32) bool
 	// now returns monotonic time since the resolver's creation.
-	now  func() time.Duration
+	now     func() time.Duration
 	diag    *diagPool    // nil in unit tests
 	watcher *exitWatcher // nil in unit tests: records are then checked with alive
 	// exitHook, when set, is called with the PID of each watched process that exits (tests wait on it).
