@@ -102,7 +102,7 @@ func (c *Config) validate(el *errorList) {
 	}
 	if c.NFQueue.Queues < 1 || c.NFQueue.Queues > 64 {
 		el.add("nfqueue.queues", "%d is out of range (1-64)", c.NFQueue.Queues)
-	} else if c.NFQueue.QueueBase >= 0 && c.NFQueue.QueueBase+4*c.NFQueue.Queues > 65536 {
+	} else if c.NFQueue.QueueBase >= 0 && c.NFQueue.QueueBase+2*c.NFQueue.Queues > 65536 {
 		el.add("nfqueue.queues", "%d queues from %d run past queue 65535", c.NFQueue.Queues, c.NFQueue.QueueBase)
 	}
 }

@@ -1,0 +1,45 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/warden-fw/warden/config"
+	"github.com/warden-fw/warden/firewall"
+)
+
+// loadConfig loads and validates the config, mapping a bad config to exit code 2.
+func loadConfig(path string) (*config.Config, *firewall.Policy, error) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		if errors.Is(err, config.ErrInvalid) {
+			return nil, nil, withCode(exitUsage, fmt.Errorf("%s: %w", path, err))
+		}
+		return nil, nil, withCode(exitUsage, err)
+	}
+	pol, err := firewall.Compile(cfg)
+	if err != nil {
+		return nil, nil, withCode(exitUsage, fmt.Errorf("%s: compiling policy: %w", path, err))
+	}
+	return cfg, pol, nil
+}
+
+func newCheckCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "check",
+		Short: "Validate a config without applying anything",
+		Long:  "Validate a config file and print every error with its key path. Exit 0 when valid, 2 when not.",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, pol, err := loadConfig(g.configPath)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d rules, backend %s, fail mode %s)\n", cfg.File, pol.Len(),
+				cfg.Backend, cfg.FailMode)
+			return nil
+		},
+	}
+}

@@ -1,0 +1,126 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// runCLI runs the CLI in-process and returns its exit code and output.
+func runCLI(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	root := newRoot()
+	var out, errOut bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errOut)
+	root.SetArgs(args)
+	err := root.Execute()
+	code := exitOK
+	if err != nil {
+		errOut.WriteString(err.Error())
+		code = exitUsage
+		if ee, ok := err.(*exitError); ok {
+			code = ee.code
+		}
+	}
+	return code, out.String(), errOut.String()
+}
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "warden.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestCheckExitCodes(t *testing.T) {
+	code, out, _ := runCLI(t, "check", "-c", "../../examples/warden.yaml")
+	if code != 0 || !strings.Contains(out, "valid") {
+		t.Errorf("example: exit %d, %q", code, out)
+	}
+	bad := []struct{ yaml, path string }{
+		{`rules: [{name: a, action: block, ports: ["70000"]}]`, `rules[0].ports[0]: "70000" is not a port (1-65535)`},
+		{"fail_mod: open", "fail_mod: unknown key"},
+		{"rules: [{name: a, action: split, direction: inbound}]", "rules[0].direction"},
+		{"split_tunnel: {port: 0}", "split_tunnel.port"},
+		{"log: {level: loud}", "log.level"},
+	}
+	for _, b := range bad {
+		code, _, errOut := runCLI(t, "check", "-c", writeConfig(t, b.yaml))
+		if code != exitUsage || !strings.Contains(errOut, b.path) {
+			t.Errorf("%q: exit %d, stderr %q", b.yaml, code, errOut)
+		}
+	}
+	if code, _, _ := runCLI(t, "check", "-c", filepath.Join(t.TempDir(), "missing.yaml")); code != exitUsage {
+		t.Errorf("missing file: exit %d", code)
+	}
+}
+
+func TestExplainJSON(t *testing.T) {
+	cfg := writeConfig(t, `
+default_action: drop
+inbound_default: block
+split_tunnel: {interface: eth9}
+rules:
+  - {name: telnet, action: block, protocol: tcp, ports: [23]}
+  - {name: lan, action: split, remote: [192.168.0.0/16]}
+  - {name: wg, action: split, remote: ["*.example.org"], via: wg1}
+  - {name: curl, action: allow, app: /usr/bin/curl}
+  - {name: ssh-in, action: allow, direction: inbound, ports: [22]}
+`)
+	tests := []struct {
+		args []string
+		want explainResult
+	}{
+		{[]string{"--proto", "tcp", "--remote", "1.2.3.4", "--port", "23"}, explainResult{"block", "telnet", ""}},
+		{[]string{"--proto", "udp", "--remote", "192.168.1.1", "--port", "53"}, explainResult{"split", "lan", "eth9"}},
+		{[]string{"--proto", "tcp", "--remote", "www.example.org", "--port", "443"}, explainResult{"split", "wg", "wg1"}},
+		{[]string{"--proto", "tcp", "--remote", "1.2.3.4", "--port", "80", "--app", "/usr/bin/curl"}, explainResult{"allow", "curl", ""}},
+		{[]string{"--proto", "tcp", "--remote", "1.2.3.4", "--port", "80"}, explainResult{"drop", "", ""}},
+		{[]string{"--direction", "inbound", "--proto", "tcp", "--remote", "1.2.3.4", "--port", "22"}, explainResult{"allow", "ssh-in", ""}},
+		{[]string{"--direction", "inbound", "--proto", "tcp", "--port", "80"}, explainResult{"block", "", ""}},
+	}
+	for _, tt := range tests {
+		args := append([]string{"explain", "-c", cfg, "--json"}, tt.args...)
+		code, out, errOut := runCLI(t, args...)
+		if code != 0 {
+			t.Fatalf("%v: exit %d: %s", tt.args, code, errOut)
+		}
+		var got explainResult
+		if err := json.Unmarshal([]byte(out), &got); err != nil {
+			t.Fatalf("%v: output %q: %v", tt.args, out, err)
+		}
+		if got != tt.want {
+			t.Errorf("%v: %+v, want %+v", tt.args, got, tt.want)
+		}
+		// The JSON has exactly the three documented keys.
+		var raw map[string]any
+		_ = json.Unmarshal([]byte(out), &raw)
+		if len(raw) != 3 {
+			t.Errorf("%v: keys %v", tt.args, raw)
+		}
+	}
+	for _, bad := range [][]string{{"--direction", "up"}, {"--proto", "sctp"}, {"--port", "70000"}, {"--remote", "1.2.3.4.5"}, {"--user", "no-such-user-x"}} {
+		if code, _, _ := runCLI(t, append([]string{"explain", "-c", cfg}, bad...)...); code != exitUsage {
+			t.Errorf("%v: exit %d, want 2", bad, code)
+		}
+	}
+}
+
+func TestVersion(t *testing.T) {
+	code, out, _ := runCLI(t, "version")
+	if code != 0 || !strings.HasPrefix(out, "warden ") || !strings.Contains(out, "go1.") {
+		t.Errorf("version: %d %q", code, out)
+	}
+}
+
+func TestUnknownCommandIsUsageError(t *testing.T) {
+	if code := execute([]string{"frobnicate"}); code != exitUsage {
+		t.Errorf("exit %d", code)
+	}
+}
