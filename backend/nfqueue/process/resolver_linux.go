@@ -255,7 +255,7 @@ func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex i
 	s, err := r.find(key.Protocol, dir, key.Local, key.Remote, ifindex)
 	if err != nil {
 		if err != errNotFound && err != errClosed {
-			r.logError("socket lookup failed", key, err)
+			r.logError("socket lookup failed", "conn", key.String(), "err", err)
 		}
 		return nil, 0, false
 	}
@@ -271,13 +271,13 @@ func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex i
 }
 
 // logError logs at most one lookup error per ten seconds; a broken netlink socket would otherwise flood the log.
-func (r *Resolver) logError(msg string, key backend.ConnKey, err error) {
+func (r *Resolver) logError(msg string, args ...any) {
 	now := r.now()
 	last := r.lastLog.Load()
 	if last != 0 && now-time.Duration(last) < 10*time.Second || !r.lastLog.CompareAndSwap(last, int64(now)) {
 		return
 	}
-	r.log.Warn(msg, "conn", key.String(), "err", err)
+	r.log.Warn(msg, args...)
 }
 
 // ownerOf returns the PID holding socket inode, walking /proc when the cached owner no longer holds it.
@@ -380,7 +380,7 @@ func (r *Resolver) scan(wanted map[uint32]struct{}) {
 	pids, err := r.proc.listPIDs(w.bufs, w.pids[:0])
 	w.pids = pids
 	if err != nil {
-		r.logError("listing processes failed", backend.ConnKey{}, err)
+		r.logError("listing processes failed", "err", err)
 		return
 	}
 	clear(w.present)

@@ -32,6 +32,13 @@ const (
 )
 
 func TestMain(m *testing.M) {
+	if outside := os.Getenv(netnsChildEnv); outside != "" {
+		if err := runNetnsChild(outside); err != nil {
+			fmt.Fprintln(os.Stderr, "netns child:", err)
+			os.Exit(2)
+		}
+		os.Exit(0)
+	}
 	if fam := os.Getenv(childEnv); fam != "" {
 		if err := runChild(fam); err != nil {
 			fmt.Fprintln(os.Stderr, "child:", err)
