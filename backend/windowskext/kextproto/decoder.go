@@ -236,14 +236,16 @@ func (d *Decoder) fill(n int) error {
 		if d.err != nil {
 			return d.err
 		}
-		if len(d.buf)-d.start < n {
-			if n > len(d.buf) {
-				nb := make([]byte, max(n, 2*len(d.buf)))
-				d.end = copy(nb, d.buf[d.start:d.end])
-				d.buf = nb
-			} else {
-				d.end = copy(d.buf, d.buf[d.start:d.end])
-			}
+		if d.start > 0 && (len(d.buf)-d.start < n || len(d.buf)-d.end < len(d.buf)/2) {
+			// Move the unread bytes to the front, so each read gets at least half the buffer: the driver
+			// fills a read with as many records as fit.
+			d.end = copy(d.buf, d.buf[d.start:d.end])
+			d.start = 0
+		}
+		if len(d.buf) < n {
+			nb := make([]byte, max(n, 2*len(d.buf)))
+			d.end = copy(nb, d.buf[d.start:d.end])
+			d.buf = nb
 			d.start = 0
 		}
 		m, err := d.r.Read(d.buf[d.end:])
