@@ -97,11 +97,12 @@ func (b *Backend) Start(ctx context.Context, h backend.Handler) (err error) {
 	}
 
 	eng := newEngine(b.s.log, b.s.failMode, b.s.timeout, h)
-	b.stopDL = make(chan struct{})
+	stopDL := make(chan struct{})
+	b.stopDL = stopDL
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
-		eng.dl.run(b.stopDL)
+		eng.dl.run(stopDL)
 	}()
 	qctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	b.eng, b.fw, b.cancel = eng, fw, cancel
@@ -131,11 +132,12 @@ func (b *Backend) Start(ctx context.Context, h backend.Handler) (err error) {
 	if err := fw.install(); err != nil {
 		return err
 	}
-	b.stopW = make(chan struct{})
+	stopW := make(chan struct{})
+	b.stopW = stopW
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
-		b.watch(fw, b.stopW)
+		b.watch(fw, stopW)
 	}()
 	b.running = true
 	b.s.log.Info("nfqueue backend started", "out_queues", fmt.Sprintf("%d-%d", b.s.out.First, b.s.out.Last),

@@ -75,7 +75,7 @@ func newTestNet(t *testing.T) *testNet {
 		client: "wnq-c-" + sfx, server: "wnq-s-" + sfx,
 		ClientV4: netip.MustParseAddr("10.201.0.1"), ServerV4: netip.MustParseAddr("10.201.0.2"),
 		Server2V4: netip.MustParseAddr("10.201.0.3"),
-		ClientV6: netip.MustParseAddr("fd00:201::1"), ServerV6: netip.MustParseAddr("fd00:201::2"),
+		ClientV6:  netip.MustParseAddr("fd00:201::1"), ServerV6: netip.MustParseAddr("fd00:201::2"),
 		Server2V6: netip.MustParseAddr("fd00:201::3"),
 	}
 	vc, vs := "wqc"+sfx, "wqs"+sfx

@@ -300,17 +300,3 @@ func (d *deadlines) drain(f func(*packet)) {
 		f(p)
 	}
 }
-
-// reopen makes a drained structure usable again (Start after Stop).
-func (d *deadlines) reopen() {
-	d.mu.Lock()
-	d.closed = false
-	d.mu.Unlock()
-}
-
-// pending returns the number of scheduled entries (answered or not), for tests.
-func (d *deadlines) pending() int {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.n
-}

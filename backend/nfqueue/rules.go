@@ -32,9 +32,6 @@ type jumpRule struct {
 	Target  string
 }
 
-// spec renders the jump's rule spec as `iptables -S` prints it, for comparing against listings.
-func (j jumpRule) spec() string { return "-A " + j.Builtin + " -j " + j.Target }
-
 // queueRange is a contiguous range of queue numbers.
 type queueRange struct{ First, Last uint16 }
 

@@ -1,0 +1,146 @@
+package nfqueue
+
+import (
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// fakeIPT keeps built-in chains as lists of rule lines and logs every change, to test the installer's
+// logic (order of operations, positions) without a kernel.
+type fakeIPT struct {
+	chains map[string][]string // "table/chain" → "-A CHAIN ..." lines
+	log    []string
+}
+
+func newFakeIPT() *fakeIPT {
+	f := &fakeIPT{chains: map[string][]string{}}
+	for _, tc := range []string{"filter/INPUT", "filter/OUTPUT", "mangle/INPUT", "mangle/OUTPUT", "nat/OUTPUT"} {
+		f.chains[tc] = nil
+	}
+	return f
+}
+
+func (f *fakeIPT) NewChain(table, chain string) error {
+	if _, ok := f.chains[table+"/"+chain]; ok {
+		return fmt.Errorf("chain %s exists", chain)
+	}
+	f.chains[table+"/"+chain] = nil
+	return nil
+}
+
+func (f *fakeIPT) ClearAndDeleteChain(table, chain string) error {
+	delete(f.chains, table+"/"+chain)
+	f.log = append(f.log, "delete-chain "+table+" "+chain)
+	return nil
+}
+
+func (f *fakeIPT) ChainExists(table, chain string) (bool, error) {
+	_, ok := f.chains[table+"/"+chain]
+	return ok, nil
+}
+
+func (f *fakeIPT) Append(table, chain string, rulespec ...string) error {
+	f.chains[table+"/"+chain] = append(f.chains[table+"/"+chain], "-A "+chain+" "+strings.Join(rulespec, " "))
+	return nil
+}
+
+func (f *fakeIPT) Insert(table, chain string, pos int, rulespec ...string) error {
+	k := table + "/" + chain
+	f.chains[k] = slices.Insert(f.chains[k], pos-1, "-A "+chain+" "+strings.Join(rulespec, " "))
+	f.log = append(f.log, fmt.Sprintf("insert %s %s %d", table, chain, pos))
+	return nil
+}
+
+func (f *fakeIPT) List(table, chain string) ([]string, error) {
+	return append([]string{"-P " + chain + " ACCEPT"}, f.chains[table+"/"+chain]...), nil
+}
+
+func (f *fakeIPT) DeleteById(table, chain string, id int) error {
+	k := table + "/" + chain
+	f.chains[k] = slices.Delete(f.chains[k], id-1, id)
+	f.log = append(f.log, fmt.Sprintf("delete %s %s %d", table, chain, id))
+	return nil
+}
+
+func testFirewall(f *fakeIPT) *firewall {
+	chains, jumps := buildRules(false, ruleParams{Out: queueRange{1, 1}, In: queueRange{2, 2}})
+	return &firewall{log: slog.New(slog.DiscardHandler), fams: []family{{name: "ipv4", ipt: f, chains: chains, jumps: jumps}}}
+}
+
+func TestInstallIsIdempotentAndRemovesLeftovers(t *testing.T) {
+	f := newFakeIPT()
+	fw := testFirewall(f)
+	// A crashed run left two copies of a jump and a chain.
+	f.chains["filter/OUTPUT"] = []string{"-A OUTPUT -j WARDEN-FILTER", "-A OUTPUT -p tcp -j ACCEPT", "-A OUTPUT -j WARDEN-FILTER"}
+	f.chains["filter/WARDEN-FILTER"] = []string{"-A WARDEN-FILTER -j DROP"}
+	if err := fw.install(); err != nil {
+		t.Fatal(err)
+	}
+	first := snapshot(f)
+	if err := fw.install(); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(first, snapshot(f)); diff != "" {
+		t.Errorf("second install differs (-first +second):\n%s", diff)
+	}
+	if diff := cmp.Diff([]string{"-A OUTPUT -j WARDEN-FILTER", "-A OUTPUT -p tcp -j ACCEPT"}, f.chains["filter/OUTPUT"]); diff != "" {
+		t.Errorf("filter OUTPUT (-want +got):\n%s", diff)
+	}
+	if err := fw.remove(); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{"-A OUTPUT -p tcp -j ACCEPT"}, f.chains["filter/OUTPUT"]); diff != "" {
+		t.Errorf("filter OUTPUT after remove (-want +got):\n%s", diff)
+	}
+	for k := range f.chains {
+		if strings.Contains(k, "WARDEN") {
+			t.Errorf("chain %s left after remove", k)
+		}
+	}
+}
+
+func snapshot(f *fakeIPT) map[string][]string {
+	out := map[string][]string{}
+	for k, v := range f.chains {
+		out[k] = slices.Clone(v)
+	}
+	return out
+}
+
+// The watcher reinserts the jump at 1 before deleting the displaced copy: never a moment without it.
+func TestEnforceFirstInsertsBeforeDeleting(t *testing.T) {
+	f := newFakeIPT()
+	fw := testFirewall(f)
+	if err := fw.install(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := fw.enforceFirst(); n != 0 || err != nil {
+		t.Fatalf("nothing to repair: %d, %v", n, err)
+	}
+	f.chains["mangle/OUTPUT"] = slices.Insert(f.chains["mangle/OUTPUT"], 0, "-A OUTPUT -j OTHER")
+	f.log = nil
+	n, err := fw.enforceFirst()
+	if n != 1 || err != nil {
+		t.Fatalf("repairs %d, %v; want 1", n, err)
+	}
+	if diff := cmp.Diff([]string{"insert mangle OUTPUT 1", "delete mangle OUTPUT 3"}, f.log); diff != "" {
+		t.Errorf("operations (-want +got):\n%s", diff)
+	}
+	want := []string{"-A OUTPUT -j WARDEN-INGEST-OUTPUT", "-A OUTPUT -j OTHER"}
+	if diff := cmp.Diff(want, f.chains["mangle/OUTPUT"]); diff != "" {
+		t.Errorf("mangle OUTPUT (-want +got):\n%s", diff)
+	}
+	// A duplicate further down is removed, the first stays.
+	f.chains["nat/OUTPUT"] = append(f.chains["nat/OUTPUT"], "-A OUTPUT -j RETURN", "-A OUTPUT -j WARDEN-REDIRECT")
+	if n, err := fw.enforceFirst(); n != 1 || err != nil {
+		t.Fatalf("repairs %d, %v; want 1", n, err)
+	}
+	if diff := cmp.Diff([]string{"-A OUTPUT -j WARDEN-REDIRECT", "-A OUTPUT -j RETURN"}, f.chains["nat/OUTPUT"]); diff != "" {
+		t.Errorf("nat OUTPUT (-want +got):\n%s", diff)
+	}
+}
