@@ -93,7 +93,7 @@ func TestParseHeaders(t *testing.T) {
 		{
 			name: "ipv6 hop-by-hop then dstopts then udp",
 			pkt: ipv6Packet(0, "fd00::1", "fd00::2", append(append(
-				[]byte{60, 0, 1, 4, 0, 0, 0, 0}, // hop-by-hop, 8 bytes, next dstopts
+				[]byte{60, 0, 1, 4, 0, 0, 0, 0},                             // hop-by-hop, 8 bytes, next dstopts
 				[]byte{17, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}...), // dstopts, 16 bytes, next udp
 				ports(1000, 53)...)),
 			want: headers{Proto: backend.UDP, Src: v4("fd00::1"), Dst: v4("fd00::2"), SrcPort: 1000, DstPort: 53},
