@@ -27,8 +27,8 @@ import (
 type fakePlatform struct {
 	mu       sync.Mutex
 	pipeline func(proto backend.Protocol, from netip.AddrPort)
-	udpMap map[netip.AddrPort][2]netip.AddrPort // seen source → original client, original destination
-	forgot []string
+	udpMap   map[netip.AddrPort][2]netip.AddrPort // seen source → original client, original destination
+	forgot   []string
 }
 
 func (f *fakePlatform) ListenAddrs(uint16) []netip.AddrPort {

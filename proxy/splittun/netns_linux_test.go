@@ -1,0 +1,709 @@
+package splittun
+
+// Real-kernel tests. Topology (all namespaces fresh, random suffix, removed in Cleanup):
+//
+//	client ns C ── ua (10.1.0.2, fd00:a::2; default route, metric 100) ── eth0 of server ns SA "A"
+//	            └─ ub (10.2.0.2, fd00:b::2; default route, metric 200) ── eth0 of server ns SB "B"
+//
+// Both servers own the same service addresses (192.0.2.10/.11, 2001:db8::10/::11) and answer with their name.
+// In C, nat OUTPUT DNATs TCP/UDP from source ports 40000-40999 (the "split" clients) to the proxy, except
+// packets marked 1709 (the proxy's own upstreams). The proxy runs in a child process inside C (the test
+// binary re-executed); the test drives it with JSON lines: record table entries, make client connections,
+// read stats.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/proxy/netif"
+	"github.com/warden-fw/warden/proxy/redirect"
+)
+
+const roleEnv = "WARDEN_SPLITTUN_TEST_ROLE"
+
+func TestMain(m *testing.M) {
+	switch role := os.Getenv(roleEnv); {
+	case strings.HasPrefix(role, "server:"):
+		serverMain(strings.TrimPrefix(role, "server:"))
+		os.Exit(0)
+	case role == "client":
+		clientMain()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+var serviceAddrs = []string{"192.0.2.10", "192.0.2.11", "2001:db8::10", "2001:db8::11"}
+
+// serverMain answers TCP on port 80 (its name and a newline, then an echo until EOF) and UDP on port 53
+// ("name|local address|payload") on every service address, until stdin closes.
+func serverMain(name string) {
+	for _, a := range serviceAddrs {
+		ip := netip.MustParseAddr(a)
+		ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, 80)))
+		if err != nil {
+			fmt.Println("error", err)
+			return
+		}
+		go func() {
+			for {
+				c, err := ln.AcceptTCP()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					io.WriteString(c, name+"\n")
+					io.Copy(c, c)
+				}()
+			}
+		}()
+		// Bound to the service address, so replies leave from it.
+		uc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, 53)))
+		if err != nil {
+			fmt.Println("error", err)
+			return
+		}
+		go func() {
+			buf := make([]byte, 2000)
+			for {
+				n, from, err := uc.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					return
+				}
+				uc.WriteToUDPAddrPort([]byte(name+"|"+ip.String()+"|"+string(buf[:n])), from)
+			}
+		}()
+	}
+	fmt.Println("ready")
+	io.Copy(io.Discard, os.Stdin)
+}
+
+// request and response are the client child's protocol.
+type request struct {
+	Op       string   `json:"op"`
+	Config   Config   `json:"config,omitzero"`
+	Proto    string   `json:"proto,omitempty"`
+	Client   string   `json:"client,omitempty"`
+	Original string   `json:"original,omitempty"`
+	Iface    string   `json:"iface,omitempty"`
+	Src      string   `json:"src,omitempty"`
+	Dst      string   `json:"dst,omitempty"`
+	Dsts     []string `json:"dsts,omitempty"`
+	Payload  string   `json:"payload,omitempty"`
+	ID       int      `json:"id,omitempty"`
+	Timeout  int      `json:"timeout_ms,omitempty"`
+	Spec     string   `json:"spec,omitempty"`
+}
+
+type udpReply struct {
+	From string `json:"from"`
+	Data string `json:"data"`
+	Err  string `json:"err,omitempty"`
+}
+
+type response struct {
+	Err     string       `json:"err,omitempty"`
+	Data    string       `json:"data,omitempty"`
+	Peer    string       `json:"peer,omitempty"`
+	ID      int          `json:"id,omitempty"`
+	Replies []udpReply   `json:"replies,omitempty"`
+	Stats   *Stats       `json:"stats,omitempty"`
+	N       int          `json:"n"`
+	State   *netif.State `json:"state,omitempty"`
+	Elapsed int64        `json:"elapsed_ms"`
+}
+
+// clientMain runs the proxy inside the client namespace and executes the test's requests.
+func clientMain() {
+	table := redirect.NewTable(time.Minute, 1024)
+	var p *Proxy
+	held := map[int]*net.TCPConn{}
+	nextID := 0
+	in := bufio.NewScanner(os.Stdin)
+	out := json.NewEncoder(os.Stdout)
+	for in.Scan() {
+		var req request
+		var resp response
+		if err := json.Unmarshal(in.Bytes(), &req); err != nil {
+			resp.Err = err.Error()
+			out.Encode(resp)
+			continue
+		}
+		timeout := time.Duration(req.Timeout) * time.Millisecond
+		if timeout == 0 {
+			timeout = 5 * time.Second
+		}
+		switch req.Op {
+		case "start":
+			var err error
+			if p, err = New(req.Config, table, Options{}); err == nil {
+				err = p.Start()
+			}
+			if err != nil {
+				resp.Err = err.Error()
+			}
+		case "stop":
+			if err := p.Close(); err != nil {
+				resp.Err = err.Error()
+			}
+			resp.N = table.Len()
+		case "record":
+			proto := backend.TCP
+			if req.Proto == "udp" {
+				proto = backend.UDP
+			}
+			table.Record(redirect.Entry{Protocol: proto, Client: netip.MustParseAddrPort(req.Client),
+				Original: netip.MustParseAddrPort(req.Original), Interface: req.Iface})
+		case "tablelen":
+			resp.N = table.Len()
+		case "stats":
+			st := p.Stats()
+			resp.Stats = &st
+		case "resolve":
+			st := netif.NewResolver(netif.SystemSource(), nil).Get(req.Spec)
+			resp.State = &st
+		case "tcp", "hold":
+			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(req.Src)), Timeout: timeout}
+			c, err := d.Dial("tcp", req.Dst)
+			if err != nil {
+				resp.Err = err.Error()
+				break
+			}
+			tc := c.(*net.TCPConn)
+			resp.Peer = tc.RemoteAddr().String()
+			tc.SetDeadline(time.Now().Add(timeout))
+			if req.Op == "hold" {
+				line, err := bufio.NewReader(tc).ReadString('\n') // the greeting only; nothing else is sent yet
+				resp.Data = line
+				if err != nil {
+					resp.Err = err.Error()
+					tc.Close()
+					break
+				}
+				tc.SetDeadline(time.Time{})
+				nextID++
+				held[nextID] = tc
+				resp.ID = nextID
+				break
+			}
+			go func() {
+				tc.Write([]byte(req.Payload))
+				tc.CloseWrite()
+			}()
+			data, err := io.ReadAll(tc)
+			resp.Data = string(data)
+			if err != nil {
+				resp.Err = err.Error()
+			}
+			tc.Close()
+		case "wait": // wait for a held connection to end
+			c := held[req.ID]
+			start := time.Now()
+			c.SetReadDeadline(start.Add(timeout))
+			_, err := c.Read(make([]byte, 1))
+			resp.Elapsed = time.Since(start).Milliseconds()
+			if err != nil {
+				resp.Err = err.Error()
+			}
+		case "close":
+			held[req.ID].Close()
+			delete(held, req.ID)
+		case "udp":
+			c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(req.Src)))
+			if err != nil {
+				resp.Err = err.Error()
+				break
+			}
+			buf := make([]byte, 2000)
+			for _, dst := range req.Dsts {
+				var r udpReply
+				if _, err := c.WriteToUDPAddrPort([]byte(req.Payload+"@"+dst), netip.MustParseAddrPort(dst)); err != nil {
+					r.Err = err.Error()
+				} else {
+					c.SetReadDeadline(time.Now().Add(timeout))
+					n, from, err := c.ReadFromUDPAddrPort(buf)
+					if err != nil {
+						r.Err = err.Error()
+					} else {
+						r.From, r.Data = from.String(), string(buf[:n])
+					}
+				}
+				resp.Replies = append(resp.Replies, r)
+			}
+			c.Close()
+		default:
+			resp.Err = "unknown op " + req.Op
+		}
+		out.Encode(resp)
+	}
+	if p != nil {
+		p.Close()
+	}
+}
+
+// --- the driving side ---
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		if _, err := exec.LookPath("iptables"); err == nil {
+			return
+		}
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatal("network namespace test needs root and iptables, and CI is set")
+	}
+	t.Skip("network namespace test needs root and iptables")
+}
+
+func run(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+type topology struct {
+	c, a, b string // namespace names
+}
+
+func newTopology(t *testing.T) *topology {
+	t.Helper()
+	sfx := fmt.Sprintf("%06x", rand.Uint32()&0xffffff)
+	tp := &topology{c: "wst-c-" + sfx, a: "wst-a-" + sfx, b: "wst-b-" + sfx}
+	for _, ns := range []string{tp.c, tp.a, tp.b} {
+		run(t, "ip", "netns", "add", ns)
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+		run(t, "ip", "-n", ns, "link", "set", "lo", "up")
+	}
+	for _, s := range []struct{ dev, ns, net4, net6 string }{{"ua", tp.a, "10.1.0", "fd00:a:"}, {"ub", tp.b, "10.2.0", "fd00:b:"}} {
+		run(t, "ip", "-n", tp.c, "link", "add", s.dev, "type", "veth", "peer", "name", "eth0", "netns", s.ns)
+		run(t, "ip", "-n", tp.c, "addr", "add", s.net4+".2/24", "dev", s.dev)
+		run(t, "ip", "-n", tp.c, "addr", "add", s.net6+":2/64", "dev", s.dev, "nodad")
+		run(t, "ip", "-n", tp.c, "link", "set", s.dev, "up")
+		run(t, "ip", "-n", s.ns, "addr", "add", s.net4+".1/24", "dev", "eth0")
+		run(t, "ip", "-n", s.ns, "addr", "add", s.net6+":1/64", "dev", "eth0", "nodad")
+		run(t, "ip", "-n", s.ns, "link", "set", "eth0", "up")
+		for _, a := range serviceAddrs {
+			bits := "/32"
+			if strings.Contains(a, ":") {
+				bits = "/128"
+			}
+			run(t, "ip", "-n", s.ns, "addr", "add", a+bits, "dev", "lo")
+		}
+	}
+	tp.addRoutes(t)
+	for _, ipt := range []struct{ cmd, to string }{{"iptables", "127.0.0.17:719"}, {"ip6tables", "[::1]:719"}} {
+		for _, proto := range []string{"tcp", "udp"} {
+			run(t, "ip", "netns", "exec", tp.c, ipt.cmd, "-t", "nat", "-A", "OUTPUT", "-p", proto,
+				"-m", "mark", "!", "--mark", "1709", "-m", proto, "--sport", "40000:40999",
+				"-j", "DNAT", "--to-destination", ipt.to)
+		}
+	}
+	return tp
+}
+
+// addRoutes (re)installs C's default routes; the kernel drops a link's routes when it goes down, and after it
+// comes back up IPv6 needs a moment before its gateway is reachable again, so each route is retried (bounded).
+func (tp *topology) addRoutes(t *testing.T) {
+	t.Helper()
+	for _, r := range []struct{ dev, gw4, gw6, metric string }{{"ua", "10.1.0.1", "fd00:a::1", "100"}, {"ub", "10.2.0.1", "fd00:b::1", "200"}} {
+		for _, args := range [][]string{
+			{"ip", "-n", tp.c, "route", "replace", "default", "via", r.gw4, "dev", r.dev, "metric", r.metric},
+			{"ip", "-n", tp.c, "-6", "route", "replace", "default", "via", r.gw6, "dev", r.dev, "metric", r.metric},
+		} {
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+				if err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+	}
+}
+
+// linkUp brings a client link back up with its IPv6 address (the kernel flushes IPv6 addresses on down) and
+// the default routes.
+func (tp *topology) linkUp(t *testing.T, dev, addr6 string) {
+	t.Helper()
+	run(t, "ip", "-n", tp.c, "link", "set", dev, "up")
+	run(t, "ip", "-n", tp.c, "addr", "replace", addr6, "dev", dev, "nodad")
+	tp.addRoutes(t)
+}
+
+// child is a re-executed test binary inside a namespace.
+type child struct {
+	t     *testing.T
+	stdin io.WriteCloser
+	out   *bufio.Scanner
+	mu    sync.Mutex
+}
+
+func startChild(t *testing.T, ns, role string) *child {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("ip", "netns", "exec", ns, exe, "-test.run=^$")
+	cmd.Env = append(os.Environ(), roleEnv+"="+role)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		stdin.Close()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	ch := &child{t: t, stdin: stdin, out: bufio.NewScanner(stdout)}
+	ch.out.Buffer(make([]byte, 1<<20), 1<<20)
+	return ch
+}
+
+// line reads one line from the child, failing the test after a bound.
+func (ch *child) line() string {
+	got := make(chan string, 1)
+	go func() {
+		if ch.out.Scan() {
+			got <- ch.out.Text()
+		} else {
+			got <- ""
+		}
+	}()
+	select {
+	case l := <-got:
+		if l == "" {
+			ch.t.Fatal("child exited")
+		}
+		return l
+	case <-time.After(30 * time.Second):
+		ch.t.Fatal("child did not answer within 30s")
+		return ""
+	}
+}
+
+func (ch *child) call(req request) response {
+	ch.t.Helper()
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	b, _ := json.Marshal(req)
+	if _, err := ch.stdin.Write(append(b, '\n')); err != nil {
+		ch.t.Fatal(err)
+	}
+	var resp response
+	if err := json.Unmarshal([]byte(ch.line()), &resp); err != nil {
+		ch.t.Fatal(err)
+	}
+	return resp
+}
+
+func (ch *child) mustCall(req request) response {
+	ch.t.Helper()
+	r := ch.call(req)
+	if r.Err != "" {
+		ch.t.Fatalf("%s: %s", req.Op, r.Err)
+	}
+	return r
+}
+
+func (ch *child) stats() Stats { return *ch.mustCall(request{Op: "stats"}).Stats }
+
+// waitStats polls the child's stats until cond holds, bounded.
+func (ch *child) waitStats(what string, cond func(Stats) bool) Stats {
+	ch.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st := ch.stats()
+		if cond(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			ch.t.Fatalf("timed out waiting for %s; stats %+v", what, st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+var portSeq atomic.Uint32
+
+// splitPort and plainPort hand out fresh client ports inside and outside the DNAT range.
+func splitPort() uint16 { return uint16(40000 + portSeq.Add(1)) }
+func plainPort() uint16 { return uint16(41000 + portSeq.Add(1)) }
+
+func hostPort(ip string, port uint16) string {
+	return netip.AddrPortFrom(netip.MustParseAddr(ip), port).String()
+}
+
+type env struct {
+	tp     *topology
+	client *child
+}
+
+func newEnv(t *testing.T) *env {
+	requireRoot(t)
+	tp := newTopology(t)
+	for _, s := range []struct{ ns, name string }{{tp.a, "A"}, {tp.b, "B"}} {
+		ch := startChild(t, s.ns, "server:"+s.name)
+		if l := ch.line(); l != "ready" {
+			t.Fatalf("server %s: %s", s.name, l)
+		}
+	}
+	return &env{tp: tp, client: startChild(t, tp.c, "client")}
+}
+
+func (e *env) start(cfg Config) {
+	e.client.mustCall(request{Op: "start", Config: cfg})
+}
+
+// tcp makes one split (recorded, via iface) or plain TCP connection and returns what the server said first.
+func (e *env) tcp(src, dst, iface string, split bool) response {
+	if split {
+		e.client.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: dst, Iface: iface})
+	}
+	return e.client.call(request{Op: "tcp", Src: src, Dst: dst, Payload: "ping"})
+}
+
+func expectServer(t *testing.T, r response, name string) {
+	t.Helper()
+	if r.Err != "" || r.Data != name+"\nping" {
+		t.Fatalf("got %q (err %q), want server %s with the echo", r.Data, r.Err, name)
+	}
+}
+
+func expectNoServer(t *testing.T, r response) {
+	t.Helper()
+	if r.Data != "" {
+		t.Fatalf("got %q; want the connection refused", r.Data)
+	}
+}
+
+func TestNamespaceSplitTunnel(t *testing.T) {
+	e := newEnv(t)
+	c := e.client
+	e.start(Config{Interface: "ub", UDPIdleTimeout: 400 * time.Millisecond})
+
+	for _, fam := range []struct{ name, src, dst, dst2 string }{
+		{"v4", "10.1.0.2", "192.0.2.10", "192.0.2.11"},
+		{"v6", "fd00:a::2", "2001:db8::10", "2001:db8::11"},
+	} {
+		t.Run("tcp-"+fam.name, func(t *testing.T) {
+			dst := hostPort(fam.dst, 80)
+			expectServer(t, e.tcp(hostPort(fam.src, plainPort()), dst, "", false), "A")
+			r := e.tcp(hostPort(fam.src, splitPort()), dst, "", true)
+			expectServer(t, r, "B")
+			if r.Peer != dst {
+				t.Fatalf("client's peer %s, want %s", r.Peer, dst)
+			}
+			// A table entry naming another interface wins over the default.
+			expectServer(t, e.tcp(hostPort(fam.src, splitPort()), dst, "ua", true), "A")
+		})
+		t.Run("udp-"+fam.name, func(t *testing.T) {
+			d1, d2 := hostPort(fam.dst, 53), hostPort(fam.dst2, 53)
+			src := hostPort(fam.src, splitPort())
+			c.mustCall(request{Op: "record", Proto: "udp", Client: src, Original: d1})
+			c.mustCall(request{Op: "record", Proto: "udp", Client: src, Original: d2})
+			before := c.stats().UDP
+			// One socket, two peers, twice over: each reply from the right peer, via B, sessions reused.
+			for round := 0; round < 2; round++ {
+				r := c.mustCall(request{Op: "udp", Src: src, Dsts: []string{d1, d2}, Payload: fmt.Sprint(round)})
+				for i, d := range []string{d1, d2} {
+					got := r.Replies[i]
+					want := "B|" + netip.MustParseAddrPort(d).Addr().String() + "|" + fmt.Sprint(round) + "@" + d
+					if got.Err != "" || got.From != d || got.Data != want {
+						t.Fatalf("round %d peer %s: got %+v, want from %s data %q", round, d, got, d, want)
+					}
+				}
+			}
+			after := c.stats().UDP
+			if after.Total-before.Total != 2 {
+				t.Fatalf("sessions created %d, want 2 (one per peer)", after.Total-before.Total)
+			}
+			// The same socket outside the split range reaches A.
+			r := c.mustCall(request{Op: "udp", Src: hostPort(fam.src, plainPort()), Dsts: []string{d1}, Payload: "p"})
+			if !strings.HasPrefix(r.Replies[0].Data, "A|") || r.Replies[0].From != d1 {
+				t.Fatalf("plain udp: %+v", r.Replies[0])
+			}
+		})
+	}
+
+	t.Run("udp-idle-forgets-conntrack", func(t *testing.T) {
+		src := hostPort("10.1.0.2", splitPort())
+		dst := "192.0.2.10:53"
+		c.mustCall(request{Op: "record", Proto: "udp", Client: src, Original: dst})
+		before := c.stats().UDP.IdleExpired
+		r := c.mustCall(request{Op: "udp", Src: src, Dsts: []string{dst}, Payload: "x"})
+		if !strings.HasPrefix(r.Replies[0].Data, "B|") {
+			t.Fatalf("reply %+v", r.Replies[0])
+		}
+		sport := strings.TrimPrefix(src, "10.1.0.2:")
+		ct := run(t, "ip", "netns", "exec", e.tp.c, "conntrack", "-L", "-p", "udp", "--sport", sport)
+		if !strings.Contains(ct, "dport=53") {
+			t.Fatalf("no conntrack entry for the live flow:\n%s", ct)
+		}
+		c.waitStats("udp idle expiry", func(st Stats) bool { return st.UDP.IdleExpired > before })
+		ct = run(t, "ip", "netns", "exec", e.tp.c, "conntrack", "-L", "-p", "udp", "--sport", sport)
+		if strings.Contains(ct, "dport=53") {
+			t.Fatalf("conntrack entry of the expired flow remains:\n%s", ct)
+		}
+	})
+
+	t.Run("unrecorded-is-refused", func(t *testing.T) {
+		before := c.stats().TCP.Unresolved
+		expectNoServer(t, c.call(request{Op: "tcp", Src: hostPort("10.1.0.2", splitPort()), Dst: "192.0.2.10:80", Payload: "ping"}))
+		if got := c.stats().TCP.Unresolved; got != before+1 {
+			t.Fatalf("unresolved %d, want %d", got, before+1)
+		}
+	})
+
+	t.Run("restart-purges", func(t *testing.T) {
+		src := hostPort("10.1.0.2", splitPort())
+		c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: "192.0.2.10:80"})
+		c.mustCall(request{Op: "record", Proto: "udp", Client: src, Original: "192.0.2.10:53"})
+		if n := c.mustCall(request{Op: "stop"}).N; n != 0 {
+			t.Fatalf("table holds %d entries after stop", n)
+		}
+		c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: "192.0.2.10:80"}) // stale, before start
+		e.start(Config{Interface: "ub"})
+		if n := c.mustCall(request{Op: "tablelen"}).N; n != 0 {
+			t.Fatalf("table holds %d entries after restart", n)
+		}
+		expectNoServer(t, c.call(request{Op: "tcp", Src: src, Dst: "192.0.2.10:80", Payload: "ping"}))
+		if st := c.stats().TCP; st.Unresolved != 1 || st.Total != 0 {
+			t.Fatalf("after restart: %+v", st)
+		}
+		expectServer(t, e.tcp(hostPort("10.1.0.2", splitPort()), "192.0.2.10:80", "", true), "B")
+	})
+
+	t.Run("tcp-bound-and-idle", func(t *testing.T) {
+		c.mustCall(request{Op: "stop"})
+		e.start(Config{Interface: "ub", MaxTCPSessions: 1, IdleTimeout: 300 * time.Millisecond})
+		src := hostPort("10.1.0.2", splitPort())
+		c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: "192.0.2.10:80"})
+		h := c.mustCall(request{Op: "hold", Src: src, Dst: "192.0.2.10:80"})
+		if h.Data != "B\n" {
+			t.Fatalf("held connection greeting %q", h.Data)
+		}
+		expectNoServer(t, e.tcp(hostPort("10.1.0.2", splitPort()), "192.0.2.10:80", "", true))
+		if st := c.stats().TCP; st.Rejected != 1 || st.Active != 1 {
+			t.Fatalf("bound: %+v", st)
+		}
+		w := c.call(request{Op: "wait", ID: h.ID, Timeout: 5000})
+		if w.Err == "" || strings.Contains(w.Err, "timeout") {
+			t.Fatalf("idle held connection: %+v", w)
+		}
+		c.waitStats("tcp idle expiry", func(st Stats) bool { return st.TCP.IdleExpired == 1 && st.TCP.Active == 0 })
+		c.mustCall(request{Op: "close", ID: h.ID})
+	})
+
+	t.Run("interface-down-block", func(t *testing.T) {
+		c.mustCall(request{Op: "stop"})
+		e.start(Config{Interface: "ub", OnInterfaceDown: DownBlock, InterfacePoll: time.Minute})
+		expectServer(t, e.tcp(hostPort("10.1.0.2", splitPort()), "192.0.2.10:80", "", true), "B")
+		run(t, "ip", "-n", e.tp.c, "link", "set", "ub", "down")
+		c.waitStats("interface down", func(st Stats) bool { return !st.Interface.Up })
+		expectNoServer(t, e.tcp(hostPort("10.1.0.2", splitPort()), "192.0.2.10:80", "", true))
+		src := hostPort("10.1.0.2", splitPort())
+		c.mustCall(request{Op: "record", Proto: "udp", Client: src, Original: "192.0.2.10:53"})
+		r := c.mustCall(request{Op: "udp", Src: src, Dsts: []string{"192.0.2.10:53"}, Timeout: 500})
+		if r.Replies[0].Data != "" {
+			t.Fatalf("udp through a down interface in block mode got %+v", r.Replies[0])
+		}
+		if st := c.stats(); st.TCP.Refused != 1 || st.UDP.Refused == 0 {
+			t.Fatalf("refusals not counted: tcp %+v udp %+v", st.TCP, st.UDP)
+		}
+		e.tp.linkUp(t, "ub", "fd00:b::2/64")
+		c.waitStats("interface up", func(st Stats) bool { return st.Interface.Up })
+		expectServer(t, e.tcp(hostPort("10.1.0.2", splitPort()), "192.0.2.10:80", "", true), "B")
+	})
+
+	t.Run("interface-down-direct", func(t *testing.T) {
+		c.mustCall(request{Op: "stop"})
+		e.start(Config{Interface: "ub", OnInterfaceDown: DownDirect, InterfacePoll: time.Minute})
+		run(t, "ip", "-n", e.tp.c, "link", "set", "ub", "down")
+		t.Cleanup(func() {
+			exec.Command("ip", "-n", e.tp.c, "link", "set", "ub", "up").Run()
+		})
+		c.waitStats("interface down", func(st Stats) bool { return !st.Interface.Up })
+		// Unbound but still marked 1709: not redirected again (no loop), out through A.
+		expectServer(t, e.tcp(hostPort("10.1.0.2", splitPort()), "192.0.2.10:80", "", true), "A")
+		expectServer(t, e.tcp(hostPort("fd00:a::2", splitPort()), "[2001:db8::10]:80", "", true), "A")
+		src := hostPort("10.1.0.2", splitPort())
+		c.mustCall(request{Op: "record", Proto: "udp", Client: src, Original: "192.0.2.11:53"})
+		r := c.mustCall(request{Op: "udp", Src: src, Dsts: []string{"192.0.2.11:53"}, Payload: "d"})
+		if got := r.Replies[0]; got.From != "192.0.2.11:53" || !strings.HasPrefix(got.Data, "A|192.0.2.11|") {
+			t.Fatalf("direct udp: %+v", got)
+		}
+		if st := c.stats(); st.TCP.Direct != 2 || st.UDP.Direct != 1 {
+			t.Fatalf("direct not counted: tcp %+v udp %+v", st.TCP, st.UDP)
+		}
+	})
+}
+
+func TestNamespaceResolveAuto(t *testing.T) {
+	e := newEnv(t)
+	c := e.client
+	resolve := func(spec string) netif.State { return *c.mustCall(request{Op: "resolve", Spec: spec}).State }
+	if st := resolve("auto"); !st.Up || st.Interface.Name != "ua" ||
+		st.Interface.V4 != netip.MustParseAddr("10.1.0.2") || st.Interface.V6 != netip.MustParseAddr("fd00:a::2") {
+		t.Fatalf("auto = %+v", st)
+	}
+	// A tunnel holding a better default route is skipped.
+	run(t, "ip", "-n", e.tp.c, "tuntap", "add", "dev", "office", "mode", "tun")
+	run(t, "ip", "-n", e.tp.c, "addr", "add", "10.99.0.2/24", "dev", "office")
+	run(t, "ip", "-n", e.tp.c, "link", "set", "office", "up")
+	run(t, "ip", "-n", e.tp.c, "route", "add", "default", "dev", "office", "metric", "10")
+	if st := resolve("auto"); st.Interface.Name != "ua" {
+		t.Fatalf("auto with a tun default route = %+v", st)
+	}
+	if st := resolve("10.2.0.2"); st.Interface.Name != "ub" {
+		t.Fatalf("by IP = %+v", st)
+	}
+	mac := strings.TrimSpace(run(t, "ip", "netns", "exec", e.tp.c, "cat", "/sys/class/net/ub/address"))
+	if st := resolve(mac); st.Interface.Name != "ub" {
+		t.Fatalf("by MAC %s = %+v", mac, st)
+	}
+	// The best physical default route gone: auto moves to ub.
+	run(t, "ip", "-n", e.tp.c, "link", "set", "ua", "down")
+	if st := resolve("auto"); st.Interface.Name != "ub" {
+		t.Fatalf("auto with ua down = %+v", st)
+	}
+	if st := resolve("ua"); st.Up || st.Err == "" {
+		t.Fatalf("ua down = %+v", st)
+	}
+}
