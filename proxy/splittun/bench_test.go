@@ -167,8 +167,8 @@ func BenchmarkTCPConnect(b *testing.B) {
 // TestUDPRelayAllocs proves the steady-state UDP path (both directions through an existing session) does not
 // allocate per packet.
 func TestUDPRelayAllocs(t *testing.T) {
-	if testing.Short() {
-		t.Skip("allocation count needs a quiet process")
+	if testing.Short() || raceEnabled {
+		t.Skip("allocation count needs a quiet process without the race detector")
 	}
 	h := newHarness(t, Config{})
 	h.route(udpEcho(t))

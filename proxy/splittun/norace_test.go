@@ -1,0 +1,5 @@
+//go:build !race
+
+package splittun
+
+const raceEnabled = false
