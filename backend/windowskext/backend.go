@@ -99,7 +99,8 @@ type Backend struct {
 	parseErrors atomic.Uint64
 	timeouts    atomic.Uint64
 
-	bw bandwidthTable
+	bw    bandwidthTable
+	onEnd atomic.Pointer[func(backend.ConnKey)]
 
 	mu  sync.Mutex // guards run
 	run *run
@@ -150,6 +151,16 @@ func (b *Backend) Stats() backend.Stats {
 // counts for (none reported yet, or ended).
 func (b *Backend) ConnBytes(key backend.ConnKey) (tx, rx uint64, ok bool) {
 	return b.bw.get(key)
+}
+
+// SetConnectionEndHandler makes the backend call f (on its reader goroutine; f must be quick) for every
+// connection end event of the driver, e.g. with firewall.Pipeline.ConnectionEnded. nil removes the handler.
+func (b *Backend) SetConnectionEndHandler(f func(backend.ConnKey)) {
+	if f == nil {
+		b.onEnd.Store(nil)
+		return
+	}
+	b.onEnd.Store(&f)
 }
 
 // Start opens the device and starts delivering packets to h.
@@ -352,7 +363,11 @@ func (r *run) read(dec *kextproto.Decoder) {
 			r.handleConnection(&rec.Conn)
 		case kextproto.InfoConnectionEndEventV4, kextproto.InfoConnectionEndEventV6:
 			e := &rec.End
-			b.bw.remove(backend.ConnKey{Protocol: backend.Protocol(e.Protocol), Local: e.Local, Remote: e.Remote})
+			key := backend.ConnKey{Protocol: backend.Protocol(e.Protocol), Local: e.Local, Remote: e.Remote}
+			b.bw.remove(key)
+			if f := b.onEnd.Load(); f != nil {
+				(*f)(key)
+			}
 		case kextproto.InfoBandwidthStatsV4, kextproto.InfoBandwidthStatsV6:
 			b.bw.add(rec.Bandwidth.Protocol, rec.Bandwidth.Entries)
 		case kextproto.InfoLogLine:
