@@ -236,3 +236,16 @@ func TestKeysDocumented(t *testing.T) {
 		}
 	}
 }
+
+func TestSocketFromBrokenFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "w.yaml")
+	if err := os.WriteFile(p, []byte("control: {socket: /x/w.sock}\nbogus: 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := SocketFromFile(p); got != "/x/w.sock" {
+		t.Errorf("SocketFromFile = %q", got)
+	}
+	if got := SocketFromFile(filepath.Join(t.TempDir(), "none.yaml")); got != DefaultSocketPath() {
+		t.Errorf("missing file: %q", got)
+	}
+}

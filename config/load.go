@@ -125,3 +125,21 @@ func applyEnv(raw map[string]any, env []string) {
 		m[parts[len(parts)-1]] = val
 	}
 }
+
+// SocketFromFile returns control.socket from the config file at path without validating the rest of it
+// (the CLI must find a running daemon even when the file on disk is broken), or the default.
+func SocketFromFile(path string) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return DefaultSocketPath()
+	}
+	v := viper.New()
+	v.SetConfigType(strings.TrimPrefix(strings.ToLower(filepath.Ext(path)), "."))
+	if v.ReadConfig(bytes.NewReader(data)) != nil {
+		return DefaultSocketPath()
+	}
+	if s := v.GetString("control.socket"); s != "" {
+		return s
+	}
+	return DefaultSocketPath()
+}

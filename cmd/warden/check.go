@@ -1,29 +1,19 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/spf13/cobra"
 
+	"github.com/warden-fw/warden/cmd/internal/daemon"
 	"github.com/warden-fw/warden/config"
 	"github.com/warden-fw/warden/firewall"
 )
 
-// loadConfig loads and validates the config, mapping a bad config to exit code 2.
+// loadConfig loads and validates the config; a bad or unreadable config is exit code 2.
 func loadConfig(path string) (*config.Config, *firewall.Policy, error) {
-	cfg, err := config.Load(path)
-	if err != nil {
-		if errors.Is(err, config.ErrInvalid) {
-			return nil, nil, withCode(exitUsage, fmt.Errorf("%s: %w", path, err))
-		}
-		return nil, nil, withCode(exitUsage, err)
-	}
-	pol, err := firewall.Compile(cfg)
-	if err != nil {
-		return nil, nil, withCode(exitUsage, fmt.Errorf("%s: compiling policy: %w", path, err))
-	}
-	return cfg, pol, nil
+	cfg, pol, err := daemon.Load(path)
+	return cfg, pol, withCode(exitUsage, err)
 }
 
 func newCheckCmd(g *globals) *cobra.Command {

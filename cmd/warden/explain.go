@@ -11,7 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/warden-fw/warden/backend"
-	"github.com/warden-fw/warden/config"
+	"github.com/warden-fw/warden/cmd/internal/daemon"
 	"github.com/warden-fw/warden/firewall"
 )
 
@@ -24,8 +24,8 @@ type explainResult struct {
 
 type explainFlags struct {
 	direction, proto, remote, app, user, iface string
-	port                                        int
-	json, online                                bool
+	port                                       int
+	json, online                               bool
 }
 
 func newExplainCmd(g *globals) *cobra.Command {
@@ -43,13 +43,20 @@ func newExplainCmd(g *globals) *cobra.Command {
 			}
 			var res explainResult
 			if f.online {
-				return withCode(exitFailure, fmt.Errorf("--online needs the control API, which this build does not have yet"))
+				ctx, cancel := requestContext()
+				defer cancel()
+				r, err := g.client().Explain(ctx, q)
+				if err != nil {
+					return withCode(exitFailure, err)
+				}
+				res = explainResult(r)
+			} else {
+				cfg, pol, err := loadConfig(g.configPath)
+				if err != nil {
+					return err
+				}
+				res = explainResult(daemon.ExplainMatch(cfg, pol.Decide(&q)))
 			}
-			cfg, pol, err := loadConfig(g.configPath)
-			if err != nil {
-				return err
-			}
-			res = explainWith(cfg, pol, q)
 			out := cmd.OutOrStdout()
 			if f.json {
 				return json.NewEncoder(out).Encode(res)
@@ -130,16 +137,4 @@ func (f *explainFlags) query() (firewall.Query, error) {
 		}
 	}
 	return q, nil
-}
-
-func explainWith(cfg *config.Config, pol *firewall.Policy, q firewall.Query) explainResult {
-	m := pol.Decide(&q)
-	res := explainResult{Action: m.Action.String(), Rule: m.Name}
-	if m.Action == config.Split {
-		res.Via = m.Via
-		if res.Via == "" {
-			res.Via = cfg.SplitTunnel.Interface
-		}
-	}
-	return res
 }

@@ -6,6 +6,8 @@ import (
 	"runtime/debug"
 
 	"github.com/spf13/cobra"
+
+	"github.com/warden-fw/warden/cmd/internal/daemon"
 )
 
 // Set by the linker: -ldflags "-X main.version=1.2.3 -X main.commit=abc".
@@ -27,6 +29,8 @@ func buildCommit() string {
 	}
 	return "unknown"
 }
+
+func init() { daemon.Version = version }
 
 func newVersionCmd() *cobra.Command {
 	return &cobra.Command{

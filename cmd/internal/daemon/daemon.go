@@ -1,0 +1,269 @@
+// Package daemon runs Warden: it starts the split-tunnel proxy, the pipeline, the backend and the control
+// API in that order, reloads on request, and stops in reverse order so that no rule or object is left.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/config"
+	"github.com/warden-fw/warden/firewall"
+	"github.com/warden-fw/warden/proxy/redirect"
+	"github.com/warden-fw/warden/proxy/splittun"
+)
+
+// ErrBadConfig wraps a config that failed validation (exit code 2).
+var ErrBadConfig = errors.New("bad config")
+
+// Load reads, validates and compiles a config file.
+func Load(path string) (*config.Config, *firewall.Policy, error) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %s: %w", ErrBadConfig, path, err)
+	}
+	pol, err := firewall.Compile(cfg)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %s: compiling policy: %w", ErrBadConfig, path, err)
+	}
+	return cfg, pol, nil
+}
+
+// Daemon is a running Warden.
+type Daemon struct {
+	ConfigPath string
+	// SocketPath overrides control.socket when set.
+	SocketPath string
+	Stderr     io.Writer
+
+	log     *slog.Logger
+	started time.Time
+
+	mu         sync.Mutex // guards the fields below and serialises reloads
+	cfg        *config.Config
+	reloadErr  error
+	reloadedAt time.Time
+	reloads    uint64
+	reloadFail uint64
+
+	pipeline *firewall.Pipeline
+	backend  backend.Backend
+	proxy    *splittun.Proxy
+	table    *redirect.Table
+	procs    backend.ProcessResolver
+	connLog  *connLogger
+	metrics  *metrics
+	closers  []func() error
+}
+
+// NewLogger builds the daemon's logger from the log section.
+func NewLogger(w io.Writer, c config.Log) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level))
+	ho := &slog.HandlerOptions{Level: level}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, ho))
+	}
+	return slog.New(slog.NewTextHandler(w, ho))
+}
+
+func backendOptions(cfg *config.Config, log *slog.Logger) backend.Options {
+	fm := backend.FailOpen
+	if cfg.FailClosed {
+		fm = backend.FailClosed
+	}
+	return backend.Options{
+		Logger: log, FailMode: fm, VerdictTimeout: cfg.VerdictTimeout, OwnPID: os.Getpid(),
+		QueueBase: uint16(cfg.NFQueue.QueueBase), QueueCount: cfg.NFQueue.Queues,
+		SplitTunnelPort: uint16(cfg.SplitTunnel.Port), DriverPath: cfg.WindowsKext.DriverPath,
+	}
+}
+
+func proxyConfig(st config.SplitTunnel) splittun.Config {
+	return splittun.Config{
+		Port: uint16(st.Port), Interface: st.Interface, OnInterfaceDown: st.OnInterfaceDown,
+		MaxTCPSessions: st.MaxSessions, MaxUDPSessions: st.MaxSessions,
+		IdleTimeout: st.IdleTimeout, UDPIdleTimeout: st.UDPIdleTimeout,
+	}
+}
+
+// splitTable adapts the redirect table to the pipeline.
+type splitTable struct{ t *redirect.Table }
+
+func (s splitTable) RecordSplit(proto backend.Protocol, client, original netip.AddrPort, via string) {
+	s.t.Record(redirect.Entry{Protocol: proto, Client: client, Original: original, Interface: via})
+}
+
+// usesSplit reports whether any rule splits traffic, so the proxy is started only when needed.
+func usesSplit(cfg *config.Config) bool {
+	for i := range cfg.Rules {
+		if cfg.Rules[i].Action == config.Split {
+			return true
+		}
+	}
+	return false
+}
+
+// Run starts everything and blocks until ctx ends or a stop signal arrives; then it stops everything. A
+// failure while starting undoes what was started.
+func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Policy) (err error) {
+	if d.Stderr == nil {
+		d.Stderr = os.Stderr
+	}
+	d.log = NewLogger(d.Stderr, cfg.Log)
+	d.cfg = cfg
+	d.started = time.Now()
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, d.shutdown())
+		}
+	}()
+
+	bo := backendOptions(cfg, d.log)
+	b, err := backend.New(cfg.Backend, bo)
+	if err != nil {
+		if errors.Is(err, backend.ErrUnsupported) {
+			return fmt.Errorf("%w (available here: %v)", err, backend.Available())
+		}
+		return err
+	}
+	d.backend = b
+
+	if d.connLog, err = openConnLog(cfg.Log.Connections, d.log); err != nil {
+		return err
+	}
+	d.closers = append(d.closers, d.connLog.Close)
+	d.metrics = newMetrics()
+
+	po := firewall.Options{Logger: d.log, FailMode: bo.FailMode, MaxConnections: cfg.MaxConnections,
+		OnDecision: d.onDecision}
+	if r, ok := b.(backend.ProcessResolver); ok {
+		po.Processes = r
+	} else if r, closeFn, err := newProcessResolver(d.log); err == nil {
+		po.Processes = r
+		d.closers = append(d.closers, closeFn)
+	} else {
+		d.log.Warn("process attribution unavailable: app rules will not match", "err", err)
+	}
+	d.procs = po.Processes
+
+	// The proxy starts whenever the backend can reroute, so that a reload adding a split rule works.
+	if b.Capabilities().Reroute {
+		d.table = redirect.NewTable(redirect.DefaultTTL, 65536)
+		px, err := splittun.New(proxyConfig(cfg.SplitTunnel), d.table, splittun.Options{Logger: d.log})
+		if err != nil {
+			return fmt.Errorf("split-tunnel proxy: %w", err)
+		}
+		if err := px.Start(); err != nil {
+			if usesSplit(cfg) {
+				return fmt.Errorf("starting split-tunnel proxy: %w", err)
+			}
+			d.log.Warn("split-tunnel proxy unavailable; split rules would fall back to allow", "err", err)
+		} else {
+			d.proxy = px
+			po.Split = splitTable{d.table}
+		}
+	}
+
+	d.pipeline = firewall.New(pol, po)
+	if err := b.Start(ctx, d.pipeline); err != nil {
+		return fmt.Errorf("starting %s backend: %w", b.Name(), err)
+	}
+	if err := d.startControl(cfg); err != nil {
+		return err
+	}
+	if err := d.startMetrics(cfg); err != nil {
+		return err
+	}
+	d.log.Info("warden running", "backend", b.Name(), "fail_mode", cfg.FailMode, "rules", pol.Len(),
+		"config", cfg.File, "pid", os.Getpid())
+
+	stopWatch := make(chan struct{})
+	watchDone := make(chan struct{})
+	go func() {
+		defer close(watchDone)
+		d.WatchReloads(stopWatch)
+	}()
+	<-ctx.Done()
+	close(stopWatch)
+	<-watchDone
+	d.log.Info("stopping")
+	return d.shutdown()
+}
+
+// shutdown stops what was started, in reverse order, and reports every failure.
+func (d *Daemon) shutdown() error {
+	var errs []error
+	if d.backend != nil {
+		if err := d.backend.Stop(); err != nil {
+			errs = append(errs, fmt.Errorf("stopping %s backend: %w", d.backend.Name(), err))
+		}
+	}
+	if d.pipeline != nil {
+		d.pipeline.Close()
+	}
+	if d.proxy != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := d.proxy.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("stopping split-tunnel proxy: %w", err))
+		}
+		cancel()
+		d.proxy = nil
+	}
+	for i := len(d.closers) - 1; i >= 0; i-- {
+		if err := d.closers[i](); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	d.closers = nil
+	if len(errs) == 0 && d.log != nil {
+		d.log.Info("stopped cleanly")
+	}
+	return errors.Join(errs...)
+}
+
+// Reload loads the config file again. On success the new policy takes over and live connections whose
+// decision changed are handed to the backend; on failure nothing changes and the error is kept for status.
+func (d *Daemon) Reload() (changed int, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	cfg, pol, err := Load(d.ConfigPath)
+	if err != nil {
+		d.reloadErr = err
+		d.reloadFail++
+		d.metrics.reloads.WithLabelValues("rejected").Inc()
+		d.log.Error("reload rejected; the running config stays", "err", err)
+		return 0, err
+	}
+	old := d.cfg
+	if cfg.Backend != old.Backend || cfg.FailMode != old.FailMode || cfg.NFQueue != old.NFQueue ||
+		cfg.SplitTunnel != old.SplitTunnel || cfg.Control != old.Control || cfg.Metrics != old.Metrics {
+		d.log.Warn("backend, fail_mode, nfqueue, split_tunnel, control and metrics changes take effect after a restart")
+	}
+	changes := d.pipeline.SetPolicy(pol)
+	if r, ok := d.backend.(backend.Reevaluator); ok && len(changes) > 0 {
+		if err := r.Reevaluate(changes); err != nil {
+			d.log.Error("re-evaluating live connections", "err", err)
+		}
+	}
+	if err := d.connLog.Reopen(); err != nil {
+		d.log.Error("reopening the connection log", "err", err)
+	}
+	d.cfg, d.reloadErr, d.reloadedAt = cfg, nil, time.Now()
+	d.reloads++
+	d.metrics.reloads.WithLabelValues("ok").Inc()
+	d.log.Info("config reloaded", "rules", pol.Len(), "changed_connections", len(changes))
+	return len(changes), nil
+}
+
+func (d *Daemon) onDecision(c *firewall.Conn, took time.Duration) {
+	d.metrics.observeDecision(c, took)
+	d.connLog.Log(c)
+}

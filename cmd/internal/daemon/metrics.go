@@ -1,0 +1,136 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/config"
+	"github.com/warden-fw/warden/firewall"
+)
+
+// metrics holds what is observed as it happens (latency, reloads); everything else is read from the
+// components' own counters when Prometheus scrapes, so the hot path pays nothing extra for metrics.
+type metrics struct {
+	reg      *prometheus.Registry
+	latency  prometheus.Histogram
+	reloads  *prometheus.CounterVec
+	decided  *prometheus.CounterVec
+	srv      *http.Server
+	listener net.Listener
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "warden_decision_latency_seconds", Help: "Time from a new connection's first packet to its verdict.",
+			Buckets: prometheus.ExponentialBuckets(1e-6, 4, 12),
+		}),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "warden_config_reloads_total", Help: "Config reloads by result (ok, rejected).",
+		}, []string{"result"}),
+		decided: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "warden_connections_decided_total", Help: "Newly decided connections by verdict and deciding source.",
+		}, []string{"verdict", "source"}),
+	}
+	m.reg.MustRegister(m.latency, m.reloads, m.decided)
+	return m
+}
+
+func (m *metrics) observeDecision(c *firewall.Conn, took time.Duration) {
+	m.latency.Observe(took.Seconds())
+	_, _, source := c.Rule()
+	m.decided.WithLabelValues(c.Decision().String(), source).Inc()
+}
+
+// collector exports the pipeline's, backend's and proxy's counters at scrape time.
+type collector struct{ d *Daemon }
+
+var (
+	descPackets     = prometheus.NewDesc("warden_packets_total", "Packets handed to the pipeline by the backend.", nil, nil)
+	descVerdicts    = prometheus.NewDesc("warden_verdicts_total", "Verdicts applied, by verdict.", []string{"verdict"}, nil)
+	descFailures    = prometheus.NewDesc("warden_decision_failures_total", "Packets answered with the fail-mode verdict because deciding failed.", nil, nil)
+	descConns       = prometheus.NewDesc("warden_tracked_connections", "Connections in the connection table.", nil, nil)
+	descOverruns    = prometheus.NewDesc("warden_queue_overruns_total", "Packets the kernel could not queue to Warden.", nil, nil)
+	descTimeouts    = prometheus.NewDesc("warden_verdict_timeouts_total", "Packets answered with the fail-mode verdict after the verdict timeout.", nil, nil)
+	descQueued      = prometheus.NewDesc("warden_packets_queued_total", "Packets received from the kernel.", nil, nil)
+	descProxyActive = prometheus.NewDesc("warden_proxy_sessions", "Active split-tunnel proxy sessions.", []string{"protocol"}, nil)
+	descProxyTotal  = prometheus.NewDesc("warden_proxy_sessions_total", "Split-tunnel proxy sessions since start.", []string{"protocol"}, nil)
+	descProxyBytes  = prometheus.NewDesc("warden_proxy_bytes_total", "Bytes relayed by the split-tunnel proxy.", []string{"protocol", "direction"}, nil)
+	descIfaceUp     = prometheus.NewDesc("warden_split_interface_up", "Whether the split-tunnel interface is up.", nil, nil)
+)
+
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descPackets, descVerdicts, descFailures, descConns, descOverruns,
+		descTimeouts, descQueued, descProxyActive, descProxyTotal, descProxyBytes, descIfaceUp} {
+		ch <- d
+	}
+}
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	st := c.d.pipeline.Stats()
+	ch <- prometheus.MustNewConstMetric(descPackets, prometheus.CounterValue, float64(st.Packets))
+	for v, n := range st.Verdicts {
+		ch <- prometheus.MustNewConstMetric(descVerdicts, prometheus.CounterValue, float64(n), v)
+	}
+	ch <- prometheus.MustNewConstMetric(descFailures, prometheus.CounterValue, float64(st.Failures))
+	ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(st.Connections))
+	if sr, ok := c.d.backend.(backend.StatsReporter); ok {
+		bs := sr.Stats()
+		ch <- prometheus.MustNewConstMetric(descOverruns, prometheus.CounterValue, float64(bs.QueueOverruns))
+		ch <- prometheus.MustNewConstMetric(descTimeouts, prometheus.CounterValue, float64(bs.VerdictTimeouts))
+		ch <- prometheus.MustNewConstMetric(descQueued, prometheus.CounterValue, float64(bs.Packets))
+	}
+	if c.d.proxy != nil {
+		ps := c.d.proxy.Stats()
+		for proto, s := range map[string]struct {
+			active         int64
+			total, out, in uint64
+		}{"tcp": {ps.TCP.Active, ps.TCP.Total, ps.TCP.BytesOut, ps.TCP.BytesIn}, "udp": {ps.UDP.Active, ps.UDP.Total, ps.UDP.BytesOut, ps.UDP.BytesIn}} {
+			ch <- prometheus.MustNewConstMetric(descProxyActive, prometheus.GaugeValue, float64(s.active), proto)
+			ch <- prometheus.MustNewConstMetric(descProxyTotal, prometheus.CounterValue, float64(s.total), proto)
+			ch <- prometheus.MustNewConstMetric(descProxyBytes, prometheus.CounterValue, float64(s.out), proto, "out")
+			ch <- prometheus.MustNewConstMetric(descProxyBytes, prometheus.CounterValue, float64(s.in), proto, "in")
+		}
+		up := 0.0
+		if ps.Interface.Up {
+			up = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descIfaceUp, prometheus.GaugeValue, up)
+	}
+}
+
+func (d *Daemon) startMetrics(cfg *config.Config) error {
+	if cfg.Metrics.Listen == "" {
+		return nil
+	}
+	d.metrics.reg.MustRegister(collector{d})
+	ln, err := net.Listen("tcp", cfg.Metrics.Listen)
+	if err != nil {
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{}))
+	d.metrics.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	d.metrics.listener = ln
+	go func() {
+		if err := d.metrics.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("metrics server", "err", err)
+		}
+	}()
+	d.closers = append(d.closers, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return d.metrics.srv.Shutdown(ctx)
+	})
+	d.log.Info("metrics listening", "addr", ln.Addr().String())
+	return nil
+}

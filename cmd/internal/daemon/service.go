@@ -1,0 +1,138 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/cmd/internal/control"
+	"github.com/warden-fw/warden/config"
+	"github.com/warden-fw/warden/firewall"
+)
+
+// Version is reported by status; cmd/warden sets it.
+var Version = "dev"
+
+var _ control.Service = (*Daemon)(nil)
+
+// Status implements control.Service.
+func (d *Daemon) Status() control.Status {
+	d.mu.Lock()
+	cfg, rerr, reloads, fails := d.cfg, d.reloadErr, d.reloads, d.reloadFail
+	d.mu.Unlock()
+	s := control.Status{
+		Version: Version, Backend: d.backend.Name(), FailMode: cfg.FailMode, ConfigFile: cfg.File,
+		ConfigLoadedAt: cfg.LoadedAt, Reloads: reloads, ReloadFailures: fails, StartedAt: d.started,
+		UptimeSeconds: time.Since(d.started).Seconds(), Pipeline: d.pipeline.Stats(),
+	}
+	if rerr != nil {
+		s.LastReloadError = rerr.Error()
+	}
+	if sr, ok := d.backend.(backend.StatsReporter); ok {
+		bs := sr.Stats()
+		s.BackendStats = &bs
+	}
+	if d.proxy != nil {
+		s.SplitTunnel, _ = json.Marshal(d.proxy.Stats())
+	}
+	if d.connLog != nil {
+		s.ConnLogDropped = d.connLog.dropped.Load()
+	}
+	return s
+}
+
+// Connections implements control.Service.
+func (d *Daemon) Connections() []firewall.ConnInfo { return d.pipeline.Connections() }
+
+// Explain implements control.Service.
+func (d *Daemon) Explain(q firewall.Query) control.ExplainResult {
+	d.mu.Lock()
+	cfg := d.cfg
+	d.mu.Unlock()
+	m := d.pipeline.Explain(q)
+	return ExplainMatch(cfg, m)
+}
+
+// ExplainMatch renders a policy match as interface.md's explain result.
+func ExplainMatch(cfg *config.Config, m firewall.Match) control.ExplainResult {
+	res := control.ExplainResult{Action: m.Action.String(), Rule: m.Name}
+	if m.Action == config.Split {
+		res.Via = m.Via
+		if res.Via == "" {
+			res.Via = cfg.SplitTunnel.Interface
+		}
+	}
+	return res
+}
+
+func (d *Daemon) startControl(cfg *config.Config) error {
+	path := d.SocketPath
+	if path == "" {
+		path = cfg.Control.Socket
+	}
+	ln, err := control.Listen(path)
+	if err != nil {
+		if errors.Is(err, backend.ErrUnsupported) {
+			d.log.Warn("control API unavailable on this platform", "err", err)
+			return nil
+		}
+		return err
+	}
+	srv := &http.Server{Handler: control.Handler(d), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	d.closers = append(d.closers, func() error {
+		err := srv.Close()
+		if err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		// Closing a Unix listener normally unlinks the socket already.
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	})
+	d.log.Info("control API listening", "socket", path)
+	return nil
+}
+
+// WatchReloads reloads on SIGHUP and when the config file changes on disk, until stop is closed.
+func (d *Daemon) WatchReloads(stop <-chan struct{}) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	var events <-chan fsnotify.Event
+	if w, err := fsnotify.NewWatcher(); err == nil {
+		defer w.Close()
+		// Watch the directory: editors and config management replace the file rather than write it.
+		if err := w.Add(filepath.Dir(d.ConfigPath)); err == nil {
+			events = w.Events
+		}
+	}
+	base := filepath.Base(d.ConfigPath)
+	var debounce <-chan time.Time
+	for {
+		select {
+		case <-stop:
+			return
+		case <-hup:
+			_, _ = d.Reload()
+		case ev := <-events:
+			if filepath.Base(ev.Name) == base && ev.Op&(fsnotify.Write|fsnotify.Create|fsnotify.Rename) != 0 {
+				debounce = time.After(300 * time.Millisecond) // a burst of writes is one change
+			}
+		case <-debounce:
+			debounce = nil
+			d.log.Info("config file changed on disk; reloading", "file", d.ConfigPath)
+			_, _ = d.Reload()
+		}
+	}
+}

@@ -1,0 +1,181 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/warden-fw/warden/cmd/internal/control"
+	"github.com/warden-fw/warden/config"
+)
+
+// socketPath picks the control endpoint: --socket, else control.socket from the config if it loads, else
+// the default.
+func (g *globals) controlPath() string {
+	if g.socketPath != "" {
+		return g.socketPath
+	}
+	// The config may be the broken one a reload is about to reject: read only the socket key from it.
+	return config.SocketFromFile(g.configPath)
+}
+
+func (g *globals) client() *control.Client { return control.NewClient(g.controlPath()) }
+
+func requestContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 30*time.Second)
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func newStatusCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the running daemon's state and counters",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := requestContext()
+			defer cancel()
+			s, err := g.client().Status(ctx)
+			if err != nil {
+				return withCode(exitFailure, err)
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				return printJSON(out, s)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "backend\t%s\n", s.Backend)
+			fmt.Fprintf(tw, "fail mode\t%s\n", s.FailMode)
+			fmt.Fprintf(tw, "config\t%s (loaded %s)\n", s.ConfigFile, s.ConfigLoadedAt.Format(time.RFC3339))
+			if s.LastReloadError != "" {
+				fmt.Fprintf(tw, "last reload\tREJECTED: %s\n", strings.ReplaceAll(s.LastReloadError, "\n", "; "))
+			}
+			fmt.Fprintf(tw, "uptime\t%s\n", (time.Duration(s.UptimeSeconds) * time.Second).String())
+			fmt.Fprintf(tw, "rules\t%d\n", s.Pipeline.Rules)
+			fmt.Fprintf(tw, "packets seen\t%d\n", s.Pipeline.Packets)
+			fmt.Fprintf(tw, "connections tracked\t%d\n", s.Pipeline.Connections)
+			kinds := make([]string, 0, len(s.Pipeline.Verdicts))
+			for k := range s.Pipeline.Verdicts {
+				kinds = append(kinds, k)
+			}
+			sort.Strings(kinds)
+			for _, k := range kinds {
+				fmt.Fprintf(tw, "verdicts %s\t%d\n", k, s.Pipeline.Verdicts[k])
+			}
+			fmt.Fprintf(tw, "decision failures\t%d\n", s.Pipeline.Failures)
+			if b := s.BackendStats; b != nil {
+				fmt.Fprintf(tw, "queue drops (overruns)\t%d\n", b.QueueOverruns)
+				fmt.Fprintf(tw, "verdict timeouts\t%d\n", b.VerdictTimeouts)
+			}
+			if len(s.SplitTunnel) > 0 {
+				var st struct {
+					Interface struct {
+						Spec      string `json:"spec"`
+						Up        bool   `json:"up"`
+						Err       string `json:"error"`
+						Interface struct {
+							Name string `json:"name"`
+						} `json:"interface"`
+					} `json:"interface"`
+					OnInterfaceDown string `json:"on_interface_down"`
+				}
+				if json.Unmarshal(s.SplitTunnel, &st) == nil {
+					state := "down"
+					if st.Interface.Up {
+						state = "up"
+					}
+					detail := st.Interface.Interface.Name
+					if st.Interface.Err != "" {
+						detail = st.Interface.Err
+					}
+					fmt.Fprintf(tw, "split tunnel\t%s → %s (%s; when down: %s)\n", st.Interface.Spec, detail, state, st.OnInterfaceDown)
+				}
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func newConnsCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "conns",
+		Short: "List live connections with their verdicts",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := requestContext()
+			defer cancel()
+			cs, err := g.client().Connections(ctx)
+			if err != nil {
+				return withCode(exitFailure, err)
+			}
+			sort.Slice(cs, func(i, j int) bool { return cs[i].Created < cs[j].Created })
+			out := cmd.OutOrStdout()
+			if asJSON {
+				return printJSON(out, cs)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "PROTO\tDIR\tLOCAL\tREMOTE\tPID\tPROCESS\tUID\tVERDICT\tRULE\tBYTES TX/RX")
+			for _, c := range cs {
+				pid, uid, app, rule := "-", "-", c.App, c.Rule
+				if c.PID >= 0 {
+					pid = fmt.Sprint(c.PID)
+				}
+				if c.UID >= 0 {
+					uid = fmt.Sprint(c.UID)
+				}
+				if app == "" {
+					app = "-"
+				}
+				if rule == "" {
+					rule = "(" + c.Source + ")"
+				}
+				remote := c.Remote
+				if c.Domain != "" {
+					remote += " (" + c.Domain + ")"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\n", c.Protocol, c.Direction, c.Local, remote,
+					pid, app, uid, c.Verdict, rule, c.BytesTx, c.BytesRx)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func newReloadCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "reload",
+		Short: "Ask the daemon to reload its config (like SIGHUP)",
+		Long:  "Ask the daemon to reload its config. If the new config is invalid it is rejected, the error is printed\nand the running config stays (exit 2).",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := requestContext()
+			defer cancel()
+			r, err := g.client().Reload(ctx)
+			if err != nil {
+				return withCode(exitFailure, err)
+			}
+			if !r.OK {
+				return withCode(exitUsage, fmt.Errorf("reload rejected, the running config stays:\n%s", r.Error))
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "reloaded; %d live connection(s) changed verdict\n", r.ChangedConnections)
+			return nil
+		},
+	}
+}
