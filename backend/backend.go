@@ -152,3 +152,10 @@ type Options struct {
 	// WindowsKext: the driver file to install as a service.
 	DriverPath string
 }
+
+// Cleaner is implemented by backends that can remove whatever a previous run left behind (rules, chains,
+// saved conntrack marks, driver objects) without starting. It is safe to call at any time the backend is not
+// running, and when there is nothing to remove.
+type Cleaner interface {
+	Cleanup() error
+}

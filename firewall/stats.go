@@ -93,6 +93,8 @@ type ConnInfo struct {
 	Created   int64  `json:"created_unix_ns"`
 	BytesTx   uint64 `json:"bytes_tx"`
 	BytesRx   uint64 `json:"bytes_rx"`
+	// Key identifies the connection for backends that keep per-connection data.
+	Key backend.ConnKey `json:"-"`
 }
 
 // Info renders a connection for display.
@@ -103,7 +105,7 @@ func (c *Conn) Info() ConnInfo {
 		Local: c.Key.Local.String(), Remote: c.Key.Remote.String(),
 		PID: c.PID, App: c.App, UID: c.UID, Interface: c.Interface, Domain: c.Domain,
 		Verdict: c.Decision().String(), Rule: name, Source: source, Created: c.Created,
-		BytesTx: c.BytesTx.Load(), BytesRx: c.BytesRx.Load(),
+		BytesTx: c.BytesTx.Load(), BytesRx: c.BytesRx.Load(), Key: c.Key,
 	}
 }
 

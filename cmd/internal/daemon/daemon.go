@@ -74,7 +74,8 @@ func NewLogger(w io.Writer, c config.Log) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, ho))
 }
 
-func backendOptions(cfg *config.Config, log *slog.Logger) backend.Options {
+// BackendOptions maps the config onto the backend options.
+func BackendOptions(cfg *config.Config, log *slog.Logger) backend.Options {
 	fm := backend.FailOpen
 	if cfg.FailClosed {
 		fm = backend.FailClosed
@@ -126,7 +127,7 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 		}
 	}()
 
-	bo := backendOptions(cfg, d.log)
+	bo := BackendOptions(cfg, d.log)
 	b, err := backend.New(cfg.Backend, bo)
 	if err != nil {
 		if errors.Is(err, backend.ErrUnsupported) {
@@ -173,6 +174,12 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	}
 
 	d.pipeline = firewall.New(pol, po)
+	if eh, ok := b.(interface {
+		SetConnectionEndHandler(func(backend.ConnKey))
+	}); ok {
+		// Backends that see connections end (the Windows driver) keep the connection table exact.
+		eh.SetConnectionEndHandler(d.pipeline.ConnectionEnded)
+	}
 	if err := b.Start(ctx, d.pipeline); err != nil {
 		return fmt.Errorf("starting %s backend: %w", b.Name(), err)
 	}

@@ -50,7 +50,19 @@ func (d *Daemon) Status() control.Status {
 }
 
 // Connections implements control.Service.
-func (d *Daemon) Connections() []firewall.ConnInfo { return d.pipeline.Connections() }
+func (d *Daemon) Connections() []firewall.ConnInfo {
+	cs := d.pipeline.Connections()
+	if bc, ok := d.backend.(interface {
+		ConnBytes(backend.ConnKey) (tx, rx uint64, ok bool)
+	}); ok {
+		for i := range cs {
+			if tx, rx, ok := bc.ConnBytes(cs[i].Key); ok {
+				cs[i].BytesTx, cs[i].BytesRx = tx, rx
+			}
+		}
+	}
+	return cs
+}
 
 // Explain implements control.Service.
 func (d *Daemon) Explain(q firewall.Query) control.ExplainResult {
