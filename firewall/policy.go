@@ -1,6 +1,7 @@
 package firewall
 
 import (
+	"hash/maphash"
 	"net/netip"
 	"sort"
 	"strings"
@@ -89,16 +90,17 @@ const smallList = 8
 // direction is in exactly one kind of list (its most selective field), possibly several times.
 type dirIndex struct {
 	ipTree    [2]*prefixTree // v4, v6
-	domExact  map[string][]int32
-	domSuffix map[string][]int32
+	domExact  strIndex
+	domSuffix strIndex
 	// domLabels has bit n set when some exact or suffix domain has n labels (n < 64), so a lookup only
 	// tries the suffixes of a name that can exist.
 	domLabels   uint64
-	appExact    map[string][]int32 // literal paths, case-sensitive
-	appDir      map[string][]int32 // globs, by their literal leading directory
-	appFold     bool               // some app keys are Windows (case-folded) paths
-	portSegs    []uint16           // segment starts (sorted)
-	portRules   [][]int32          // rules covering each segment
+	appExact    strIndex     // literal paths
+	appDir      strIndex     // globs, by their literal leading directory
+	appFold     bool         // some app keys are Windows (case-folded) paths
+	portSegs    []uint16     // segment starts (sorted)
+	portRules   [][]int32    // rules covering each segment
+	portAny     [1024]uint64 // bit p set when some rule covers port p: most ports need no search
 	uid         map[int32][]int32
 	wildcard    []int32
 	hasPortsIdx bool
@@ -121,10 +123,11 @@ func Compile(cfg *config.Config) (*Policy, error) {
 	var bs [2]builder
 	for d := range p.dirs {
 		di := &p.dirs[d]
-		di.domExact = map[string][]int32{}
-		di.domSuffix = map[string][]int32{}
-		di.appExact = map[string][]int32{}
-		di.appDir = map[string][]int32{}
+		seed := maphash.MakeSeed()
+		di.domExact = newStrIndex(seed)
+		di.domSuffix = newStrIndex(seed)
+		di.appExact = newStrIndex(seed)
+		di.appDir = newStrIndex(seed)
 		di.uid = map[int32][]int32{}
 		bs[d].prefixes = [2]map[netip.Prefix][]int32{{}, {}}
 	}
@@ -178,20 +181,20 @@ func Compile(cfg *config.Config) (*Policy, error) {
 				}
 				for _, dom := range r.Domains {
 					if s, ok := strings.CutPrefix(dom, "*."); ok {
-						di.domSuffix[s] = appendOnce(di.domSuffix[s], idx)
+						di.domSuffix.add(s, idx)
 						di.domLabels |= labelBit(s)
 					} else {
-						di.domExact[dom] = appendOnce(di.domExact[dom], idx)
+						di.domExact.add(dom, idx)
 						di.domLabels |= labelBit(dom)
 					}
 				}
 			case cr.app != nil && cr.app.Literal():
 				k := cr.app.Normalized()
-				di.appExact[k] = append(di.appExact[k], idx)
+				di.appExact.add(k, idx)
 				di.appFold = di.appFold || cr.app.FoldCase()
 			case cr.app != nil && cr.app.LiteralDir() != "":
 				k := cr.app.LiteralDir()
-				di.appDir[k] = append(di.appDir[k], idx)
+				di.appDir.add(k, idx)
 				di.appFold = di.appFold || cr.app.FoldCase()
 			case len(r.Ports) > 0 && portSpan(r.Ports) <= 4096:
 				for _, pr := range r.Ports {
@@ -211,8 +214,72 @@ func Compile(cfg *config.Config) (*Policy, error) {
 		di.ipTree[0] = buildPrefixTree(bs[d].prefixes[0])
 		di.ipTree[1] = buildPrefixTree(bs[d].prefixes[1])
 		di.portSegs, di.portRules = buildPortSegments(bs[d].ports, bs[d].portRule)
+		for i, l := range di.portRules {
+			if len(l) == 0 {
+				continue
+			}
+			hi := 65536
+			if i+1 < len(di.portSegs) {
+				hi = int(di.portSegs[i+1])
+			}
+			for port := int(di.portSegs[i]); port < hi; port++ {
+				di.portAny[port>>6] |= 1 << (port & 63)
+			}
+		}
+		for _, x := range []*strIndex{&di.domExact, &di.domSuffix, &di.appExact, &di.appDir} {
+			x.finish()
+		}
 	}
 	return p, nil
+}
+
+// strIndex maps strings to ascending rule lists by a 64-bit hash of the string. Looking up a uint64 key
+// never dereferences a stored string, which saves a cache miss per probe in large rule sets; two strings
+// whose hashes collide share a list, which is harmless because every candidate is checked in full.
+//
+// A small bit filter in front of the map answers most misses (the common case: most applications and
+// domains have no rule) from a few kilobytes that stay in cache, instead of probing a map of megabytes.
+type strIndex struct {
+	seed   maphash.Seed
+	m      map[uint64][]int32
+	filter []uint64 // two bits per key, from two halves of its hash; sized in finish
+	mask   uint64
+}
+
+func newStrIndex(seed maphash.Seed) strIndex {
+	return strIndex{seed: seed, m: map[uint64][]int32{}}
+}
+
+func (x *strIndex) add(s string, idx int32) {
+	h := maphash.String(x.seed, s)
+	x.m[h] = appendOnce(x.m[h], idx)
+}
+
+// finish builds the filter once every key is added: about 16 bits per key.
+func (x *strIndex) finish() {
+	n := uint64(64)
+	for n < uint64(len(x.m))*16 {
+		n <<= 1
+	}
+	x.filter = make([]uint64, n/64)
+	x.mask = n - 1
+	for h := range x.m {
+		a, b := h&x.mask, (h>>32)&x.mask
+		x.filter[a>>6] |= 1 << (a & 63)
+		x.filter[b>>6] |= 1 << (b & 63)
+	}
+}
+
+func (x *strIndex) get(s string) []int32 {
+	if len(x.m) == 0 {
+		return nil
+	}
+	h := maphash.String(x.seed, s)
+	a, b := h&x.mask, (h>>32)&x.mask
+	if x.filter[a>>6]&(1<<(a&63)) == 0 || x.filter[b>>6]&(1<<(b&63)) == 0 {
+		return nil
+	}
+	return x.m[h]
 }
 
 // labelBit returns the bit for a domain's label count (the top bit for 63 and more).
@@ -285,6 +352,9 @@ func buildPortSegments(ranges [][2]uint32, rules []int32) ([]uint16, [][]int32) 
 }
 
 func (di *dirIndex) portList(port uint16) []int32 {
+	if di.portAny[port>>6]&(1<<(port&63)) == 0 {
+		return nil
+	}
 	i := sort.Search(len(di.portSegs), func(j int) bool { return di.portSegs[j] > port }) - 1
 	if i < 0 {
 		return nil
@@ -323,11 +393,11 @@ func (p *Policy) Decide(q *Query) Match {
 		d := q.Domain
 		n := strings.Count(d, ".") + 1
 		if di.domLabels&labelBit(d) != 0 {
-			scan(di.domExact[d])
+			scan(di.domExact.get(d))
 		}
 		for ; ; n-- {
 			if n >= 64 || di.domLabels&(1<<n) != 0 {
-				scan(di.domSuffix[d])
+				scan(di.domSuffix.get(d))
 			}
 			i := strings.IndexByte(d, '.')
 			if i < 0 {
@@ -336,7 +406,7 @@ func (p *Policy) Decide(q *Query) Match {
 			d = d[i+1:]
 		}
 	}
-	if q.App != "" && (len(di.appExact) > 0 || len(di.appDir) > 0) {
+	if q.App != "" && (len(di.appExact.m) > 0 || len(di.appDir.m) > 0) {
 		p.scanApp(di, q.App, scan)
 		if di.appFold {
 			if f := glob.Normalize(q.App, true); f != q.App {
@@ -360,8 +430,8 @@ func (p *Policy) Decide(q *Query) Match {
 }
 
 func (p *Policy) scanApp(di *dirIndex, app string, scan func([]int32)) {
-	scan(di.appExact[app])
-	if len(di.appDir) == 0 {
+	scan(di.appExact.get(app))
+	if len(di.appDir.m) == 0 {
 		return
 	}
 	for d := app; ; {
@@ -370,7 +440,7 @@ func (p *Policy) scanApp(di *dirIndex, app string, scan func([]int32)) {
 			break
 		}
 		d = d[:i]
-		scan(di.appDir[d])
+		scan(di.appDir.get(d))
 	}
 }
 

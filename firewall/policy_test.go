@@ -288,3 +288,51 @@ func BenchmarkDecide(b *testing.B) {
 		})
 	}
 }
+
+// TestLargePolicyAgainstLinear exercises the structures that only large rule sets build (prefix buckets,
+// hashed string indexes with filters) against the linear loop.
+func TestLargePolicyAgainstLinear(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 9))
+	var b strings.Builder
+	b.WriteString("rules:\n")
+	addr4 := func() string {
+		return fmt.Sprintf("10.%d.%d.%d", r.IntN(4), r.IntN(256), r.IntN(256))
+	}
+	addr6 := func() string { return fmt.Sprintf("2001:db8:%x::%x", r.IntN(4), r.IntN(4096)) }
+	for i := 0; i < 4000; i++ {
+		switch i % 6 {
+		case 0:
+			fmt.Fprintf(&b, "  - {name: h%d, action: block, remote: [%s]}\n", i, addr4())
+		case 1:
+			fmt.Fprintf(&b, "  - {name: n%d, action: drop, remote: [\"10.%d.%d.0/%d\"]}\n", i, r.IntN(4), r.IntN(256), 20+r.IntN(5))
+		case 2:
+			fmt.Fprintf(&b, "  - {name: v%d, action: block, remote: [\"%s\", \"2001:db8:%x::/%d\"]}\n", i, addr6(), r.IntN(4), 40+r.IntN(40))
+		case 3:
+			fmt.Fprintf(&b, "  - {name: a%d, action: block, app: /opt/a%d/bin/x}\n", i, r.IntN(3000))
+		case 4:
+			fmt.Fprintf(&b, "  - {name: d%d, action: block, remote: [\"*.s%d.test\", e%d.test]}\n", i, r.IntN(3000), r.IntN(3000))
+		default:
+			fmt.Fprintf(&b, "  - {name: p%d, action: drop, protocol: udp, ports: [%d]}\n", i, 1+r.IntN(3000))
+		}
+	}
+	p := mustPolicy(t, b.String())
+	if p.dirs[0].ipTree[0].bucket == nil || p.dirs[0].ipTree[1].bucket == nil {
+		t.Fatal("test rule set too small to build prefix buckets")
+	}
+	for k := 0; k < 20000; k++ {
+		qu := Query{Protocol: backend.UDP, ServicePort: uint16(1 + r.IntN(3000)), UID: -1,
+			App: fmt.Sprintf("/opt/a%d/bin/x", r.IntN(3000)), Domain: fmt.Sprintf("w.s%d.test", r.IntN(3000))}
+		if r.IntN(2) == 0 {
+			qu.Remote = netip.MustParseAddr(addr4())
+			qu.Domain = fmt.Sprintf("e%d.test", r.IntN(3000))
+		} else {
+			qu.Remote = netip.MustParseAddr(addr6())
+		}
+		if r.IntN(3) == 0 {
+			qu.Protocol = backend.TCP
+		}
+		if got, want := p.Decide(&qu), p.decideLinear(&qu); got != want {
+			t.Fatalf("query %+v: indexed %+v, linear %+v", qu, got, want)
+		}
+	}
+}
