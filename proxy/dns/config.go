@@ -204,8 +204,11 @@ func ParseUpstream(s string) (Upstream, error) {
 		}
 		u.ServerName, rest = name, host
 	}
-	if a, err := netip.ParseAddr(strings.Trim(rest, "[]")); err == nil && (!strings.Contains(rest, "]") ||
-		strings.HasPrefix(rest, "[") && strings.HasSuffix(rest, "]")) {
+	bare := rest
+	if strings.HasPrefix(rest, "[") && strings.HasSuffix(rest, "]") {
+		bare = rest[1 : len(rest)-1]
+	}
+	if a, err := netip.ParseAddr(bare); err == nil {
 		u.Addr = netip.AddrPortFrom(a, port)
 	} else {
 		ap, err := netip.ParseAddrPort(rest)
