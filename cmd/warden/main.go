@@ -57,7 +57,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.socketPath, "socket", "", "control socket (default: control.socket from the config, else "+config.DefaultSocketPath()+")")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return withCode(exitUsage, err) })
 	root.AddCommand(newRunCmd(g), newCheckCmd(g), newExplainCmd(g), newVersionCmd(), newStatusCmd(g), newConnsCmd(g),
-		newReloadCmd(g), newCleanupCmd(g))
+		newReloadCmd(g), newCleanupCmd(g), newDemoCmd(g))
 	return root
 }
 

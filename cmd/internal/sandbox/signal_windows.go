@@ -1,0 +1,6 @@
+package sandbox
+
+import "os"
+
+// stopSignal asks the daemon for a clean stop; Windows has only Kill.
+var stopSignal = os.Kill
