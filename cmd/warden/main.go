@@ -56,6 +56,9 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVarP(&g.configPath, "config", "c", config.DefaultConfigPath(), "config file (YAML, TOML or JSON by extension)")
 	root.PersistentFlags().StringVar(&g.socketPath, "socket", "", "control socket (default: control.socket from the config, else "+config.DefaultSocketPath()+")")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return withCode(exitUsage, err) })
+	if sc := newServiceCmd(g); sc != nil {
+		root.AddCommand(sc)
+	}
 	root.AddCommand(newRunCmd(g), newCheckCmd(g), newExplainCmd(g), newVersionCmd(), newStatusCmd(g), newConnsCmd(g),
 		newReloadCmd(g), newCleanupCmd(g), newDemoCmd(g))
 	return root

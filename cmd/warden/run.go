@@ -20,6 +20,9 @@ func newRunCmd(g *globals) *cobra.Command {
 			"the running one stays).",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if ran, err := runAsServiceIfNeeded(g); ran || err != nil {
+				return withCode(exitFailure, err)
+			}
 			cfg, pol, err := loadConfig(g.configPath)
 			if err != nil {
 				return err
