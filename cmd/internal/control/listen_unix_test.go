@@ -51,4 +51,3 @@ func TestListenSecurity(t *testing.T) {
 	}
 	ln2.Close()
 }
-
