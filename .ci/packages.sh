@@ -53,6 +53,51 @@ done
 if command -v shellcheck >/dev/null 2>&1; then
   shellcheck -s sh packaging/scripts/*.sh
 fi
+# Run each script the way dpkg and rpm call it, against stand-ins: systemctl, modprobe and warden record their
+# arguments, and the paths the scripts touch point into a scratch directory.
+fake="$work/fake"
+mkdir -p "$fake/bin" "$fake/run-systemd-system" "$fake/var-log-warden"
+for tool in systemctl modprobe warden; do
+  printf '#!/bin/sh\necho "%s $*" >>"%s/calls"\n' "$tool" "$fake" >"$fake/bin/$tool"
+  chmod +x "$fake/bin/$tool"
+done
+# script ARGS... -> the calls it made, one line each, or "none".
+run_script() {
+  local script=$1
+  shift
+  sed -e "s#/usr/bin/warden#$fake/bin/warden#g" -e "s#/run/systemd/system#$fake/run-systemd-system#g" \
+    -e "s#/var/log/warden#$fake/var-log-warden#g" "packaging/scripts/$script" >"$fake/script"
+  rm -f "$fake/calls"
+  PATH="$fake/bin:$PATH" sh "$fake/script" "$@" >/dev/null || fail "$script $*: exit status $?"
+  if [ -f "$fake/calls" ]; then tr '\n' ';' <"$fake/calls"; else printf none; fi
+}
+expect_calls() {
+  local want=$1
+  shift
+  local got
+  got=$(run_script "$@")
+  [ "$got" = "$want" ] || fail "$*: made the calls '$got', want '$want'"
+  echo "ok: $* -> $want"
+}
+reload="systemctl daemon-reload;"
+# Fresh installs reload systemd but start nothing; upgrades restart a running service.
+expect_calls "modprobe nfnetlink_queue;$reload" postinstall.sh configure ""
+expect_calls "modprobe nfnetlink_queue;$reload" postinstall.sh 1
+expect_calls "modprobe nfnetlink_queue;${reload}systemctl try-restart warden.service;" postinstall.sh configure 0.9.0
+expect_calls "modprobe nfnetlink_queue;${reload}systemctl try-restart warden.service;" postinstall.sh 2
+expect_calls none postinstall.sh abort-upgrade 0.9.0
+# Removal stops the service and cleans up; an upgrade leaves it alone.
+removed="systemctl disable --now warden.service;warden cleanup -c /etc/warden/warden.yaml;"
+expect_calls "$removed" preremove.sh remove
+expect_calls "$removed" preremove.sh 0
+expect_calls none preremove.sh upgrade 1.0.0
+expect_calls none preremove.sh 1
+expect_calls "$reload" postremove.sh remove
+expect_calls "$reload" postremove.sh 0
+expect_calls none postremove.sh upgrade 1.0.0
+expect_calls none postremove.sh 1
+expect_calls "$reload" postremove.sh purge
+[ ! -e "$fake/var-log-warden" ] || fail "postremove.sh purge: /var/log/warden is still there"
 
 step "systemd unit"
 # Every Exec line must be a command line the binary accepts: cobra rejects unknown commands and flags before
