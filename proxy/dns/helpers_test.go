@@ -227,6 +227,7 @@ func newTestServer(t testing.TB, pol Policy, ups []string, opts ...serverOpt) (*
 	}
 	clk := &fakeClock{t: s.epoch}
 	s.now = clk.Now
+	s.tick = 0 // DomainOf reads the fake clock directly
 	if err := s.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -84,11 +84,15 @@ type Server struct {
 	ips       *ipMap
 	grace     int64
 	blockZero bool
-	now       func() time.Time // the clock; tests replace it
+	now       func() time.Time // a fake clock for tests; nil = the monotonic clock
 	epoch     time.Time
-	bufs      sync.Pool // *[]byte reply buffers: a cache hit builds its reply in one, then returns it
-	c         counters
-	lastWarn  atomic.Int64
+	// coarse is the clock as of the last tick (every tick while started; 0 otherwise). DomainOf reads it:
+	// expiry to a fraction of a second is plenty there, and reading the clock costs ~100 ns on a VM.
+	coarse   atomic.Int64
+	tick     time.Duration
+	bufs     sync.Pool // *[]byte reply buffers: a cache hit builds its reply in one, then returns it
+	c        counters
+	lastWarn atomic.Int64
 
 	ctx    context.Context // cancelled by Close: aborts upstream queries in flight
 	cancel context.CancelFunc
@@ -136,7 +140,7 @@ func newServer(cfg Config, policy Policy, logger *slog.Logger, roots *x509.CertP
 	s := &Server{
 		cfg: cfg, log: logger, cache: newCache(cfg.CacheSize), ips: newIPMap(cfg.MapSize),
 		grace: int64(cfg.MapGrace), blockZero: cfg.BlockResponse == BlockZero,
-		now: time.Now, epoch: time.Now(), flights: make(map[string]*flight),
+		epoch: time.Now(), tick: 250 * time.Millisecond, flights: make(map[string]*flight),
 	}
 	s.bufs.New = func() any { b := make([]byte, 0, 1024); return &b }
 	for _, us := range ups {
@@ -230,6 +234,11 @@ func (s *Server) Start(ctx context.Context) error {
 				return fmt.Errorf("nameserver: serving: %w", err)
 			}
 		}
+	}
+	if s.tick > 0 {
+		s.coarse.Store(max(1, s.clock()))
+		s.watchers.Add(1)
+		go s.ticker()
 	}
 	s.watchers.Add(1)
 	go func() {
@@ -337,7 +346,7 @@ func (s *Server) Stats() Stats {
 // the CNAME target), lower case without the trailing dot. An address stays known for its record's TTL plus
 // Config.MapGrace. When several names share an address, the one answered last wins. It does not allocate.
 func (s *Server) DomainOf(ip netip.Addr) (string, bool) {
-	names := s.ips.lookup(ip, s.clock())
+	names := s.ips.lookup(ip, s.coarseClock())
 	if len(names) == 0 {
 		return "", false
 	}
@@ -347,7 +356,7 @@ func (s *Server) DomainOf(ip netip.Addr) (string, bool) {
 // DomainsOf returns the query name followed by the CNAME chain that led to ip, or nil when ip is unknown.
 // The slice is the caller's.
 func (s *Server) DomainsOf(ip netip.Addr) []string {
-	names := s.ips.lookup(ip, s.clock())
+	names := s.ips.lookup(ip, s.coarseClock())
 	if len(names) == 0 {
 		return nil
 	}
@@ -355,7 +364,35 @@ func (s *Server) DomainsOf(ip netip.Addr) []string {
 }
 
 // clock returns nanoseconds since the server was made, on the monotonic clock.
-func (s *Server) clock() int64 { return int64(s.now().Sub(s.epoch)) }
+func (s *Server) clock() int64 {
+	if s.now == nil {
+		return int64(time.Since(s.epoch)) // monotonic only: cheaper than time.Now
+	}
+	return int64(s.now().Sub(s.epoch))
+}
+
+// coarseClock is clock as of the last tick while the server runs.
+func (s *Server) coarseClock() int64 {
+	if c := s.coarse.Load(); c != 0 {
+		return c
+	}
+	return s.clock()
+}
+
+func (s *Server) ticker() {
+	defer s.watchers.Done()
+	t := time.NewTicker(s.tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			s.coarse.Store(max(1, s.clock()))
+		case <-s.ctx.Done():
+			s.coarse.Store(0)
+			return
+		}
+	}
+}
 
 // handler keeps ServeDNS out of Server's API.
 type handler struct{ s *Server }
@@ -397,9 +434,10 @@ func (s *Server) serve(w mdns.ResponseWriter, req *mdns.Msg) {
 	}
 	var kb [320]byte
 	key := appendKey(kb[:0], q.Name, q.Qtype, q.Qclass, do, req.CheckingDisabled)
-	if e := s.cache.get(key, s.clock()); e != nil {
+	now := s.clock()
+	if e := s.cache.get(key, now); e != nil {
 		s.c.hits.Add(1)
-		s.answer(w, req, e, tcp, opt)
+		s.answer(w, req, e, now, tcp, opt)
 		return
 	}
 	s.c.misses.Add(1)
@@ -410,11 +448,11 @@ func (s *Server) serve(w mdns.ResponseWriter, req *mdns.Msg) {
 		s.writeRcode(w, req, mdns.RcodeServerFailure)
 		return
 	}
-	s.answer(w, req, e, tcp, opt)
+	s.answer(w, req, e, e.stored, tcp, opt)
 }
 
 // answer serves e unless a name of its CNAME chain is blocked, and records its addresses for DomainOf.
-func (s *Server) answer(w mdns.ResponseWriter, req *mdns.Msg, e *entry, tcp bool, opt *mdns.OPT) {
+func (s *Server) answer(w mdns.ResponseWriter, req *mdns.Msg, e *entry, now int64, tcp bool, opt *mdns.OPT) {
 	if p := s.policy.Load().p; p != nil {
 		// Trackers hide behind CNAMEs of innocent names (CNAME cloaking); the chain is checked too.
 		for _, n := range e.names[1:] {
@@ -430,7 +468,7 @@ func (s *Server) answer(w mdns.ResponseWriter, req *mdns.Msg, e *entry, tcp bool
 			s.ips.record(ip, e.names, expires)
 		}
 	}
-	if err := s.writeEntry(w, req, e, s.clock(), tcp, opt); err != nil {
+	if err := s.writeEntry(w, req, e, now, tcp, opt); err != nil {
 		s.log.Debug("nameserver: writing answer", "err", err)
 	}
 }
