@@ -211,12 +211,13 @@ func (p *Proxy) endUDP(s *udpSession, idle bool) {
 		}
 		p.udpMu.Unlock()
 		s.up.Close()
+		if err := p.plat.ForgetUDP(s.client, s.original); err != nil {
+			p.log.Debug("split tunnel: forgetting flow", "client", s.client, "dst", s.original, "err", err)
+		}
+		// Counted only once the kernel state is gone, so a counter observer sees the session fully ended.
 		p.udp.active.Add(-1)
 		if idle {
 			p.udp.idle.Add(1)
-		}
-		if err := p.plat.ForgetUDP(s.client, s.original); err != nil {
-			p.log.Debug("split tunnel: forgetting flow", "client", s.client, "dst", s.original, "err", err)
 		}
 	})
 }
