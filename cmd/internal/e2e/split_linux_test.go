@@ -1,0 +1,195 @@
+package e2e
+
+import (
+	"context"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/warden-fw/warden/cmd/internal/control"
+	"github.com/warden-fw/warden/cmd/internal/sandbox"
+)
+
+func hp(a netip.Addr, port uint16) string { return netip.AddrPortFrom(a, port).String() }
+
+const splitConfig = `
+rules:
+  - name: split-port
+    action: split
+    ports: [8080]
+    via: ub
+  - name: split-app
+    action: split
+    app: %APP%
+    via: ub
+split_tunnel:
+  interface: ub
+  on_interface_down: %DOWN%
+log:
+  level: debug
+`
+
+// TestSplitTunnel: split flows (by port and by application; TCP and UDP; IPv4 and IPv6) leave through uplink
+// B and reach B's server, everything else reaches A's; the client sees the original destination as its peer;
+// one UDP socket talking to two peers gets each reply from the right one; under load every proxied connection
+// is decided exactly once and none of the proxy's own upstream traffic is queued; status shows the split
+// interface and the proxy's counters; when B goes down, on_interface_down: block refuses new split
+// connections.
+func TestSplitTunnel(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	app, appExe := e.startAppAgent()
+	e.writeConfig(strings.NewReplacer("%APP%", appExe, "%DOWN%", "block").Replace(splitConfig))
+	e.startDaemon()
+
+	var splitTCP, splitUDP int // split flows made, to check the counters exactly
+	for _, svc := range []struct {
+		name     string
+		one, two netip.Addr
+	}{{"v4", sandbox.ServiceV4, sandbox.ServiceV4Alt}, {"v6", sandbox.ServiceV6, sandbox.ServiceV6Alt}} {
+		// TCP: port 80 is not split and goes to A; 8080 is split and goes to B, and the client's peer is
+		// still the original destination.
+		r := call(t, e.client, tcpReq(hp(svc.one, 80)))
+		expectServer(t, svc.name+" tcp :80", r, "A")
+		r = call(t, e.client, tcpReq(hp(svc.one, 8080)))
+		splitTCP++
+		expectServer(t, svc.name+" tcp :8080 (split)", r, "B")
+		if r.Echo != "ping" {
+			t.Errorf("%s tcp :8080: echo %q, want ping", svc.name, r.Echo)
+		}
+		if r.Peer != hp(svc.one, 8080) {
+			t.Errorf("%s tcp :8080: the client's peer is %s, want the original destination %s", svc.name, r.Peer, hp(svc.one, 8080))
+		}
+
+		// UDP on a connected socket: the reply must come from the original destination, or the kernel would
+		// not even deliver it.
+		r = call(t, e.client, udpReq(hp(svc.one, 53)))
+		expectServer(t, svc.name+" udp :53", r, "A")
+		r = call(t, e.client, udpReq(hp(svc.one, 8080)))
+		splitUDP++
+		expectServer(t, svc.name+" udp :8080 (split)", r, "B")
+
+		// One unconnected UDP socket, two peers: each reply from the peer it was sent to, both via B.
+		dsts := []string{hp(svc.one, 8080), hp(svc.two, 8080)}
+		r = call(t, e.client, sandbox.Request{Op: "udp", Dsts: dsts, Payload: "multi", TimeoutMS: 3000})
+		splitUDP += 2
+		if len(r.Replies) != 2 {
+			t.Fatalf("%s multi-peer udp: %d replies", svc.name, len(r.Replies))
+		}
+		for i, rep := range r.Replies {
+			if rep.Outcome != sandbox.Connected || rep.Server != "B" || rep.From != dsts[i] || rep.Echo != "multi@"+dsts[i] {
+				t.Errorf("%s multi-peer udp to %s: %+v; want B's answer from %s", svc.name, dsts[i], rep, dsts[i])
+			}
+		}
+
+		// The app rule: the test binary's connections are split whatever the port.
+		r = call(t, app, tcpReq(hp(svc.one, 80)))
+		splitTCP++
+		expectServer(t, svc.name+" app tcp :80 (split by app)", r, "B")
+		if r.Peer != hp(svc.one, 80) {
+			t.Errorf("%s app tcp: peer %s, want %s", svc.name, r.Peer, hp(svc.one, 80))
+		}
+		r = call(t, app, udpReq(hp(svc.one, 53)))
+		splitUDP++
+		expectServer(t, svc.name+" app udp :53 (split by app)", r, "B")
+	}
+
+	// No loop under load: 200 short split connections, 8 at a time.
+	const n = 200
+	r := call(t, e.client, sandbox.Request{Op: "many", Dst: hp(sandbox.ServiceV4, 8080), Count: n, Parallel: 8, TimeoutMS: 5000})
+	splitTCP += n
+	if r.Servers["B"] != n || r.Failures != 0 {
+		t.Errorf("load: answers %v, %d failures (%s); want all %d from B", r.Servers, r.Failures, r.Detail, n)
+	}
+
+	st := e.status()
+	if got, want := st.Pipeline.Verdicts["reroute-split"], uint64(splitTCP+splitUDP); got != want {
+		t.Errorf("pipeline reroute-split verdicts = %d, want exactly one per split flow = %d", got, want)
+	}
+	if n := st.Pipeline.Verdicts["accept-final"]; n != 0 {
+		t.Errorf("%d own (accept-final) decisions: the proxy's upstream traffic reached the queue", n)
+	}
+	if st.Pipeline.Failures != 0 || st.Pipeline.LateDecisions != 0 {
+		t.Errorf("pipeline failures %d, late decisions %d", st.Pipeline.Failures, st.Pipeline.LateDecisions)
+	}
+	for _, c := range e.conns() {
+		if c.Protocol != "tcp" && c.Protocol != "udp" {
+			continue
+		}
+		if strings.HasPrefix(c.Local, sandbox.ClientBV4.String()+":") || strings.HasPrefix(c.Local, "["+sandbox.ClientBV6.String()+"]:") {
+			t.Errorf("the proxy's upstream connection was queued and tracked: %+v", c)
+		}
+	}
+	sp := e.split(st)
+	if !sp.Interface.Up || sp.Interface.Interface.Name != sandbox.UplinkB || sp.OnInterfaceDown != "block" {
+		t.Errorf("split interface in status: %+v", sp)
+	}
+	if sp.TCP.Total != uint64(splitTCP) || sp.UDP.Total != uint64(splitUDP) {
+		t.Errorf("proxy sessions: tcp %d, udp %d; want %d and %d", sp.TCP.Total, sp.UDP.Total, splitTCP, splitUDP)
+	}
+	if sp.TCP.Unresolved+sp.UDP.Unresolved+sp.TCP.DialErrors+sp.UDP.DialErrors+sp.TCP.Rejected+sp.UDP.Rejected != 0 {
+		t.Errorf("proxy errors: %+v %+v", sp.TCP, sp.UDP)
+	}
+	if out := e.cli("status"); !strings.Contains(out, "split tunnel") || !strings.Contains(out, "ub (up;") {
+		t.Errorf("status does not show the split interface up:\n%s", out)
+	}
+
+	// B goes down: split connections are refused at once (not sent through A, not left hanging); others
+	// still work.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := e.top.SetUplink(ctx, sandbox.UplinkB, false); err != nil {
+		t.Fatal(err)
+	}
+	e.waitStatus("the split interface to be down", func(st control.Status) bool { return !e.split(st).Interface.Up })
+	for _, dst := range []string{hp(sandbox.ServiceV4, 8080), hp(sandbox.ServiceV6, 8080)} {
+		r := call(t, e.client, tcpReq(dst))
+		expectOutcome(t, "tcp "+dst+" with B down (block)", r, sandbox.Refused)
+		if r.Elapsed > time.Second {
+			t.Errorf("refusing took %v", r.Elapsed)
+		}
+	}
+	r = call(t, e.client, sandbox.Request{Op: "udp", Dst: hp(sandbox.ServiceV4, 8080), Connect: true, TimeoutMS: 500})
+	if r.Server != "" {
+		t.Errorf("udp with B down (block): answered by %s", r.Server)
+	}
+	expectServer(t, "tcp :80 with B down", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 80))), "A")
+	st = e.status()
+	if sp := e.split(st); sp.TCP.Refused < 2 {
+		t.Errorf("proxy refused_interface_down = %d, want ≥ 2", sp.TCP.Refused)
+	}
+	if out := e.cli("status"); !strings.Contains(out, "down; when down: block") {
+		t.Errorf("status does not show the split interface down:\n%s", out)
+	}
+}
+
+// TestSplitInterfaceDownDirect: with on_interface_down: direct, split connections go out through A while B is
+// down, and through B again once it is back.
+func TestSplitInterfaceDownDirect(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.writeConfig(strings.NewReplacer("%APP%", "/nonexistent/app", "%DOWN%", "direct").Replace(splitConfig))
+	e.startDaemon()
+	dst4, dst6 := hp(sandbox.ServiceV4, 8080), hp(sandbox.ServiceV6, 8080)
+	expectServer(t, "tcp split, B up", call(t, e.client, tcpReq(dst4)), "B")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := e.top.SetUplink(ctx, sandbox.UplinkB, false); err != nil {
+		t.Fatal(err)
+	}
+	e.waitStatus("the split interface to be down", func(st control.Status) bool { return !e.split(st).Interface.Up })
+	expectServer(t, "tcp split v4, B down (direct)", call(t, e.client, tcpReq(dst4)), "A")
+	expectServer(t, "tcp split v6, B down (direct)", call(t, e.client, tcpReq(dst6)), "A")
+	expectServer(t, "udp split, B down (direct)", call(t, e.client, udpReq(dst4)), "A")
+	if sp := e.split(e.status()); sp.TCP.Direct < 2 || sp.UDP.Direct < 1 || sp.OnInterfaceDown != "direct" {
+		t.Errorf("proxy direct counters: tcp %d, udp %d (%s)", sp.TCP.Direct, sp.UDP.Direct, sp.OnInterfaceDown)
+	}
+
+	if err := e.top.SetUplink(ctx, sandbox.UplinkB, true); err != nil {
+		t.Fatal(err)
+	}
+	e.waitStatus("the split interface to be up", func(st control.Status) bool { return e.split(st).Interface.Up })
+	expectServer(t, "tcp split, B back", call(t, e.client, tcpReq(dst4)), "B")
+}
