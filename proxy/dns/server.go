@@ -65,6 +65,9 @@ type counters struct {
 
 type policyBox struct{ p Policy }
 
+// maxFlights bounds the distinct upstream queries in progress at once.
+const maxFlights = 1024
+
 // flight is an upstream query in progress; identical queries arriving meanwhile wait for it instead of
 // asking again.
 type flight struct {
@@ -609,6 +612,12 @@ func (s *Server) resolve(key string, q *mdns.Question, do, cd, tcp bool) (*entry
 		case <-s.ctx.Done():
 			return nil, errors.New("nameserver closed")
 		}
+	}
+	if len(s.flights) >= maxFlights {
+		// A flood of distinct uncached names against slow upstreams would otherwise pile up goroutines
+		// (the library runs one per packet) until the upstream timeouts drain them.
+		s.flightMu.Unlock()
+		return nil, errors.New("too many upstream queries in flight")
 	}
 	f := &flight{done: make(chan struct{})}
 	s.flights[key] = f
