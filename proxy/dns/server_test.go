@@ -288,12 +288,9 @@ func TestFailoverToLiveUpstream(t *testing.T) {
 	if len(r.Answer) != 1 {
 		t.Fatalf("answer %v", r.Answer)
 	}
-	// The live upstream is preferred from now on: the next miss costs no timeout.
-	start := time.Now()
+	// The live upstream is preferred from now on: the next miss does not try the dead one (the counters show
+	// it; no timing assertion needed).
 	ask(t, addr, "udp", "example.com.", mdns.TypeAAAA, false)
-	if took := time.Since(start); took > 150*time.Millisecond {
-		t.Errorf("second query took %s: the dead upstream was tried first again", took)
-	}
 	if st := s.Stats(); st.UpstreamFailures != 1 || st.UpstreamQueries != 3 {
 		t.Errorf("stats %+v, want 1 failure of 3 attempts", st)
 	}
