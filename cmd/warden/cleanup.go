@@ -14,7 +14,8 @@ import (
 )
 
 func newCleanupCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	var ifFailOpen bool
+	cmd := &cobra.Command{
 		Use:   "cleanup",
 		Short: "Remove every rule, chain and mark Warden may have left (after a crash)",
 		Long: "Remove every rule, chain and conntrack mark a crashed Warden may have left. Safe to run any time the\n" +
@@ -23,6 +24,16 @@ func newCleanupCmd(g *globals) *cobra.Command {
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := config.Load(g.configPath)
+			if ifFailOpen && (err != nil || cfg.FailClosed) {
+				// After a crash with fail_mode closed the leftover rules are what keeps traffic blocked until
+				// the daemon is back; removing them would open the host. Unknown config: be safe, keep them.
+				reason := "fail_mode is closed"
+				if err != nil {
+					reason = "the config cannot be read, so the fail mode is unknown"
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "leaving Warden's rules in place: %s\n", reason)
+				return nil
+			}
 			if err != nil {
 				// Cleaning up must work even with a broken or missing config: defaults name our chains.
 				cfg, err = config.LoadBytes(nil, ".yaml", nil)
@@ -52,4 +63,7 @@ func newCleanupCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&ifFailOpen, "if-fail-open", false,
+		"clean up only when the config's fail_mode is open (for systemd's ExecStopPost after a crash)")
+	return cmd
 }

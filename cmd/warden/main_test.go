@@ -124,3 +124,15 @@ func TestUnknownCommandIsUsageError(t *testing.T) {
 		t.Errorf("exit %d", code)
 	}
 }
+
+func TestCleanupIfFailOpenKeepsClosedRules(t *testing.T) {
+	cfg := writeConfig(t, "fail_mode: closed\n")
+	code, out, errOut := runCLI(t, "cleanup", "--if-fail-open", "-c", cfg, "--socket", filepath.Join(t.TempDir(), "none.sock"))
+	if code != 0 || !strings.Contains(out, "fail_mode is closed") {
+		t.Errorf("exit %d, out %q, err %q", code, out, errOut)
+	}
+	code, out, _ = runCLI(t, "cleanup", "--if-fail-open", "-c", filepath.Join(t.TempDir(), "missing.yaml"))
+	if code != 0 || !strings.Contains(out, "unknown") {
+		t.Errorf("missing config: exit %d, out %q", code, out)
+	}
+}
