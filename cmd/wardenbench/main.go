@@ -1,0 +1,123 @@
+// Command wardenbench measures Warden against the kernel alone and a bare NFQUEUE consumer, in one run, in
+// network namespaces it creates and removes. See docs/performance.md for the method and the results.
+//
+//	wardenbench [--quick] [--out results.json] [--workloads tcp_connect,udp_flows,...] [--duration 3s]
+//
+// The load generators, servers, the bare consumer and (with --warden builtin) Warden itself run as child
+// processes inside the namespaces: the binary re-executes itself with a hidden subcommand (_server, _client,
+// _bare, _warden) under `ip netns exec`.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strings"
+	"time"
+)
+
+// options are the command line.
+type options struct {
+	out         string
+	quick       bool
+	reps        int
+	duration    time.Duration
+	workloads   []string
+	clients     int
+	latencyRate int
+	memFlows    int
+	rules       int
+	warden      string
+	profile     string
+	keepLogs    bool
+}
+
+func parseFlags(args []string, stderr io.Writer) (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("wardenbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var workloads string
+	fs.StringVar(&o.out, "out", "", "write the results as JSON to this file")
+	fs.BoolVar(&o.quick, "quick", false, "one repetition of 1s per workload and 20000 memory flows (finishes within 60s)")
+	fs.IntVar(&o.reps, "reps", 0, "repetitions of every workload (median reported; default 3, quick 1)")
+	fs.DurationVar(&o.duration, "duration", 0, "length of one workload run (default 3s, quick 1s)")
+	fs.StringVar(&workloads, "workloads", "", "comma-separated workloads (default all): "+strings.Join(allWorkloads, ","))
+	fs.IntVar(&o.clients, "clients", 8, "concurrent clients for tcp_connect and udp_flows")
+	fs.IntVar(&o.latencyRate, "latency-rate", 2000, "new connections per second for connect_latency (moderate load)")
+	fs.IntVar(&o.memFlows, "mem-flows", 0, "UDP flows Warden tracks for the memory workload (default 100000, quick 20000)")
+	fs.IntVar(&o.rules, "rules", 1000, "rules in Warden's policy")
+	fs.StringVar(&o.warden, "warden", "", "warden binary (default: next to wardenbench, else $PATH); \"builtin\" runs the same daemon package inside this binary")
+	fs.StringVar(&o.profile, "profile", "", "directory for CPU profiles (pprof) of Warden and the bare consumer during tcp_connect and udp_flows; implies --warden builtin")
+	fs.BoolVar(&o.keepLogs, "keep-logs", false, "keep the temporary directory with Warden's config and logs")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: wardenbench [flags]\n\nMeasures Warden against the kernel alone and a bare NFQUEUE consumer (needs root).\n\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	if o.reps <= 0 {
+		o.reps = 3
+		if o.quick {
+			o.reps = 1
+		}
+	}
+	if o.duration <= 0 {
+		o.duration = 3 * time.Second
+		if o.quick {
+			o.duration = time.Second
+		}
+	}
+	if o.memFlows <= 0 {
+		o.memFlows = 100000
+		if o.quick {
+			o.memFlows = 20000
+		}
+	}
+	if o.clients <= 0 || o.latencyRate <= 0 || o.rules < 10 {
+		return nil, errors.New("--clients and --latency-rate must be positive and --rules at least 10")
+	}
+	if workloads == "" {
+		o.workloads = slices.Clone(allWorkloads)
+	} else {
+		for w := range strings.SplitSeq(workloads, ",") {
+			w = strings.TrimSpace(w)
+			if !slices.Contains(allWorkloads, w) {
+				return nil, fmt.Errorf("unknown workload %q (known: %s)", w, strings.Join(allWorkloads, ","))
+			}
+			if !slices.Contains(o.workloads, w) {
+				o.workloads = append(o.workloads, w)
+			}
+		}
+	}
+	if o.profile != "" && o.warden == "" {
+		o.warden = "builtin"
+	}
+	return o, nil
+}
+
+func (o *options) has(w string) bool { return slices.Contains(o.workloads, w) }
+
+func main() {
+	if len(os.Args) > 1 && strings.HasPrefix(os.Args[1], "_") {
+		os.Exit(childMain(os.Args[1], os.Args[2:]))
+	}
+	o, err := parseFlags(os.Args[1:], os.Stderr)
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintln(os.Stderr, "wardenbench:", err)
+		os.Exit(2)
+	}
+	if err := runBench(o, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "wardenbench:", err)
+		os.Exit(1)
+	}
+}

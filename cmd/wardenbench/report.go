@@ -1,0 +1,344 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"runtime"
+	"slices"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Configurations, as they appear in the report.
+const (
+	cfgKernel = "kernel"
+	cfgBare   = "bare_nfqueue"
+	cfgWarden = "warden"
+	cfgDirect = "direct"
+	cfgProxy  = "proxy"
+)
+
+// Workloads, as they appear in the report and on the command line.
+const (
+	wlTCPConnect  = "tcp_connect"
+	wlUDPFlows    = "udp_flows"
+	wlLatency     = "connect_latency"
+	wlBulk        = "tcp_bulk"
+	wlProxyBulk   = "proxy_tcp_bulk"
+	wlProxyUDP    = "proxy_udp_rr"
+	wlMemory      = "memory"
+	wlRSSIdle     = "rss_idle"
+	wlRSSTracked  = "rss_tracked"
+	wlBytesPerCon = "bytes_per_connection"
+	wlTableHeap   = "conn_table_heap"
+)
+
+// allWorkloads is every workload the harness knows, in the order it runs them.
+var allWorkloads = []string{wlTCPConnect, wlUDPFlows, wlLatency, wlBulk, wlProxyBulk, wlProxyUDP, wlMemory}
+
+// Result is one line of the report: the median over the repetitions of one workload in one configuration.
+type Result struct {
+	Workload string  `json:"workload"`
+	Config   string  `json:"config"`
+	Value    float64 `json:"value"`
+	Unit     string  `json:"unit"`
+	// P50 and P99 are latencies in microseconds, null where the workload measures none.
+	P50 *float64 `json:"p50_us"`
+	P99 *float64 `json:"p99_us"`
+	// Runs are the values of the individual repetitions; Errors counts failed operations over all of them.
+	Runs   []float64 `json:"runs"`
+	Errors uint64    `json:"errors"`
+}
+
+// Report is what --out writes.
+type Report struct {
+	Machine Machine            `json:"machine"`
+	Method  Method             `json:"method"`
+	Results []Result           `json:"results"`
+	Ratios  map[string]float64 `json:"ratios"`
+	Targets []Target           `json:"targets"`
+}
+
+// Machine describes where the numbers were taken.
+type Machine struct {
+	CPUs        int       `json:"cpus"`
+	CPUModel    string    `json:"cpu_model"`
+	Kernel      string    `json:"kernel"`
+	GoVersion   string    `json:"go_version"`
+	MemTotalKiB uint64    `json:"mem_total_kib"`
+	LoadStart   string    `json:"loadavg_start"`
+	LoadEnd     string    `json:"loadavg_end"`
+	Date        time.Time `json:"date"`
+}
+
+// Method records the parameters of the run.
+type Method struct {
+	Quick       bool     `json:"quick"`
+	Reps        int      `json:"reps"`
+	DurationMS  int64    `json:"duration_ms"`
+	Clients     int      `json:"clients"`
+	LatencyRate int      `json:"latency_rate_per_s"`
+	MemFlows    int      `json:"memory_flows"`
+	Rules       int      `json:"warden_rules"`
+	Workloads   []string `json:"workloads"`
+	Warden      string   `json:"warden"`
+}
+
+// Target is one of the issue's goals and whether this run met it.
+type Target struct {
+	Name  string  `json:"name"`
+	Ratio string  `json:"ratio"`
+	Want  string  `json:"want"`
+	Value float64 `json:"value"`
+	Met   bool    `json:"met"`
+}
+
+// sample is one repetition's measurement of one workload in one configuration.
+type sample struct {
+	value    float64
+	p50, p99 float64 // microseconds; 0 when not measured
+	errors   uint64
+}
+
+// collector gathers samples and turns them into results.
+type collector struct {
+	order []string // "workload/config" in first-seen order
+	units map[string]string
+	data  map[string][]sample
+}
+
+func newCollector() *collector {
+	return &collector{units: map[string]string{}, data: map[string][]sample{}}
+}
+
+func (c *collector) add(workload, config, unit string, s sample) {
+	k := workload + "/" + config
+	if _, ok := c.data[k]; !ok {
+		c.order = append(c.order, k)
+	}
+	c.units[k] = unit
+	c.data[k] = append(c.data[k], s)
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	sort.Float64s(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+func (c *collector) results() []Result {
+	out := make([]Result, 0, len(c.order))
+	for _, k := range c.order {
+		wl, cfg, _ := strings.Cut(k, "/")
+		ss := c.data[k]
+		r := Result{Workload: wl, Config: cfg, Unit: c.units[k]}
+		var vals, p50s, p99s []float64
+		for _, s := range ss {
+			vals = append(vals, s.value)
+			r.Errors += s.errors
+			if s.p99 > 0 {
+				p50s = append(p50s, s.p50)
+				p99s = append(p99s, s.p99)
+			}
+		}
+		r.Value = round(median(vals))
+		r.Runs = roundAll(vals)
+		if len(p99s) > 0 {
+			p50, p99 := round(median(p50s)), round(median(p99s))
+			r.P50, r.P99 = &p50, &p99
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+func round(v float64) float64 {
+	switch a := math.Abs(v); {
+	case a >= 100:
+		return math.Round(v)
+	case a >= 1:
+		return math.Round(v*100) / 100
+	default:
+		return math.Round(v*10000) / 10000
+	}
+}
+
+func roundAll(vs []float64) []float64 {
+	out := make([]float64, len(vs))
+	for i, v := range vs {
+		out[i] = round(v)
+	}
+	return out
+}
+
+func find(rs []Result, workload, config string) (Result, bool) {
+	for _, r := range rs {
+		if r.Workload == workload && r.Config == config {
+			return r, true
+		}
+	}
+	return Result{}, false
+}
+
+// ratioSpec defines one ratio: a/b of two results' values (or p99s).
+type ratioSpec struct {
+	name     string
+	workload string
+	num, den string
+	p99      bool
+	target   float64
+	atMost   bool // the target is an upper bound
+}
+
+var ratioSpecs = []ratioSpec{
+	{name: "warden_vs_bare_tcp_connect", workload: wlTCPConnect, num: cfgWarden, den: cfgBare, target: 0.9},
+	{name: "warden_vs_bare_udp_flows", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, target: 0.9},
+	{name: "warden_vs_kernel_bulk", workload: wlBulk, num: cfgWarden, den: cfgKernel, target: 0.95},
+	{name: "proxy_vs_direct_bulk", workload: wlProxyBulk, num: cfgProxy, den: cfgDirect, target: 0.9},
+	{name: "warden_vs_bare_connect_p99", workload: wlLatency, num: cfgWarden, den: cfgBare, p99: true, target: 1.5, atMost: true},
+	// Informational (no target in the issue).
+	{name: "bare_vs_kernel_tcp_connect", workload: wlTCPConnect, num: cfgBare, den: cfgKernel},
+	{name: "bare_vs_kernel_udp_flows", workload: wlUDPFlows, num: cfgBare, den: cfgKernel},
+	{name: "warden_vs_kernel_tcp_connect", workload: wlTCPConnect, num: cfgWarden, den: cfgKernel},
+	{name: "warden_vs_kernel_udp_flows", workload: wlUDPFlows, num: cfgWarden, den: cfgKernel},
+	{name: "bare_vs_kernel_bulk", workload: wlBulk, num: cfgBare, den: cfgKernel},
+	{name: "proxy_vs_direct_udp_rr", workload: wlProxyUDP, num: cfgProxy, den: cfgDirect},
+}
+
+// bytesPerConnTarget is the issue's memory goal: at most 1 KiB per tracked connection.
+const bytesPerConnTarget = 1024
+
+// ratios computes the ratios the results allow, and the targets they meet or miss.
+func ratios(rs []Result) (map[string]float64, []Target) {
+	m := map[string]float64{}
+	var ts []Target
+	for _, s := range ratioSpecs {
+		a, ok1 := find(rs, s.workload, s.num)
+		b, ok2 := find(rs, s.workload, s.den)
+		if !ok1 || !ok2 {
+			continue
+		}
+		x, y := a.Value, b.Value
+		if s.p99 {
+			if a.P99 == nil || b.P99 == nil {
+				continue
+			}
+			x, y = *a.P99, *b.P99
+		}
+		if y == 0 {
+			continue
+		}
+		r := math.Round(x/y*1000) / 1000
+		m[s.name] = r
+		if s.target > 0 {
+			t := Target{Name: s.workload, Ratio: s.name, Value: r}
+			if s.atMost {
+				t.Want, t.Met = fmt.Sprintf("<= %.2f", s.target), r <= s.target
+			} else {
+				t.Want, t.Met = fmt.Sprintf(">= %.2f", s.target), r >= s.target
+			}
+			ts = append(ts, t)
+		}
+	}
+	if r, ok := find(rs, wlBytesPerCon, cfgWarden); ok {
+		m["bytes_per_connection"] = r.Value
+		ts = append(ts, Target{Name: wlMemory, Ratio: "bytes_per_connection", Value: r.Value,
+			Want: fmt.Sprintf("<= %d", bytesPerConnTarget), Met: r.Value <= bytesPerConnTarget})
+	}
+	return m, ts
+}
+
+// writeTable prints the results and the targets for people.
+func writeTable(w io.Writer, rep *Report) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "WORKLOAD\tCONFIG\tMEDIAN\tUNIT\tP50 µs\tP99 µs\tERRORS\tRUNS")
+	for _, r := range rep.Results {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Workload, r.Config, fmtNum(r.Value), r.Unit,
+			fmtPtr(r.P50), fmtPtr(r.P99), r.Errors, fmtRuns(r.Runs))
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "RATIO\tVALUE\tTARGET\tMET")
+	for _, t := range rep.Targets {
+		met := "yes"
+		if !t.Met {
+			met = "NO"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.Ratio, fmtNum(t.Value), t.Want, met)
+	}
+	names := make([]string, 0, len(rep.Ratios))
+	for k := range rep.Ratios {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, k := range names {
+		if !slices.ContainsFunc(rep.Targets, func(t Target) bool { return t.Ratio == k }) {
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\n", k, fmtNum(rep.Ratios[k]))
+		}
+	}
+	tw.Flush()
+}
+
+func fmtNum(v float64) string {
+	if v == math.Trunc(v) {
+		return fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%.3g", v)
+}
+
+func fmtPtr(p *float64) string {
+	if p == nil {
+		return "-"
+	}
+	return fmtNum(*p)
+}
+
+func fmtRuns(rs []float64) string {
+	s := make([]string, len(rs))
+	for i, v := range rs {
+		s[i] = fmtNum(v)
+	}
+	return strings.Join(s, " ")
+}
+
+// writeJSON writes the report to path.
+func writeJSON(path string, rep *Report) error {
+	b, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	return nil
+}
+
+func baseMachine() Machine {
+	return Machine{CPUs: runtime.NumCPU(), GoVersion: runtime.Version(), Date: time.Now().UTC().Truncate(time.Second)}
+}
+
+// percentiles returns the 50th and 99th percentile of xs (sorted in place), nearest rank.
+func percentiles(xs []float64) (p50, p99 float64) {
+	if len(xs) == 0 {
+		return 0, 0
+	}
+	sort.Float64s(xs)
+	at := func(q float64) float64 {
+		i := int(math.Ceil(q*float64(len(xs)))) - 1
+		return xs[max(0, min(i, len(xs)-1))]
+	}
+	return at(0.50), at(0.99)
+}
