@@ -30,6 +30,7 @@ type Config struct {
 	Control     Control     `key:"control"`
 	Metrics     Metrics     `key:"metrics"`
 	Log         Log         `key:"log"`
+	Nameserver  Nameserver  `key:"nameserver"`
 	NFQueue     NFQueue     `key:"nfqueue"`
 	WindowsKext WindowsKext `key:"windowskext"`
 
@@ -94,6 +95,16 @@ type Log struct {
 	Level       string `key:"level" default:"info" doc:"debug | info | warn | error"`
 	Format      string `key:"format" default:"text" doc:"text | json"`
 	Connections string `key:"connections" default:"" doc:"file for one JSON line per decided connection; empty = off"`
+}
+
+// Nameserver configures the local nameserver applications' DNS is rerouted to.
+type Nameserver struct {
+	Enabled       bool          `key:"enabled" default:"true" doc:"run the local nameserver and reroute applications' DNS to it (domain rules need it)"`
+	Listen        []string      `key:"listen" doc:"ip:port addresses; default 127.0.0.17:53 and [::1]:53 (Windows: 127.0.0.1:53 and [::1]:53)"`
+	Upstreams     []string      `key:"upstreams" doc:"nameservers to forward to: ip, ip:port, tcp://ip:port, tls://ip:port#name; default: the system's"`
+	BlockResponse string        `key:"block_response" default:"nxdomain" doc:"answer for names a domain rule blocks: nxdomain | zero (0.0.0.0 / ::)"`
+	CacheSize     int           `key:"cache_size" default:"8192" doc:"cached answers"`
+	Timeout       time.Duration `key:"timeout" default:"2s" doc:"per upstream attempt"`
 }
 
 // NFQueue configures the Linux backend.

@@ -163,6 +163,10 @@ func TestMalformed(t *testing.T) {
 		{"bad duration", "verdict_timeout: soon", []string{"verdict_timeout"}},
 		{"bad queues", "nfqueue: {queues: 0}", []string{"nfqueue.queues"}},
 		{"section as scalar", "log: verbose", []string{"log"}},
+		{"bad nameserver listen", "nameserver: {listen: [localhost]}", []string{"nameserver.listen[0]"}},
+		{"bad upstream", "nameserver: {upstreams: [\"1.1.1.1\", dns.example]}", []string{"nameserver.upstreams[1]"}},
+		{"bad block response", "nameserver: {block_response: refuse}", []string{"nameserver.block_response"}},
+		{"bad enabled", "nameserver: {enabled: maybe}", []string{"nameserver.enabled"}},
 		{"several at once", "fail_mode: x\nlog: {level: y}\nrules: [{name: a, action: z}]",
 			[]string{"fail_mode", "rules[0].action", "log.level"}},
 	}

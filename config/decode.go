@@ -94,6 +94,20 @@ func decodeValue(path string, v any, dst reflect.Value, el *errorList) {
 			return
 		}
 		dst.SetString(s)
+	case dst.Kind() == reflect.Bool:
+		switch x := v.(type) {
+		case bool:
+			dst.SetBool(x)
+		case string:
+			b, err := strconv.ParseBool(strings.TrimSpace(x))
+			if err != nil {
+				el.add(path, "%q is not true or false", x)
+				return
+			}
+			dst.SetBool(b)
+		default:
+			el.add(path, "%s is not true or false", describe(v))
+		}
 	case dst.Kind() == reflect.Int:
 		n, ok := toInt(v)
 		if !ok {
@@ -220,6 +234,8 @@ func setDefaults(v reflect.Value) {
 			fv.SetInt(int64(d))
 		case fv.Kind() == reflect.String:
 			fv.SetString(def)
+		case fv.Kind() == reflect.Bool:
+			fv.SetBool(def == "true")
 		case fv.Kind() == reflect.Int:
 			n, err := strconv.Atoi(def)
 			if err != nil {

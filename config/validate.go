@@ -5,10 +5,12 @@ import (
 	"net"
 	"net/netip"
 	"os/user"
+	"runtime"
 	"strconv"
 	"strings"
 
 	"github.com/warden-fw/warden/config/glob"
+	"github.com/warden-fw/warden/proxy/dns"
 )
 
 func (c *Config) validate(el *errorList) {
@@ -97,6 +99,7 @@ func (c *Config) validate(el *errorList) {
 	if c.Log.Connections != "" && !strings.HasPrefix(c.Log.Connections, "/") && !isWindowsPath(c.Log.Connections) {
 		el.add("log.connections", "%q is not an absolute path", c.Log.Connections)
 	}
+	c.Nameserver.validate(el)
 	if c.NFQueue.QueueBase < 0 || c.NFQueue.QueueBase > 65535 {
 		el.add("nfqueue.queue_base", "%d is not a queue number (0-65535)", c.NFQueue.QueueBase)
 	}
@@ -331,4 +334,40 @@ func validateInterfaceSpec(el *errorList, path, s string, allowAuto bool) {
 // isWindowsFriendly allows Windows adapter names such as "Ethernet 2" (spaces are legal there).
 func isWindowsFriendly(s string) bool {
 	return !strings.ContainsAny(s, "/\t\n")
+}
+
+// DefaultNameserverListen returns where the redirect sends DNS on this OS: the Linux rules DNAT to
+// 127.0.0.17, the Windows driver rewrites the destination to 127.0.0.1.
+func DefaultNameserverListen() []string {
+	if runtime.GOOS == "windows" {
+		return []string{"127.0.0.1:53", "[::1]:53"}
+	}
+	return []string{"127.0.0.17:53", "[::1]:53"}
+}
+
+func (n *Nameserver) validate(el *errorList) {
+	if len(n.Listen) == 0 {
+		n.Listen = DefaultNameserverListen()
+	}
+	for i, l := range n.Listen {
+		if _, err := netip.ParseAddrPort(l); err != nil {
+			el.add(fmt.Sprintf("nameserver.listen[%d]", i), "%q is not ip:port", l)
+		}
+	}
+	for i, u := range n.Upstreams {
+		if _, err := dns.ParseUpstream(u); err != nil {
+			el.add(fmt.Sprintf("nameserver.upstreams[%d]", i), "%q: %v", u, err)
+		}
+	}
+	switch n.BlockResponse {
+	case dns.BlockNXDomain, dns.BlockZero:
+	default:
+		el.add("nameserver.block_response", "%q is not a block response (nxdomain | zero)", n.BlockResponse)
+	}
+	if n.CacheSize < 0 || n.CacheSize > 1<<22 {
+		el.add("nameserver.cache_size", "%d is out of range (0-4194304)", n.CacheSize)
+	}
+	if n.Timeout < 100e6 || n.Timeout > 30e9 {
+		el.add("nameserver.timeout", "%s is out of range (100ms-30s)", n.Timeout)
+	}
 }

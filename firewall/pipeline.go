@@ -51,6 +51,16 @@ type Options struct {
 	OnDecision func(c *Conn, took time.Duration)
 	// ProcessWorkers bounds concurrent process lookups (default 8).
 	ProcessWorkers int
+	// Names tells which domain name an address was resolved from (the local nameserver); optional.
+	Names DomainResolver
+	// Nameserver lists the local nameserver's addresses. When set, applications' outbound DNS (UDP and TCP to
+	// port 53) anywhere else is rerouted to it, unless a rule blocks or drops it.
+	Nameserver []netip.AddrPort
+}
+
+// DomainResolver maps an address to the domain name an application looked it up by.
+type DomainResolver interface {
+	DomainOf(netip.Addr) (string, bool)
 }
 
 // Pipeline decides verdicts. It implements backend.Handler.
@@ -216,6 +226,9 @@ func (p *Pipeline) decide(pkt backend.Packet, pol *Policy, proc backend.Process,
 		Key: info.Key(), Direction: info.Direction, PID: proc.PID, UID: proc.UID, App: proc.Path,
 		Interface: info.Interface, Created: start.UnixNano(),
 	}
+	if p.opts.Names != nil && pol.NeedsDomain {
+		c.Domain, _ = p.opts.Names.DomainOf(info.Remote.Addr().Unmap())
+	}
 	d, ref, via := p.evaluate(info, c, pol)
 	c.Own = ref.Source == "own"
 	c.decision.Store(packDecision(d))
@@ -256,6 +269,11 @@ func (p *Pipeline) evaluate(info *backend.Info, c *Conn, pol *Policy) (backend.D
 	}
 	m := pol.Decide(&q)
 	ref := pol.ref(m)
+	if p.isForeignDNS(c) && !(m.Rule >= 0 && (m.Action == config.BlockAction || m.Action == config.DropAction)) {
+		// Applications' DNS goes to Warden's nameserver, whatever resolver they chose, so that domain rules
+		// hold. Only a rule that blocks or drops the query outright takes precedence.
+		return backend.Decision{Verdict: backend.RerouteToNameserver, Permanent: true}, refDNS, ""
+	}
 	switch m.Action {
 	case config.BlockAction:
 		return backend.Decision{Verdict: backend.Block, Permanent: true}, ref, ""
@@ -274,7 +292,24 @@ var (
 	refHookAccept = &ruleRef{Name: "hook", Index: -1, Source: "hook"}
 	refHookBlock  = &ruleRef{Name: "hook", Index: -1, Source: "hook"}
 	refFailed     = &ruleRef{Index: -1, Source: "failed"}
+	refDNS        = &ruleRef{Name: "nameserver", Index: -1, Source: "nameserver"}
 )
+
+// isForeignDNS reports whether c is an application's outbound DNS query to somewhere other than Warden's own
+// nameserver.
+func (p *Pipeline) isForeignDNS(c *Conn) bool {
+	if len(p.opts.Nameserver) == 0 || c.Direction != backend.Outbound || !c.Key.Protocol.HasPorts() ||
+		c.Key.Remote.Port() != 53 {
+		return false
+	}
+	remote := netip.AddrPortFrom(c.Key.Remote.Addr().Unmap(), c.Key.Remote.Port())
+	for _, ns := range p.opts.Nameserver {
+		if remote == ns {
+			return false
+		}
+	}
+	return true
+}
 
 func (p *Pipeline) apply(pkt backend.Packet, d backend.Decision) {
 	if err := pkt.Apply(d); err != nil {

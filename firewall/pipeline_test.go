@@ -456,3 +456,57 @@ func BenchmarkKnownConnection(b *testing.B) {
 		}
 	})
 }
+
+type nameMap map[netip.Addr]string
+
+func (m nameMap) DomainOf(a netip.Addr) (string, bool) { s, ok := m[a]; return s, ok }
+
+func TestDNSRerouteAndDomainRules(t *testing.T) {
+	ns := []netip.AddrPort{netip.MustParseAddrPort("127.0.0.17:53"), netip.MustParseAddrPort("[::1]:53")}
+	names := nameMap{netip.MustParseAddr("192.0.2.7"): "a.example.net", netip.MustParseAddr("192.0.2.8"): "b.example.org"}
+	p := newPipeline(t, `
+default_action: block
+rules:
+  - {name: no-example-net, action: block, remote: ["*.example.net"]}
+  - {name: no-dns-for-x, action: drop, app: /bin/x, ports: [53]}
+  - {name: web, action: allow, protocol: tcp, ports: [80, 443]}
+`, Options{Names: names, Nameserver: ns, Processes: &slowResolver{procs: map[uint16]backend.Process{
+		5300: {PID: 77, Path: "/bin/x"}}}})
+	reroute := backend.Decision{Verdict: backend.RerouteToNameserver, Permanent: true}
+	tests := []struct {
+		name          string
+		proto         backend.Protocol
+		local, remote string
+		want          backend.Decision
+		rule          string
+	}{
+		{"udp dns to any resolver", backend.UDP, "10.0.0.1:40000", "8.8.8.8:53", reroute, "nameserver"},
+		{"tcp dns too", backend.TCP, "10.0.0.1:40001", "[2001:db8::53]:53", reroute, "nameserver"},
+		{"already to our nameserver", backend.UDP, "127.0.0.1:40002", "127.0.0.17:53", permBlock, ""},
+		{"a rule dropping an app's dns wins", backend.UDP, "10.0.0.1:5300", "8.8.8.8:53", permDrop, "no-dns-for-x"},
+		{"domain rule by resolved name", backend.TCP, "10.0.0.1:40003", "192.0.2.7:443", permBlock, "no-example-net"},
+		{"other name allowed", backend.TCP, "10.0.0.1:40004", "192.0.2.8:443", permAccept, "web"},
+		{"unknown address allowed", backend.TCP, "10.0.0.1:40005", "192.0.2.9:443", permAccept, "web"},
+	}
+	for _, tt := range tests {
+		pkt := newPacket(tt.proto, backend.Outbound, tt.local, tt.remote)
+		p.HandlePacket(pkt)
+		if got := pkt.wait(t); got != tt.want {
+			t.Errorf("%s: %v, want %v", tt.name, got, tt.want)
+		}
+		c := p.Lookup(pkt.info.Key())
+		if name, _, _ := c.Rule(); name != tt.rule {
+			t.Errorf("%s: decided by %q, want %q", tt.name, name, tt.rule)
+		}
+	}
+	if c := p.Lookup(backend.ConnKey{Protocol: backend.TCP, Local: netip.MustParseAddrPort("10.0.0.1:40003"),
+		Remote: netip.MustParseAddrPort("192.0.2.7:443")}); c.Domain != "a.example.net" {
+		t.Errorf("domain recorded %q", c.Domain)
+	}
+	pol := p.Policy()
+	for name, want := range map[string]bool{"a.example.net": true, "example.net": true, "b.example.org": false, "x.test": false} {
+		if got := pol.BlockDomain(name); got != want {
+			t.Errorf("BlockDomain(%q) = %v, want %v (default block must not block names)", name, got, want)
+		}
+	}
+}

@@ -545,3 +545,18 @@ func (r *compiledRule) remoteMatches(q *Query) bool {
 	}
 	return false
 }
+
+// BlockDomain reports whether a rule whose deciding condition is the domain blocks or drops name, so the
+// nameserver can answer it with the block response. Defaults never block at DNS level: with
+// default_action block, names of allowed destinations must still resolve.
+func (p *Policy) BlockDomain(name string) bool {
+	if !p.NeedsDomain {
+		return false
+	}
+	q := Query{Direction: backend.Outbound, Domain: name, UID: -1}
+	m := p.Decide(&q)
+	if m.Rule < 0 || (m.Action != config.BlockAction && m.Action != config.DropAction) {
+		return false
+	}
+	return len(p.rules[m.Rule].domains) > 0
+}

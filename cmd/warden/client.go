@@ -103,6 +103,19 @@ func newStatusCmd(g *globals) *cobra.Command {
 					fmt.Fprintf(tw, "split tunnel\t%s → %s (%s; when down: %s)\n", st.Interface.Spec, detail, state, st.OnInterfaceDown)
 				}
 			}
+			if len(s.Nameserver) > 0 {
+				var ns struct {
+					Listen    []string `json:"listen"`
+					Queries   uint64   `json:"queries"`
+					CacheHits uint64   `json:"cache_hits"`
+					Blocked   uint64   `json:"blocked"`
+					Servfails uint64   `json:"servfails"`
+				}
+				if json.Unmarshal(s.Nameserver, &ns) == nil {
+					fmt.Fprintf(tw, "nameserver\t%s: %d queries, %d cached, %d blocked, %d failed\n",
+						strings.Join(ns.Listen, " "), ns.Queries, ns.CacheHits, ns.Blocked, ns.Servfails)
+				}
+			}
 			return tw.Flush()
 		},
 	}

@@ -91,7 +91,7 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 	}()
 	b.socket = filepath.Join(b.tmp, "warden.sock")
 	b.cfg = filepath.Join(b.tmp, "warden.yaml")
-	policy := wardenConfig(policyParams{Socket: b.socket, SplitRemote: serviceAddr.String(), SplitVia: "ub", Rules: o.rules})
+	policy := wardenConfig(policyParams{Socket: b.socket, SplitRemote: serviceAddr.String(), SplitVia: "ub", Rules: o.rules, NoApps: o.noApps})
 	if err := os.WriteFile(b.cfg, []byte(policy), 0o600); err != nil {
 		return err
 	}
@@ -136,7 +136,7 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 	rep.Machine.LoadEnd = loadavg()
 	rep.Ratios, rep.Targets = ratios(rep.Results)
 	rep.Method = Method{Quick: o.quick, Reps: o.reps, DurationMS: o.duration.Milliseconds(), Clients: o.clients,
-		LatencyRate: o.latencyRate, MemFlows: o.memFlows, Rules: o.rules, Workloads: o.workloads, Warden: b.warden}
+		LatencyRate: o.latencyRate, MemFlows: o.memFlows, Rules: o.rules, Workloads: o.workloads, Warden: b.warden, NoAppRules: o.noApps}
 	writeTable(stdout, rep)
 	if o.out != "" {
 		return writeJSON(o.out, rep)

@@ -33,6 +33,7 @@ type options struct {
 	warden      string
 	profile     string
 	keepLogs    bool
+	noApps      bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -51,6 +52,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.rules, "rules", 1000, "rules in Warden's policy")
 	fs.StringVar(&o.warden, "warden", "", "warden binary (default: next to wardenbench, else $PATH); \"builtin\" runs the same daemon package inside this binary")
 	fs.StringVar(&o.profile, "profile", "", "directory for CPU profiles (pprof) of Warden and the bare consumer during tcp_connect and udp_flows; implies --warden builtin")
+	fs.BoolVar(&o.noApps, "no-app-rules", false, "diagnosis: Warden's policy without application rules (no process lookups); the report says so")
 	fs.BoolVar(&o.keepLogs, "keep-logs", false, "keep the temporary directory with Warden's config and logs")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: wardenbench [flags]\n\nMeasures Warden against the kernel alone and a bare NFQUEUE consumer (needs root).\n\n")

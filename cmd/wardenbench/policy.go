@@ -13,6 +13,9 @@ type policyParams struct {
 	SplitRemote string
 	SplitVia    string
 	Rules       int // total rules, about 1000
+	// NoApps replaces the application rules by domain rules (a diagnosis: without application rules Warden
+	// never looks up the process behind a connection).
+	NoApps bool
 }
 
 // wardenConfig renders a realistic policy of about p.Rules rules in YAML: address, domain, port, application,
@@ -60,6 +63,9 @@ func wardenConfig(p policyParams) string {
 			}
 		}
 	}
+	domainRule := func() {
+		rule("action: block, remote: [\"*.tracker%d.example\", ads%d.example.net, \"*.cdn%d.example.org\"]", n, n, n)
+	}
 	actions := []string{"block", "block", "drop"}
 	target := p.Rules - 1 // the split rule comes last
 	for n < target {
@@ -67,11 +73,14 @@ func wardenConfig(p policyParams) string {
 		case 0, 1, 2: // address block lists (ad and malware feeds)
 			rule("action: %s, remote: [%s]", actions[r.IntN(3)], cidrs(1+r.IntN(8)))
 		case 3: // domain block lists
-			rule("action: block, remote: [\"*.tracker%d.example\", ads%d.example.net, \"*.cdn%d.example.org\"]", n, n, n)
+			domainRule()
 		case 4: // applications: allow-listed to their ports, or blocked
-			if r.IntN(2) == 0 {
+			switch pick := r.IntN(2); {
+			case p.NoApps: // the same draws, so every other rule stays the same
+				domainRule()
+			case pick == 0:
 				rule("action: block, app: \"/opt/vendor%d/**\", protocol: tcp, ports: [\"1-442\", \"444-65535\"]", n)
-			} else {
+			default:
 				rule("action: block, app: /usr/bin/tool%d", n)
 			}
 		case 5: // ports

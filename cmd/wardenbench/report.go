@@ -87,6 +87,7 @@ type Method struct {
 	Rules       int      `json:"warden_rules"`
 	Workloads   []string `json:"workloads"`
 	Warden      string   `json:"warden"`
+	NoAppRules  bool     `json:"no_app_rules,omitempty"`
 }
 
 // Target is one of the issue's goals and whether this run met it.

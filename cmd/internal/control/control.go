@@ -35,6 +35,7 @@ type Status struct {
 	Pipeline        firewall.Stats  `json:"pipeline"`
 	BackendStats    *backend.Stats  `json:"backend_stats,omitempty"`
 	SplitTunnel     json.RawMessage `json:"split_tunnel,omitempty"`
+	Nameserver      json.RawMessage `json:"nameserver,omitempty"`
 	ConnLogDropped  uint64          `json:"connection_log_dropped"`
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/config"
 	"github.com/warden-fw/warden/firewall"
+	"github.com/warden-fw/warden/proxy/dns"
 	"github.com/warden-fw/warden/proxy/redirect"
 	"github.com/warden-fw/warden/proxy/splittun"
 )
@@ -58,6 +59,8 @@ type Daemon struct {
 	proxy    *splittun.Proxy
 	table    *redirect.Table
 	procs    backend.ProcessResolver
+	dns      *dns.Server
+	nsAddrs  []netip.AddrPort
 	connLog  *connLogger
 	metrics  *metrics
 	closers  []func() error
@@ -173,6 +176,16 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 		}
 	}
 
+	if b.Capabilities().Reroute {
+		if err := d.startNameserver(ctx, cfg, pol); err != nil {
+			return err
+		}
+		if d.dns != nil {
+			po.Names = d.dns
+			po.Nameserver = d.nsAddrs
+		}
+	}
+
 	d.pipeline = firewall.New(pol, po)
 	if eh, ok := b.(interface {
 		SetConnectionEndHandler(func(backend.ConnKey))
@@ -255,6 +268,9 @@ func (d *Daemon) Reload() (changed int, err error) {
 		d.log.Warn("backend, fail_mode, nfqueue, split_tunnel, control and metrics changes take effect after a restart")
 	}
 	changes := d.pipeline.SetPolicy(pol)
+	if d.dns != nil {
+		d.dns.SetPolicy(pol)
+	}
 	if r, ok := d.backend.(backend.Reevaluator); ok && len(changes) > 0 {
 		if err := r.Reevaluate(changes); err != nil {
 			d.log.Error("re-evaluating live connections", "err", err)

@@ -43,6 +43,9 @@ func (d *Daemon) Status() control.Status {
 	if d.proxy != nil {
 		s.SplitTunnel, _ = json.Marshal(d.proxy.Stats())
 	}
+	if d.dns != nil {
+		s.Nameserver, _ = json.Marshal(d.dns.Stats())
+	}
 	if d.connLog != nil {
 		s.ConnLogDropped = d.connLog.dropped.Load()
 	}

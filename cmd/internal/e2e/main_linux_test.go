@@ -420,3 +420,30 @@ func ipt(t *testing.T, ns string) string {
 	}
 	return s
 }
+
+// thirdPartyRules puts rules of "other software" into the filter, mangle and nat tables of ns (IPv4 and IPv6),
+// so the tables exist before a "before" snapshot (iptables-nft leaves an empty table behind once created) and
+// so a test can check that Warden leaves them in place and in order. None of them affects the tests' traffic.
+func thirdPartyRules(t *testing.T, ns string) {
+	t.Helper()
+	for _, v := range []struct{ tool, dst, to string }{
+		{"iptables", "192.0.2.99", "127.0.0.1:9996"},
+		{"ip6tables", "2001:db8:5::99", "[::1]:9996"},
+	} {
+		for _, r := range [][]string{
+			{"-t", "filter", "-N", "THIRD-PARTY"},
+			{"-t", "filter", "-A", "THIRD-PARTY", "-p", "tcp", "--dport", "9999", "-j", "RETURN"},
+			{"-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "ACCEPT"},
+			{"-t", "filter", "-A", "OUTPUT", "-j", "THIRD-PARTY"},
+			{"-t", "filter", "-A", "OUTPUT", "-d", v.dst, "-p", "udp", "--dport", "9998", "-j", "DROP"},
+			{"-t", "mangle", "-A", "OUTPUT", "-d", v.dst, "-p", "udp", "--dport", "9998", "-j", "MARK", "--set-mark", "0x42"},
+			{"-t", "mangle", "-A", "PREROUTING", "-d", v.dst, "-j", "RETURN"},
+			{"-t", "nat", "-A", "OUTPUT", "-d", v.dst, "-p", "tcp", "--dport", "9997", "-j", "DNAT", "--to-destination", v.to},
+		} {
+			args := append([]string{"netns", "exec", ns, v.tool}, r...)
+			if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+				t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+			}
+		}
+	}
+}

@@ -1,0 +1,128 @@
+package e2e
+
+import (
+	"context"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/warden-fw/warden/cmd/internal/sandbox"
+)
+
+// conntrackMarked lists the namespace's conntrack entries carrying one of Warden's permanent marks.
+func conntrackMarked(t *testing.T, ns string) string {
+	t.Helper()
+	var out strings.Builder
+	for _, mark := range []string{"1709", "1710", "1711", "1712", "1717", "1719", "1799"} {
+		for _, fam := range []string{"ipv4", "ipv6"} {
+			b, err := exec.Command("ip", "netns", "exec", ns, "conntrack", "-L", "-f", fam, "--mark", mark).Output()
+			if err != nil {
+				t.Fatalf("conntrack -L --mark %s: %v", mark, err)
+			}
+			out.Write(b)
+		}
+	}
+	return out.String()
+}
+
+// firstRule returns the first rule of chain in table's section of an iptables-save dump.
+func firstRule(dump, table, chain string) string {
+	in := false
+	for _, l := range strings.Split(dump, "\n") {
+		switch {
+		case strings.HasPrefix(l, "*"):
+			in = l == "*"+table
+		case in && strings.HasPrefix(l, "-A "+chain+" "):
+			return l
+		}
+	}
+	return ""
+}
+
+// TestCleanStopAndKillRecovery: a clean stop (SIGTERM) leaves iptables-save and ip6tables-save byte-identical
+// to before the start, with third-party rules in filter, mangle and nat untouched and in order; after kill -9
+// the rules stay behind, and `warden cleanup` restores the same state and forgets the conntrack marks.
+func TestCleanStopAndKillRecovery(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	thirdPartyRules(t, e.top.Client)
+	e.writeConfig(noTelnet)
+	before := ipt(t, e.top.Client)
+
+	d := e.startDaemon()
+	expectServer(t, "allowed", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 80))), "A")
+	running := ipt(t, e.top.Client)
+	for _, c := range []struct{ table, chain, target string }{
+		{"filter", "INPUT", "WARDEN-FILTER"}, {"filter", "OUTPUT", "WARDEN-FILTER"}, {"nat", "OUTPUT", "WARDEN-REDIRECT"},
+		{"mangle", "OUTPUT", "WARDEN-INGEST-OUTPUT"}, {"mangle", "INPUT", "WARDEN-INGEST-INPUT"},
+	} {
+		if got, want := firstRule(running, c.table, c.chain), "-A "+c.chain+" -j "+c.target; got != want {
+			t.Errorf("while running, the first rule of %s %s is %q, want %q", c.table, c.chain, got, want)
+		}
+	}
+	if code, err := d.Stop(15 * time.Second); err != nil || code != 0 {
+		t.Fatalf("SIGTERM: exit %d, %v", code, err)
+	}
+	if diff := cmp.Diff(before, ipt(t, e.top.Client)); diff != "" {
+		t.Errorf("after a clean stop the rules differ from before the start (-before +after):\n%s", diff)
+	}
+
+	// kill -9: nothing is cleaned up by the daemon itself.
+	d = e.startDaemon()
+	expectServer(t, "allowed", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 80))), "A")
+	expectOutcome(t, "blocked", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 23))), sandbox.Refused)
+	d.Kill()
+	if after := ipt(t, e.top.Client); !strings.Contains(after, "WARDEN-") {
+		t.Fatal("after kill -9 no Warden rule is left; the test would prove nothing")
+	}
+	if ct := conntrackMarked(t, e.top.Client); ct == "" {
+		t.Error("after kill -9 no conntrack entry carries a Warden mark; the test would prove less")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := sandbox.Command(ctx, e.top.Client, wardenBin, "cleanup", "-c", e.cfg)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("warden cleanup: %v\n%s", err, out)
+	}
+	if diff := cmp.Diff(before, ipt(t, e.top.Client)); diff != "" {
+		t.Errorf("after kill -9 and warden cleanup the rules differ from before the start (-before +after):\n%s", diff)
+	}
+	if ct := conntrackMarked(t, e.top.Client); ct != "" {
+		t.Errorf("conntrack entries with Warden marks survived cleanup:\n%s", ct)
+	}
+	// And a fresh start after all that works.
+	e.startDaemon()
+	expectOutcome(t, "blocked after restart", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 23))), sandbox.Refused)
+}
+
+// TestExitCodes: `warden run` with a bad config exits 2 and touches nothing; status, conns and reload without
+// a daemon exit 1.
+func TestExitCodes(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	thirdPartyRules(t, e.top.Client)
+	before := ipt(t, e.top.Client)
+	e.writeConfig("rules:\n  - name: a\n    action: block\n    ports: [\"70000\"]\n")
+	d, log := e.spawnDaemon(e.cfg)
+	code, err := d.Wait(30 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code != 2 || !strings.Contains(log.String(), `rules[0].ports[0]: "70000" is not a port`) {
+		t.Errorf("warden run with a bad config: exit %d; want 2 naming the bad key\n%s", code, log)
+	}
+	if diff := cmp.Diff(before, ipt(t, e.top.Client)); diff != "" {
+		t.Errorf("a rejected start changed the rules:\n%s", diff)
+	}
+	missing := filepath.Join(e.dir, "run", "nobody-listens.sock")
+	for _, cmd := range []string{"status", "conns", "reload"} {
+		code, _, errOut := wardenCmd(t, nil, cmd, "--socket", missing)
+		if code != 1 || !strings.Contains(errOut, "not reachable") {
+			t.Errorf("warden %s without a daemon: exit %d, %q; want 1, not reachable", cmd, code, errOut)
+		}
+	}
+}
