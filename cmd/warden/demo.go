@@ -55,7 +55,7 @@ func newDemoCmd(_ *globals) *cobra.Command {
 // demoPorts are what the servers answer on.
 var (
 	demoTCPPorts = []uint16{80, 23, 8080}
-	demoUDPPorts = []uint16{53, 5000, 8080}
+	demoUDPPorts = []uint16{4000, 5000, 8080}
 )
 
 // demoConfig is the policy the demo runs; %s are the control socket and the connection log.
@@ -230,7 +230,7 @@ func (d *demo) probes(ctx context.Context, quick bool) (failed int) {
 	list := []demoProbe{
 		{what: "tcp  → " + hostPort(v4, 80), from: "client", req: tcp(hostPort(v4, 80)), rule: "(default)", expect: "allow", want: "A"},
 		{what: "tcp  → " + hostPort(v6, 80), from: "client", req: tcp(hostPort(v6, 80)), rule: "(default)", expect: "allow", want: "A"},
-		{what: "udp  → " + hostPort(v4, 53), from: "client", req: udp(hostPort(v4, 53), 3000), rule: "(default)", expect: "allow", want: "A"},
+		{what: "udp  → " + hostPort(v4, 4000), from: "client", req: udp(hostPort(v4, 4000), 3000), rule: "(default)", expect: "allow", want: "A"},
 		{what: "tcp  → " + hostPort(v4, 23), from: "client", req: tcp(hostPort(v4, 23)), rule: "no-telnet", expect: "block"},
 		{what: "udp  → " + hostPort(v4, 5000), from: "client", req: udp(hostPort(v4, 5000), dropWait), rule: "drop-udp-5000", expect: "drop"},
 		{what: "tcp  → " + hostPort(v4, 8080), from: "client", req: tcp(hostPort(v4, 8080)), rule: "via-b", expect: "split", want: "B"},

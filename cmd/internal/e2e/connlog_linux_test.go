@@ -102,7 +102,7 @@ func TestConnectionLog(t *testing.T) {
 	blocked := call(t, e.client, sandbox.Request{Op: "tcp", Dst: hp(sandbox.ServiceV6, 23), Src: "[" + sandbox.ClientAV6.String() + "]:40123"})
 	expectOutcome(t, "blocked", blocked, sandbox.Refused)
 	blockedLocal := "[" + sandbox.ClientAV6.String() + "]:40123"
-	udp := call(t, e.client, udpReq(hp(sandbox.ServiceV4, 53)))
+	udp := call(t, e.client, udpReq(hp(sandbox.ServiceV4, 4000)))
 	expectServer(t, "udp", udp, "A")
 
 	lines := waitLog(t, logPath, "the three connections", func(ls []logLine) bool {

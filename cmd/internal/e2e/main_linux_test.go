@@ -105,7 +105,7 @@ type env struct {
 // Ports the servers answer on.
 var (
 	serverTCP = []uint16{80, 81, 23, 8080}
-	serverUDP = []uint16{53, 5000, 8080}
+	serverUDP = []uint16{4000, 5000, 8080}
 )
 
 // newEnv builds a fresh topology with serving A and B and a client agent, all removed when the test ends.

@@ -64,8 +64,8 @@ func TestSplitTunnel(t *testing.T) {
 
 		// UDP on a connected socket: the reply must come from the original destination, or the kernel would
 		// not even deliver it.
-		r = call(t, e.client, udpReq(hp(svc.one, 53)))
-		expectServer(t, svc.name+" udp :53", r, "A")
+		r = call(t, e.client, udpReq(hp(svc.one, 4000)))
+		expectServer(t, svc.name+" udp :4000", r, "A")
 		r = call(t, e.client, udpReq(hp(svc.one, 8080)))
 		splitUDP++
 		expectServer(t, svc.name+" udp :8080 (split)", r, "B")
@@ -90,9 +90,9 @@ func TestSplitTunnel(t *testing.T) {
 		if r.Peer != hp(svc.one, 80) {
 			t.Errorf("%s app tcp: peer %s, want %s", svc.name, r.Peer, hp(svc.one, 80))
 		}
-		r = call(t, app, udpReq(hp(svc.one, 53)))
+		r = call(t, app, udpReq(hp(svc.one, 4000)))
 		splitUDP++
-		expectServer(t, svc.name+" app udp :53 (split by app)", r, "B")
+		expectServer(t, svc.name+" app udp :4000 (split by app)", r, "B")
 	}
 
 	// No loop under load: 200 short split connections, 8 at a time.
