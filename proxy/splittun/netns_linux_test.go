@@ -562,26 +562,45 @@ func TestNamespaceSplitTunnel(t *testing.T) {
 		})
 	}
 
-	t.Run("udp-idle-forgets-conntrack", func(t *testing.T) {
-		src := hostPort("10.1.0.2", splitPort())
-		dst := "192.0.2.10:53"
-		c.mustCall(request{Op: "record", Proto: "udp", Client: src, Original: dst})
-		before := c.stats().UDP.IdleExpired
-		r := c.mustCall(request{Op: "udp", Src: src, Dsts: []string{dst}, Payload: "x"})
-		if !strings.HasPrefix(r.Replies[0].Data, "B|") {
-			t.Fatalf("reply %+v", r.Replies[0])
-		}
-		sport := strings.TrimPrefix(src, "10.1.0.2:")
-		ct := run(t, "ip", "netns", "exec", e.tp.c, "conntrack", "-L", "-p", "udp", "--sport", sport)
-		if !strings.Contains(ct, "dport=53") {
-			t.Fatalf("no conntrack entry for the live flow:\n%s", ct)
-		}
-		c.waitStats("udp idle expiry", func(st Stats) bool { return st.UDP.IdleExpired > before })
-		ct = run(t, "ip", "netns", "exec", e.tp.c, "conntrack", "-L", "-p", "udp", "--sport", sport)
-		if strings.Contains(ct, "dport=53") {
-			t.Fatalf("conntrack entry of the expired flow remains:\n%s", ct)
-		}
-	})
+	for _, fam := range []struct{ name, src, dst string }{
+		{"v4", "10.1.0.2", "192.0.2.10:53"},
+		{"v6", "fd00:a::2", "[2001:db8::10]:53"},
+	} {
+		t.Run("udp-idle-forgets-conntrack-"+fam.name, func(t *testing.T) {
+			src := hostPort(fam.src, splitPort())
+			c.mustCall(request{Op: "record", Proto: "udp", Client: src, Original: fam.dst})
+			before := c.stats().UDP.IdleExpired
+			r := c.mustCall(request{Op: "udp", Src: src, Dsts: []string{fam.dst}, Payload: "x"})
+			if !strings.HasPrefix(r.Replies[0].Data, "B|") {
+				t.Fatalf("reply %+v", r.Replies[0])
+			}
+			sport := netip.MustParseAddrPort(src).Port()
+			list := func() string {
+				args := []string{"ip", "netns", "exec", e.tp.c, "conntrack", "-L", "-p", "udp", "--sport", fmt.Sprint(sport)}
+				if fam.name == "v6" {
+					args = append(args, "-f", "ipv6")
+				}
+				return run(t, args...)
+			}
+			if ct := list(); !strings.Contains(ct, "dport=53") {
+				t.Fatalf("no conntrack entry for the live flow:\n%s", ct)
+			}
+			// Other subtests' sessions expire meanwhile too, so the counter alone does not say this one has:
+			// wait (bounded) for this flow's conntrack entry to go, then check the counter moved.
+			deadline := time.Now().Add(5 * time.Second)
+			ct := list()
+			for strings.Contains(ct, "dport=53") && time.Now().Before(deadline) {
+				time.Sleep(50 * time.Millisecond)
+				ct = list()
+			}
+			if strings.Contains(ct, "dport=53") {
+				t.Fatalf("conntrack entry of the expired flow remains after 5s (idle timeout 400ms):\n%s", ct)
+			}
+			if got := c.stats().UDP.IdleExpired; got <= before {
+				t.Fatalf("idle expiries %d, want more than %d", got, before)
+			}
+		})
+	}
 
 	t.Run("unrecorded-is-refused", func(t *testing.T) {
 		before := c.stats().TCP.Unresolved

@@ -120,6 +120,12 @@ func (p *linuxPlatform) ForgetUDP(client, original netip.AddrPort) error {
 		IP:    conntrack.IPTuple{SourceAddress: client.Addr(), DestinationAddress: original.Addr()},
 		Proto: conntrack.ProtoTuple{Protocol: unix.IPPROTO_UDP, SourcePort: client.Port(), DestinationPort: original.Port()},
 	}}
+	// The kernel finds the entry by the original tuple alone, but the library takes the message's address
+	// family from the reply tuple too: without one an IPv6 delete goes out as IPv4 and fails with EINVAL.
+	f.TupleReply = conntrack.Tuple{
+		IP:    conntrack.IPTuple{SourceAddress: original.Addr(), DestinationAddress: client.Addr()},
+		Proto: conntrack.ProtoTuple{Protocol: unix.IPPROTO_UDP, SourcePort: original.Port(), DestinationPort: client.Port()},
+	}
 	p.mu.Lock()
 	err := p.ct.Delete(f)
 	p.mu.Unlock()
