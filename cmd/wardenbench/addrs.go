@@ -10,7 +10,6 @@ const (
 var (
 	serverAddr  = netip.MustParseAddr("10.201.0.100")
 	serviceAddr = netip.MustParseAddr("192.0.2.10")
-	uplinkAddr  = netip.MustParseAddr("10.202.0.2")
 )
 
 // clientAddrs are C's addresses on ua; connections spread over them so that every 5-tuple of a run is new.
@@ -21,6 +20,9 @@ func clientAddrs() []netip.Addr {
 	}
 	return out
 }
+
+// childEnv marks a re-executed test binary as a child (the test's TestMain dispatches on it).
+const childEnv = "WARDENBENCH_CHILD"
 
 // Ports the server listens on.
 const (

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -143,6 +144,8 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 	}
 	return nil
 }
+
+func (o *options) has(w string) bool { return slices.Contains(o.workloads, w) }
 
 // findWarden resolves --warden: an explicit path, "builtin", or warden next to this binary or on $PATH.
 func findWarden(flagVal, exe string) (string, error) {

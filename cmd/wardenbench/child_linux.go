@@ -36,9 +36,6 @@ import (
 	"github.com/warden-fw/warden/cmd/internal/daemon"
 )
 
-// childEnv marks a re-executed test binary as a child (the test's TestMain dispatches on it).
-const childEnv = "WARDENBENCH_CHILD"
-
 func childMain(role string, args []string) int {
 	var err error
 	switch role {

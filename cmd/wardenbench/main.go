@@ -104,8 +104,6 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	return o, nil
 }
 
-func (o *options) has(w string) bool { return slices.Contains(o.workloads, w) }
-
 func main() {
 	if len(os.Args) > 1 && strings.HasPrefix(os.Args[1], "_") {
 		os.Exit(childMain(os.Args[1], os.Args[2:]))

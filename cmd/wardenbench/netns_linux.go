@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strconv"
@@ -19,6 +20,9 @@ import (
 // C routes 192.0.2.0/24 via U. The firewall under test (nothing, the bare consumer or Warden) runs in C;
 // S and U carry no rules. The proxy workloads go to 192.0.2.10: directly over ub, or through Warden's split
 // rule, which sends them to the local proxy that dials out over ub.
+// uplinkAddr is C's address on ub.
+var uplinkAddr = netip.MustParseAddr("10.202.0.2")
+
 type topology struct {
 	client, server, uplink string
 	created                []string
