@@ -105,6 +105,9 @@ type demoProbe struct {
 	before func(context.Context) error
 }
 
+// demoGeteuid is os.Geteuid, replaceable so a test can see the demo's answer to a non-root user.
+var demoGeteuid = os.Geteuid
+
 func hostPort(a netip.Addr, port uint16) string { return netip.AddrPortFrom(a, port).String() }
 
 type demo struct {
@@ -123,7 +126,7 @@ func runDemo(ctx context.Context, out io.Writer, quick bool) (err error) {
 	if runtime.GOOS != "linux" {
 		return withCode(exitFailure, errors.New("warden demo builds Linux network namespaces; it is not available on "+runtime.GOOS))
 	}
-	if os.Geteuid() != 0 {
+	if demoGeteuid() != 0 {
 		return withCode(exitFailure, errors.New("warden demo needs root: it creates network namespaces and runs the "+
 			"firewall inside them (the host's own firewall is left alone). Run it as root, e.g. `sudo warden demo`"))
 	}
