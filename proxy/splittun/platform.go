@@ -31,10 +31,3 @@ type Platform interface {
 	Close() error
 }
 
-// loopbackListenAddrs are the addresses the redirect rules point at, on Linux and Windows alike.
-func loopbackListenAddrs(port uint16) []netip.AddrPort {
-	return []netip.AddrPort{
-		netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 17}), port),
-		netip.AddrPortFrom(netip.IPv6Loopback(), port),
-	}
-}

@@ -168,3 +168,11 @@ func (p *linuxPlatform) Close() error {
 	p.ct = nil
 	return err
 }
+
+// loopbackListenAddrs are the addresses the redirect rules point at, the targets of the Linux DNAT rules.
+func loopbackListenAddrs(port uint16) []netip.AddrPort {
+	return []netip.AddrPort{
+		netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 17}), port),
+		netip.AddrPortFrom(netip.IPv6Loopback(), port),
+	}
+}

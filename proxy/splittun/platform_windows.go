@@ -22,13 +22,16 @@ const (
 
 type windowsPlatform struct{}
 
-// NewPlatform returns the Windows platform: listens on 127.0.0.17 and ::1 (where the driver redirects) and
+// NewPlatform returns the Windows platform: listens on every address (the driver redirects a split connection
+// to its own local address, port 719, so the proxy must answer on whichever interface address that is) and
 // binds upstreams with IP_UNICAST_IF / IPV6_UNICAST_IF. The driver's redirect keeps no kernel state the proxy
 // could query, so original destinations come from the redirect table alone; the driver's owner-PID bypass,
 // not a socket mark, keeps the proxy's own traffic from being intercepted again.
 func NewPlatform(log *slog.Logger) (Platform, error) { return windowsPlatform{}, nil }
 
-func (windowsPlatform) ListenAddrs(port uint16) []netip.AddrPort { return loopbackListenAddrs(port) }
+func (windowsPlatform) ListenAddrs(port uint16) []netip.AddrPort {
+	return []netip.AddrPort{netip.AddrPortFrom(netip.IPv4Unspecified(), port), netip.AddrPortFrom(netip.IPv6Unspecified(), port)}
+}
 
 func (windowsPlatform) OriginalTCP(*net.TCPConn) (netip.AddrPort, error) {
 	return netip.AddrPort{}, fmt.Errorf("original destination on windows: %w", backend.ErrUnsupported)
