@@ -30,4 +30,3 @@ type Platform interface {
 	// Close releases the platform's resources.
 	Close() error
 }
-
