@@ -82,6 +82,9 @@ rules:
     direction: inbound
     protocol: tcp
     ports: [2323]
+  - name: no-telnet-client   # a per-application rule (it also makes warden look up each connection's process)
+    action: block
+    app: /usr/bin/telnet*
 split_tunnel:
   interface: ub
   on_interface_down: block
@@ -215,7 +218,8 @@ func (d *demo) setup(ctx context.Context) error {
 	}
 	fmt.Fprintf(d.out, "  warden run -c %s (pid %d) is running in %s\n\n", cfg, d.daemon.PID(), d.top.Client)
 	fmt.Fprintln(d.out, "Policy: block tcp/23 (no-telnet), drop udp/5000 (drop-udp-5000), split port 8080 via uplink B (via-b),")
-	fmt.Fprintln(d.out, "block inbound tcp/2323 (no-inbound-2323); everything else allowed. Each probe is a new connection:")
+	fmt.Fprintln(d.out, "block inbound tcp/2323 (no-inbound-2323), block the telnet program (no-telnet-client); everything else")
+	fmt.Fprintln(d.out, "allowed. Each probe is a new connection:")
 	fmt.Fprintln(d.out)
 	return nil
 }
@@ -318,7 +322,7 @@ func fmtLatency(d time.Duration) string {
 // show prints what the daemon itself says: its connections and counters.
 func (d *demo) show(ctx context.Context) {
 	for _, c := range []struct{ title, cmd string }{
-		{"warden conns (what the daemon tracks; PROCESS is the demo's agent)", "conns"},
+		{"warden conns (what the daemon tracks; the probes' process is the demo's agent, i.e. warden itself)", "conns"},
 		{"warden status", "status"},
 	} {
 		fmt.Fprintf(d.out, "\n$ %s\n", c.title)
