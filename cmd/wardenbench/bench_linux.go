@@ -442,8 +442,8 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 	if proxyCfg != "" {
 		svc := "-dst=" + serviceAddr.String()
 		runs = append(runs,
-			run{wlProxyBulk, proxyCfg, []string{"-workload=bulk", dur, svc}, false, false},
-			run{wlProxyUDP, proxyCfg, []string{"-workload=udp_rr", dur, "-clients=4", svc}, false, false},
+			run{wlProxyBulk, proxyCfg, []string{"-workload=bulk", dur, svc}, false, true},
+			run{wlProxyUDP, proxyCfg, []string{"-workload=udp_rr", dur, "-clients=4", svc}, false, true},
 		)
 	}
 	for _, r := range runs {
@@ -460,13 +460,22 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		args := append(r.args, "-base="+strconv.FormatUint(*next, 10))
 		profiling := o.profile != "" && rep == 0 && r.profile && fw.builtin
 		if profiling {
-			if err := b.command(fw.c, "start "+filepath.Join(o.profile, cfg+"-"+r.workload+".pprof")); err != nil {
+			if err := b.command(fw.c, "start "+filepath.Join(o.profile, r.config+"-"+r.workload+".pprof")); err != nil {
 				return err
 			}
 		}
+		var perf *exec.Cmd
+		if o.profile != "" && rep == 0 && r.profile {
+			perf = b.startPerf(r.config + "-" + r.workload)
+		}
+		cpu0 := readCPU()
 		res, err := b.client(args...)
+		busy := readCPU().busySince(cpu0)
 		if profiling {
 			err = errors.Join(err, b.command(fw.c, "stop"))
+		}
+		if perf != nil {
+			err = errors.Join(err, b.finishPerf(perf))
 		}
 		if err != nil {
 			return err
@@ -475,7 +484,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 			*next = res.Next
 		}
 		secs := float64(res.Elapsed) / 1e9
-		s := sample{errors: res.Errors, p50: res.P50, p99: res.P99}
+		s := sample{errors: res.Errors, p50: res.P50, p99: res.P99, cpuBusy: busy}
 		var unit string
 		switch r.workload {
 		case wlTCPConnect:
@@ -490,8 +499,8 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 			s.value, unit = float64(res.Ops)/secs, "rr/s"
 		}
 		b.col.add(r.workload, r.config, unit, s)
-		b.logf("  %-16s %-13s %10.0f %-8s p50 %6.0fµs p99 %6.0fµs errors %d", r.workload, r.config, s.value, unit,
-			res.P50, res.P99, res.Errors)
+		b.logf("  %-16s %-13s %10.0f %-8s p50 %6.0fµs p99 %6.0fµs cpu %3.0f%% errors %d", r.workload, r.config,
+			s.value, unit, res.P50, res.P99, busy*100, res.Errors)
 	}
 	if cfg == cfgWarden {
 		if st, err := control.NewClient(b.socket).Status(b.ctx); err == nil {
@@ -501,6 +510,44 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		}
 	}
 	return nil
+}
+
+// startPerf records the whole machine's stacks (kernel and user) for the length of one workload run, when perf
+// is installed: the queue's cost is mostly in the kernel, where pprof does not look.
+func (b *bench) startPerf(name string) *exec.Cmd {
+	path, err := exec.LookPath("perf")
+	if err != nil {
+		return nil
+	}
+	cmd := exec.Command(path, "record", "-a", "-g", "-q", "-o", filepath.Join(b.o.profile, name+".perf.data"),
+		"--", "sleep", strconv.FormatFloat(b.o.duration.Seconds(), 'f', 3, 64))
+	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+	if err := cmd.Start(); err != nil {
+		b.logf("perf: %v", err)
+		return nil
+	}
+	return cmd
+}
+
+// finishPerf waits for a recording and writes its flat report (by symbol, with the command) beside it.
+func (b *bench) finishPerf(cmd *exec.Cmd) error {
+	if err := cmd.Wait(); err != nil {
+		b.logf("perf record: %v", err)
+		return nil
+	}
+	data := cmd.Args[len(cmd.Args)-4] // -o value
+	for i, a := range cmd.Args {
+		if a == "-o" {
+			data = cmd.Args[i+1]
+		}
+	}
+	out, err := exec.Command(cmd.Path, "report", "-i", data, "--stdio", "--no-children", "-g", "none",
+		"--sort", "comm,dso,sym", "--percent-limit", "0.5").Output()
+	if err != nil {
+		b.logf("perf report: %v", err)
+		return nil
+	}
+	return os.WriteFile(strings.TrimSuffix(data, ".perf.data")+".perf.txt", out, 0o644)
 }
 
 // runMemory starts a fresh Warden, reads its resident memory idle, makes it track o.memFlows new UDP flows
@@ -561,6 +608,39 @@ func (b *bench) runMemory(rep int) (err error) {
 	b.logf("  rss idle %d KiB, with %d tracked connections %d KiB: %.0f bytes per connection", rss0,
 		st1.Pipeline.Connections, rss1, per)
 	return nil
+}
+
+// cpuTimes are the machine's total and idle CPU time (jiffies) from /proc/stat.
+type cpuTimes struct{ total, idle uint64 }
+
+func readCPU() cpuTimes {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return cpuTimes{}
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	f := strings.Fields(line)
+	var t cpuTimes
+	for i, s := range f[1:] {
+		v, _ := strconv.ParseUint(s, 10, 64)
+		if i >= 8 { // guest times are already in user and nice
+			break
+		}
+		t.total += v
+		if i == 3 || i == 4 { // idle, iowait
+			t.idle += v
+		}
+	}
+	return t
+}
+
+// busySince returns the busy share of CPU time between then and t.
+func (t cpuTimes) busySince(then cpuTimes) float64 {
+	total := t.total - then.total
+	if total == 0 || t.total < then.total {
+		return 0
+	}
+	return 1 - float64(t.idle-then.idle)/float64(total)
 }
 
 // vmRSS reads a process's resident set size in KiB.

@@ -53,6 +53,9 @@ type Result struct {
 	// Runs are the values of the individual repetitions; Errors counts failed operations over all of them.
 	Runs   []float64 `json:"runs"`
 	Errors uint64    `json:"errors"`
+	// CPUBusy is the median share of the machine's CPU time that was busy during the runs (all processes,
+	// 0-1): 1 means the workload was CPU-bound, and then any extra work costs throughput one for one.
+	CPUBusy float64 `json:"cpu_busy"`
 }
 
 // Report is what --out writes.
@@ -104,6 +107,7 @@ type sample struct {
 	value    float64
 	p50, p99 float64 // microseconds; 0 when not measured
 	errors   uint64
+	cpuBusy  float64
 }
 
 // collector gathers samples and turns them into results.
@@ -145,9 +149,10 @@ func (c *collector) results() []Result {
 		wl, cfg, _ := strings.Cut(k, "/")
 		ss := c.data[k]
 		r := Result{Workload: wl, Config: cfg, Unit: c.units[k]}
-		var vals, p50s, p99s []float64
+		var vals, p50s, p99s, busy []float64
 		for _, s := range ss {
 			vals = append(vals, s.value)
+			busy = append(busy, s.cpuBusy)
 			r.Errors += s.errors
 			if s.p99 > 0 {
 				p50s = append(p50s, s.p50)
@@ -156,6 +161,7 @@ func (c *collector) results() []Result {
 		}
 		r.Value = round(median(vals))
 		r.Runs = roundAll(vals)
+		r.CPUBusy = math.Round(median(busy)*100) / 100
 		if len(p99s) > 0 {
 			p50, p99 := round(median(p50s)), round(median(p99s))
 			r.P50, r.P99 = &p50, &p99
@@ -264,10 +270,14 @@ func ratios(rs []Result) (map[string]float64, []Target) {
 // writeTable prints the results and the targets for people.
 func writeTable(w io.Writer, rep *Report) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "WORKLOAD\tCONFIG\tMEDIAN\tUNIT\tP50 µs\tP99 µs\tERRORS\tRUNS")
+	fmt.Fprintln(tw, "WORKLOAD\tCONFIG\tMEDIAN\tUNIT\tP50 µs\tP99 µs\tCPU BUSY\tERRORS\tRUNS")
 	for _, r := range rep.Results {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Workload, r.Config, fmtNum(r.Value), r.Unit,
-			fmtPtr(r.P50), fmtPtr(r.P99), r.Errors, fmtRuns(r.Runs))
+		busy := "-"
+		if r.CPUBusy > 0 {
+			busy = fmt.Sprintf("%.0f%%", r.CPUBusy*100)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Workload, r.Config, fmtNum(r.Value), r.Unit,
+			fmtPtr(r.P50), fmtPtr(r.P99), busy, r.Errors, fmtRuns(r.Runs))
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
