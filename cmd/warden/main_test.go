@@ -136,3 +136,47 @@ func TestCleanupIfFailOpenKeepsClosedRules(t *testing.T) {
 		t.Errorf("missing config: exit %d, out %q", code, out)
 	}
 }
+
+// TestCheckRejectsMalformed runs `warden check` on malformed configs: each exits 2 and names the key path.
+func TestCheckRejectsMalformed(t *testing.T) {
+	cases := []struct{ yaml, path string }{
+		{"fail_mod: open", "fail_mod"},
+		{"rules: [{name: a, action: block, prots: [1]}]", "rules[0].prots"},
+		{"split_tunnel: {interfac: eth0}", "split_tunnel.interfac"},
+		{"backend: ebpf", "backend"},
+		{"fail_mode: maybe", "fail_mode"},
+		{"default_action: split", "default_action"},
+		{"inbound_default: reject", "inbound_default"},
+		{"rules: [{name: a, action: block}, {name: b, action: block}, {name: c, action: block}, {name: d, action: block, ports: [\"70000\"]}]", `rules[3].ports[0]: "70000" is not a port (1-65535)`},
+		{"rules: [{name: a, action: block, ports: [0]}]", "rules[0].ports[0]"},
+		{"rules: [{name: a, action: block, ports: [\"9000-8000\"]}]", "rules[0].ports[0]"},
+		{"rules: [{action: block}]", "rules[0].name"},
+		{"rules: [{name: a, action: block}, {name: a, action: allow}]", "rules[1].name"},
+		{"rules: [{name: a}]", "rules[0].action"},
+		{"rules: [{name: a, action: block, direction: sideways}]", "rules[0].direction"},
+		{"rules: [{name: a, action: block, protocol: sctp}]", "rules[0].protocol"},
+		{"rules: [{name: a, action: block, app: bin/curl}]", "rules[0].app"},
+		{"rules: [{name: a, action: block, remote: [10.0.0.0/33]}]", "rules[0].remote[0]"},
+		{"rules: [{name: a, action: block, remote: [ok.com, \"bad domain.com\"]}]", "rules[0].remote[1]"},
+		{"rules: [{name: a, action: block, user: no-such-user-warden}]", "rules[0].user"},
+		{"rules: [{name: a, action: split, protocol: icmp}]", "rules[0].protocol"},
+		{"rules: [{name: a, action: allow, via: eth1}]", "rules[0].via"},
+		{"split_tunnel: {on_interface_down: panic}", "split_tunnel.on_interface_down"},
+		{"control: {socket: relative.sock}", "control.socket"},
+		{"metrics: {listen: nowhere}", "metrics.listen"},
+		{"log: {format: xml}", "log.format"},
+		{"verdict_timeout: soon", "verdict_timeout"},
+		{"nfqueue: {queues: 0}", "nfqueue.queues"},
+		{"nameserver: {upstreams: [dns.example]}", "nameserver.upstreams[0]"},
+		{"rules: [oops", "parsing yaml"},
+	}
+	for _, c := range cases {
+		code, _, errOut := runCLI(t, "check", "-c", writeConfig(t, c.yaml))
+		if code != exitUsage {
+			t.Errorf("%q: exit %d, want 2", c.yaml, code)
+		}
+		if !strings.Contains(errOut, c.path) {
+			t.Errorf("%q: error does not name %q:\n%s", c.yaml, c.path, errOut)
+		}
+	}
+}
