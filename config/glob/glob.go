@@ -6,8 +6,11 @@ package glob
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 )
+
+const maxDeep = 4
 
 // Pattern is a compiled app pattern.
 type Pattern struct {
@@ -31,11 +34,23 @@ func Compile(p string) (*Pattern, error) {
 	if windows {
 		norm = strings.ToLower(strings.ReplaceAll(p, `\`, "/"))
 	}
-	segs := strings.Split(norm, "/")
-	for _, s := range segs {
+	var segs []string
+	deep := 0
+	for _, s := range strings.Split(norm, "/") {
 		if strings.Contains(s, "**") && s != "**" {
 			return nil, errors.New(`"**" must be a whole path segment`)
 		}
+		if s == "**" {
+			if len(segs) > 0 && segs[len(segs)-1] == "**" {
+				continue // "**/**" is "**"
+			}
+			deep++
+		}
+		segs = append(segs, s)
+	}
+	// Each "**" multiplies the work of a match by the path's depth; a few are plenty for any real layout.
+	if deep > maxDeep {
+		return nil, fmt.Errorf("at most %d \"**\" segments", maxDeep)
 	}
 	return &Pattern{raw: p, segs: segs, foldCase: windows, literal: !strings.ContainsAny(norm, "*?")}, nil
 }

@@ -22,6 +22,8 @@ func TestMatch(t *testing.T) {
 		{"/opt/*/bin/?ython3", "/opt/py/bin/python3", true},
 		{"/opt/*/bin/?ython3", "/opt/py/bin/ython3", false},
 		{"/**", "/anything/at/all", true},
+		{"/a/**/**/b", "/a/x/y/b", true},
+		{"/a/**/**/b", "/a/b", true},
 		{"/a*b*c", "/aXbYc", true},
 		{"/a*b*c", "/aXbY", false},
 		{`C:\Program Files\*\firefox.exe`, `c:\program files\Mozilla\FIREFOX.EXE`, true},
@@ -40,7 +42,7 @@ func TestMatch(t *testing.T) {
 }
 
 func TestCompileErrors(t *testing.T) {
-	for _, p := range []string{"", "usr/bin/x", "/usr/a**b/x", "*"} {
+	for _, p := range []string{"", "usr/bin/x", "/usr/a**b/x", "*", "/**/a/**/b/**/c/**/d/**/e"} {
 		if _, err := Compile(p); err == nil {
 			t.Errorf("Compile(%q) succeeded, want error", p)
 		}
@@ -65,4 +67,20 @@ func TestLiteralDir(t *testing.T) {
 			t.Errorf("%q.LiteralDir() = %q, want %q", pat, got, want)
 		}
 	}
+}
+
+// FuzzMatch checks that matching never panics and that a literal pattern matches exactly itself.
+func FuzzMatch(f *testing.F) {
+	f.Add("/usr/**/bin/*x?", "/usr/a/b/bin/yxz")
+	f.Add(`C:\a\*\b`, `c:/A/x/B`)
+	f.Fuzz(func(t *testing.T, pat, path string) {
+		p, err := Compile(pat)
+		if err != nil {
+			return
+		}
+		got := p.Match(path)
+		if p.Literal() && got != (Normalize(path, p.FoldCase()) == p.Normalized()) {
+			t.Fatalf("literal %q vs %q: %v", pat, path, got)
+		}
+	})
 }
