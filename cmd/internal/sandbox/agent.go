@@ -91,8 +91,10 @@ type Response struct {
 	Servers  map[string]int `json:"servers,omitempty"`
 	Failures int            `json:"failures,omitempty"`
 	Status   int            `json:"status,omitempty"`
-	Body     string         `json:"body,omitempty"`
-	Elapsed  time.Duration  `json:"elapsed"`
+	// Listening lists the addresses serve bound (useful with port 0).
+	Listening []string      `json:"listening,omitempty"`
+	Body      string        `json:"body,omitempty"`
+	Elapsed   time.Duration `json:"elapsed"`
 }
 
 // Classify maps a network error to an outcome.
@@ -172,7 +174,8 @@ func (a *agent) handle(req *Request) Response {
 	var resp Response
 	switch req.Op {
 	case "serve":
-		if err := a.serve(req); err != nil {
+		var err error
+		if resp.Listening, err = a.serve(req); err != nil {
 			resp.Err = err.Error()
 		}
 	case "tcp":
@@ -203,30 +206,33 @@ func (a *agent) handle(req *Request) Response {
 
 // serve answers TCP (the name and a newline, then an echo until EOF) and UDP ("name|local address|payload") on
 // every address and port. UDP sockets are bound to the exact address so replies leave from it.
-func (a *agent) serve(req *Request) error {
+func (a *agent) serve(req *Request) ([]string, error) {
+	var listening []string
 	for _, s := range req.Addrs {
 		ip, err := netip.ParseAddr(s)
 		if err != nil {
-			return fmt.Errorf("serve: %w", err)
+			return listening, fmt.Errorf("serve: %w", err)
 		}
 		for _, port := range req.TCP {
 			ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, port)))
 			if err != nil {
-				return fmt.Errorf("serve: %w", err)
+				return listening, fmt.Errorf("serve: %w", err)
 			}
 			a.closers = append(a.closers, ln)
+			listening = append(listening, "tcp "+ln.Addr().String())
 			go acceptLoop(ln, req.Name)
 		}
 		for _, port := range req.UDP {
 			uc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, port)))
 			if err != nil {
-				return fmt.Errorf("serve: %w", err)
+				return listening, fmt.Errorf("serve: %w", err)
 			}
 			a.closers = append(a.closers, uc)
+			listening = append(listening, "udp "+uc.LocalAddr().String())
 			go udpLoop(uc, req.Name, ip)
 		}
 	}
-	return nil
+	return listening, nil
 }
 
 func acceptLoop(ln *net.TCPListener, name string) {
@@ -537,19 +543,22 @@ func StartAgent(cmd *exec.Cmd) (*Agent, error) {
 		return nil, fmt.Errorf("starting agent: %w", err)
 	}
 	a := &Agent{cmd: cmd, in: in, lines: make(chan string, 1), done: make(chan struct{})}
-	go func() {
-		defer close(a.lines)
-		sc := bufio.NewScanner(out)
-		sc.Buffer(make([]byte, 64<<10), 32<<20)
-		for sc.Scan() {
-			a.lines <- sc.Text()
-		}
-	}()
+	go readLines(out, a.lines)
 	go func() {
 		_ = cmd.Wait()
 		close(a.done)
 	}()
 	return a, nil
+}
+
+// readLines sends each line of r to lines and closes lines at the end.
+func readLines(r io.Reader, lines chan<- string) {
+	defer close(lines)
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 32<<20)
+	for sc.Scan() {
+		lines <- sc.Text()
+	}
 }
 
 // Call sends one request and waits for its answer, for at most the request's own time bound plus a margin.
