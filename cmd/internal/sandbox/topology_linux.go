@@ -47,6 +47,10 @@ func New(ctx context.Context, prefix string) (_ *Topology, err error) {
 			return nil, err
 		}
 		// No duplicate address detection: addresses are usable at once, and nobody else is on these links.
+		// (The global addresses are added with nodad anyway; without sysctl, link-local ones take a second.)
+		if _, err := exec.LookPath("sysctl"); err != nil {
+			continue
+		}
 		for _, k := range []string{"all", "default"} {
 			if err := run(ctx, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf."+k+".accept_dad=0"); err != nil {
 				return nil, err
