@@ -65,6 +65,13 @@ func TestReloadRejectsBrokenAndCutsLive(t *testing.T) {
 		t.Errorf("status text does not show the rejected reload:\n%s", out)
 	}
 	expectOutcome(t, "telnet after a rejected reload", call(t, e.client, tcpReq(telnet)), sandbox.Refused)
+	explain := []string{"explain", "--json", "--proto", "tcp", "--remote", sandbox.ServiceV4.String(), "--port", "23"}
+	if out := e.cli(append(explain, "--online")...); !strings.Contains(out, `"rule":"no-telnet"`) {
+		t.Errorf("explain --online after a rejected reload: %s; want the running policy's no-telnet", out)
+	}
+	if code, _, errOut := wardenCmd(t, nil, append(explain, "-c", e.cfg)...); code != 2 || !strings.Contains(errOut, "rules[0].action") {
+		t.Errorf("explain from the broken file: exit %d, %q; want 2 naming rules[0].action", code, errOut)
+	}
 	for _, h := range []sandbox.Response{h1, h2} {
 		expectOutcome(t, "held connection after a rejected reload", call(t, e.client, sandbox.Request{Op: "ping", ID: h.ID}), sandbox.Connected)
 	}
@@ -90,6 +97,10 @@ func TestReloadRejectsBrokenAndCutsLive(t *testing.T) {
 	expectOutcome(t, "the untouched live connection", call(t, e.client, sandbox.Request{Op: "ping", ID: h2.ID}), sandbox.Connected)
 	expectOutcome(t, "a new connection to the blocked destination", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 80))), sandbox.Refused)
 	expectServer(t, "a new connection elsewhere", call(t, e.client, tcpReq(hp(sandbox.ServiceV4Alt, 80))), "A")
+	explain80 := []string{"explain", "--online", "--json", "--proto", "tcp", "--remote", sandbox.ServiceV4.String(), "--port", "80"}
+	if out := e.cli(explain80...); !strings.Contains(out, `"rule":"cut-192.0.2.10"`) {
+		t.Errorf("explain --online after the reload: %s; want cut-192.0.2.10", out)
+	}
 	st = e.status()
 	if st.LastReloadError != "" || st.Reloads != 1 || st.Pipeline.Rules != 2 {
 		t.Errorf("status after a good reload: last_reload_error %q, reloads %d, rules %d", st.LastReloadError, st.Reloads, st.Pipeline.Rules)

@@ -121,6 +121,34 @@ func TestSplitTunnel(t *testing.T) {
 			t.Errorf("the proxy's upstream connection was queued and tracked: %+v", c)
 		}
 	}
+	// The daemon attributes the app agent's connections to its process.
+	attributed := 0
+	for _, c := range e.conns() {
+		if c.Rule == "split-app" {
+			attributed++
+			if c.App != appExe || c.PID != int32(app.PID()) || c.Verdict != "reroute-split-permanent" {
+				t.Errorf("split-app connection %+v; want app %s, pid %d, reroute-split-permanent", c, appExe, app.PID())
+			}
+		}
+	}
+	if attributed != 4 {
+		t.Errorf("%d connections decided by split-app, want 4 (TCP and UDP, IPv4 and IPv6)", attributed)
+	}
+	// explain --online answers from the running policy.
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--proto", "tcp", "--remote", sandbox.ServiceV4.String(), "--port", "8080"}, `{"action":"split","rule":"split-port","via":"ub"}`},
+		{[]string{"--proto", "udp", "--remote", sandbox.ServiceV6.String(), "--port", "4000", "--app", appExe}, `{"action":"split","rule":"split-app","via":"ub"}`},
+		{[]string{"--proto", "tcp", "--remote", sandbox.ServiceV4.String(), "--port", "80"}, `{"action":"allow","rule":"","via":""}`},
+	} {
+		out := e.cli(append([]string{"explain", "--online", "--json"}, c.args...)...)
+		if got := strings.Join(strings.Fields(out), ""); got != c.want {
+			t.Errorf("explain --online %v = %s, want %s", c.args, got, c.want)
+		}
+	}
+
 	sp := e.split(st)
 	if !sp.Interface.Up || sp.Interface.Interface.Name != sandbox.UplinkB || sp.OnInterfaceDown != "block" {
 		t.Errorf("split interface in status: %+v", sp)
