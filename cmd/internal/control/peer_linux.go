@@ -1,7 +1,12 @@
 package control
 
 import (
+	"bufio"
+	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -19,9 +24,21 @@ func (l *peerCheckListener) Accept() (net.Conn, error) {
 		if peerIsRoot(c) {
 			return c, nil
 		}
-		_, _ = c.Write([]byte("HTTP/1.1 403 Forbidden\r\nContent-Length: 28\r\nConnection: close\r\n\r\ncontrol API is for root only"))
-		c.Close()
+		go refuse(c)
 	}
+}
+
+// refuse answers a non-root client with 403. It reads the request first: closing a socket with unread data
+// makes the kernel reset the connection, and the client would see "broken pipe" instead of the reason.
+func refuse(c net.Conn) {
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if req, err := http.ReadRequest(bufio.NewReader(io.LimitReader(c, 64<<10))); err == nil {
+		_, _ = io.Copy(io.Discard, io.LimitReader(req.Body, 64<<10))
+	}
+	body := "control API is for root only"
+	_, _ = fmt.Fprintf(c, "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
+		len(body), body)
 }
 
 func peerIsRoot(c net.Conn) bool {
