@@ -201,12 +201,12 @@ func TestResolverOwnership(t *testing.T) {
 		{"descriptor number changed", func() {
 			f.closeFD(200, 5)
 			f.setFD(200, 6, "socket:[999]")
-		}, backend.Process{PID: 200, Path: "/usr/bin/qux", UID: 1000}, true, 3},
-		{"no process holds it", func() { f.closeFD(200, 6) }, backend.Process{}, false, 4},
-		{"socket gone", func() { ff.set(fakeLocal, sockInfo{inode: 12345}) }, backend.Process{}, false, 5},
+		}, backend.Process{PID: 200, Path: "/usr/bin/qux", UID: 1000}, true, 2}, // found among recent owners
+		{"no process holds it", func() { f.closeFD(200, 6) }, backend.Process{}, false, 3},
+		{"socket gone", func() { ff.set(fakeLocal, sockInfo{inode: 12345}) }, backend.Process{}, false, 4},
 		{"deleted executable", func() {
 			f.process(300, "new", 300, "/opt/new (deleted)", map[int]string{9: "socket:[12345]"})
-		}, backend.Process{PID: 300, Path: "/opt/new", UID: 0}, true, 6},
+		}, backend.Process{PID: 300, Path: "/opt/new", UID: 0}, true, 5},
 	}
 	for _, s := range steps {
 		s.change()
@@ -242,14 +242,15 @@ func TestWalkStopsEarly(t *testing.T) {
 	if got, ok := r.ResolveProcess(&fakeInfo); !ok || got.PID != 1010 {
 		t.Fatalf("first lookup = %+v, %v", got, ok)
 	}
-	// Process 1010 opens another socket; the next walk finds it in the hot process alone.
+	// Process 1010 opens another socket; the lookup finds it among the recent owners without any walk.
 	f.setFD(1010, 4, "socket:[5000]")
 	ff.set(fakeLocal, sockInfo{inode: 5000})
+	walks := r.scans.Load()
 	if got, ok := r.ResolveProcess(&fakeInfo); !ok || got.PID != 1010 {
 		t.Fatalf("second lookup = %+v, %v", got, ok)
 	}
-	if n := len(r.walk.scanned); n != 1 {
-		t.Errorf("walk for a hot process's socket visited %d processes, want 1", n)
+	if n := r.scans.Load() - walks; n != 0 {
+		t.Errorf("a hot process's new socket cost %d walks of /proc, want 0", n)
 	}
 	ff.set(fakeLocal, sockInfo{inode: 6000}) // nobody holds it
 	if _, ok := r.ResolveProcess(&fakeInfo); ok {

@@ -285,10 +285,46 @@ func (r *Resolver) ownerOf(inode uint32) (int32, bool) {
 	if pid, ok := r.validOwner(inode); ok {
 		return pid, true
 	}
+	// Most new sockets belong to a process that opened one recently: looking through those few first avoids
+	// waiting for the next rate-limited walk of all of /proc.
+	if pid, ok := r.ownerAmongHot(inode); ok {
+		return pid, true
+	}
 	if !r.awaitScan(inode) {
 		return 0, false
 	}
 	return r.validOwner(inode)
+}
+
+// hotBuffers are the buffers of ownerAmongHot, which may run concurrently with a walk and with itself.
+var hotBuffers = sync.Pool{New: func() any { return newScanBuffers() }}
+
+// ownerAmongHot looks for inode among the fds of the recent socket owners and caches what it finds.
+func (r *Resolver) ownerAmongHot(inode uint32) (int32, bool) {
+	r.ownerMu.Lock()
+	hot := r.hot
+	r.ownerMu.Unlock()
+	bufs := hotBuffers.Get().(*scanBuffers)
+	defer hotBuffers.Put(bufs)
+	var found owner
+	ok := false
+	for _, pid := range hot {
+		if pid == 0 || ok {
+			continue
+		}
+		r.proc.socketsOf(pid, bufs, func(fd int32, ino uint32) {
+			if ino == inode && !ok {
+				found, ok = owner{pid: pid, fd: fd}, true
+			}
+		})
+	}
+	if !ok {
+		return 0, false
+	}
+	r.ownerMu.Lock()
+	r.owners[inode] = found
+	r.ownerMu.Unlock()
+	return found.pid, true
 }
 
 // validOwner returns the cached owner of inode if it still holds the socket.
