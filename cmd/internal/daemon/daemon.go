@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -83,10 +84,17 @@ func BackendOptions(cfg *config.Config, log *slog.Logger) backend.Options {
 	if cfg.FailClosed {
 		fm = backend.FailClosed
 	}
+	driver := cfg.WindowsKext.DriverPath
+	if driver == "" {
+		// The documented default: the driver file next to warden.exe.
+		if exe, err := os.Executable(); err == nil {
+			driver = filepath.Join(filepath.Dir(exe), "portmaster-kext.sys")
+		}
+	}
 	return backend.Options{
 		Logger: log, FailMode: fm, VerdictTimeout: cfg.VerdictTimeout, OwnPID: os.Getpid(),
 		QueueBase: uint16(cfg.NFQueue.QueueBase), QueueCount: cfg.NFQueue.Queues,
-		SplitTunnelPort: uint16(cfg.SplitTunnel.Port), DriverPath: cfg.WindowsKext.DriverPath,
+		SplitTunnelPort: uint16(cfg.SplitTunnel.Port), DriverPath: driver,
 	}
 }
 
@@ -289,4 +297,10 @@ func (d *Daemon) Reload() (changed int, err error) {
 func (d *Daemon) onDecision(c *firewall.Conn, took time.Duration) {
 	d.metrics.observeDecision(c, took)
 	d.connLog.Log(c)
+	if d.log.Enabled(context.Background(), slog.LevelDebug) {
+		// Built only when debug logging is on: this runs once per new connection.
+		name, _, source := c.Rule()
+		d.log.Debug("decided", "conn", c.Key.String(), "direction", c.Direction.String(), "pid", c.PID,
+			"app", c.App, "verdict", c.Decision().String(), "rule", name, "source", source, "took", took)
+	}
 }
