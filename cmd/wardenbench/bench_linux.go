@@ -113,6 +113,26 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 	b.logf("namespaces %s, %s, %s ready; %d repetition(s) of %v per workload", b.topo.client, b.topo.server,
 		b.topo.uplink, o.reps, o.duration)
 
+	runErr := b.measure(policy)
+	if runErr != nil && len(b.col.order) == 0 {
+		return runErr
+	}
+	// An interrupted or failed run still reports what it measured, marked partial.
+	rep := &Report{Machine: mach, Results: b.col.results(), Partial: runErr != nil}
+	rep.Machine.LoadEnd = loadavg()
+	rep.Ratios, rep.Targets = ratios(rep.Results)
+	rep.Method = Method{Quick: o.quick, Reps: o.reps, DurationMS: o.duration.Milliseconds(), Clients: o.clients,
+		LatencyRate: o.latencyRate, MemFlows: o.memFlows, MemClients: o.memClients, Rules: o.rules, Workloads: o.workloads, Warden: b.warden, NoAppRules: o.noApps}
+	writeTable(stdout, rep)
+	if o.out != "" {
+		runErr = errors.Join(runErr, writeJSON(o.out, rep))
+	}
+	return runErr
+}
+
+// measure runs every repetition of every configuration, then the memory workload.
+func (b *bench) measure(policy string) error {
+	o := b.o
 	for rep := range o.reps {
 		for _, cfg := range []string{cfgKernel, cfgBare, cfgWarden} {
 			if err := b.runConfig(cfg, rep); err != nil {
@@ -131,16 +151,6 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 		} else {
 			b.logf("in-process table measurement: %v", err)
 		}
-	}
-
-	rep := &Report{Machine: mach, Results: b.col.results()}
-	rep.Machine.LoadEnd = loadavg()
-	rep.Ratios, rep.Targets = ratios(rep.Results)
-	rep.Method = Method{Quick: o.quick, Reps: o.reps, DurationMS: o.duration.Milliseconds(), Clients: o.clients,
-		LatencyRate: o.latencyRate, MemFlows: o.memFlows, Rules: o.rules, Workloads: o.workloads, Warden: b.warden, NoAppRules: o.noApps}
-	writeTable(stdout, rep)
-	if o.out != "" {
-		return writeJSON(o.out, rep)
 	}
 	return nil
 }
@@ -576,7 +586,7 @@ func (b *bench) runMemory(rep int) (err error) {
 	if err != nil {
 		return err
 	}
-	res, err := b.client("-workload=udp_flows", "-clients="+strconv.Itoa(b.o.clients),
+	res, err := b.client("-workload=udp_flows", "-clients="+strconv.Itoa(b.o.memClients),
 		"-count="+strconv.Itoa(b.o.memFlows), "-base="+strconv.FormatUint(b.udpNext, 10))
 	if err != nil {
 		return err

@@ -29,6 +29,7 @@ type options struct {
 	clients     int
 	latencyRate int
 	memFlows    int
+	memClients  int
 	rules       int
 	warden      string
 	profile     string
@@ -49,6 +50,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.clients, "clients", 8, "concurrent clients for tcp_connect and udp_flows")
 	fs.IntVar(&o.latencyRate, "latency-rate", 2000, "new connections per second for connect_latency (moderate load)")
 	fs.IntVar(&o.memFlows, "mem-flows", 0, "UDP flows Warden tracks for the memory workload (default 100000, quick 20000)")
+	fs.IntVar(&o.memClients, "mem-clients", 128, "concurrent clients making the memory workload's flows (its rate does not matter, only the count)")
 	fs.IntVar(&o.rules, "rules", 1000, "rules in Warden's policy")
 	fs.StringVar(&o.warden, "warden", "", "warden binary (default: next to wardenbench, else $PATH); \"builtin\" runs the same daemon package inside this binary")
 	fs.StringVar(&o.profile, "profile", "", "directory for CPU profiles (pprof) of Warden and the bare consumer during tcp_connect and udp_flows; implies --warden builtin")
@@ -82,8 +84,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 			o.memFlows = 20000
 		}
 	}
-	if o.clients <= 0 || o.latencyRate <= 0 || o.rules < 10 {
-		return nil, errors.New("--clients and --latency-rate must be positive and --rules at least 10")
+	if o.clients <= 0 || o.latencyRate <= 0 || o.memClients <= 0 || o.rules < 10 {
+		return nil, errors.New("--clients, --mem-clients and --latency-rate must be positive and --rules at least 10")
 	}
 	if workloads == "" {
 		o.workloads = slices.Clone(allWorkloads)

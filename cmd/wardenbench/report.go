@@ -65,6 +65,8 @@ type Report struct {
 	Results []Result           `json:"results"`
 	Ratios  map[string]float64 `json:"ratios"`
 	Targets []Target           `json:"targets"`
+	// Partial is set when the run was interrupted or failed: the results are what was measured until then.
+	Partial bool `json:"partial,omitempty"`
 }
 
 // Machine describes where the numbers were taken.
@@ -87,6 +89,7 @@ type Method struct {
 	Clients     int      `json:"clients"`
 	LatencyRate int      `json:"latency_rate_per_s"`
 	MemFlows    int      `json:"memory_flows"`
+	MemClients  int      `json:"memory_clients"`
 	Rules       int      `json:"warden_rules"`
 	Workloads   []string `json:"workloads"`
 	Warden      string   `json:"warden"`
@@ -280,6 +283,9 @@ func writeTable(w io.Writer, rep *Report) {
 			fmtPtr(r.P50), fmtPtr(r.P99), busy, r.Errors, fmtRuns(r.Runs))
 	}
 	tw.Flush()
+	if rep.Partial {
+		fmt.Fprintln(w, "PARTIAL: the run was interrupted or failed; these are the results until then.")
+	}
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "RATIO\tVALUE\tTARGET\tMET")
