@@ -34,7 +34,7 @@ const (
 
 // Request is one instruction to an agent.
 type Request struct {
-	// Op is one of: serve, tcp, udp, many, hold, ping, close, http.
+	// Op is one of: serve, tcp, udp, many, hold, ping, close, http, dns-serve, dns-count, dns (see dns.go).
 	Op string `json:"op"`
 	// Name is what a server answers with (serve).
 	Name string `json:"name,omitempty"`
@@ -59,6 +59,13 @@ type Request struct {
 	URL      string `json:"url,omitempty"`
 	// TimeoutMS bounds each network operation (default 3000).
 	TimeoutMS int `json:"timeout_ms,omitempty"`
+	// Records is the zone a DNS server answers from (dns-serve).
+	Records []DNSRecord `json:"records,omitempty"`
+	// QName and QType are the question of a DNS query (dns; QType defaults to A); Net is its transport,
+	// udp (default) or tcp.
+	QName string `json:"qname,omitempty"`
+	QType string `json:"qtype,omitempty"`
+	Net   string `json:"net,omitempty"`
 }
 
 // UDPReply is the outcome of one datagram sent to one destination.
@@ -92,9 +99,14 @@ type Response struct {
 	Failures int            `json:"failures,omitempty"`
 	Status   int            `json:"status,omitempty"`
 	// Listening lists the addresses serve bound (useful with port 0).
-	Listening []string      `json:"listening,omitempty"`
-	Body      string        `json:"body,omitempty"`
-	Elapsed   time.Duration `json:"elapsed"`
+	Listening []string `json:"listening,omitempty"`
+	Body      string   `json:"body,omitempty"`
+	// Rcode and Answers are a DNS reply (dns); DNSQueries counts the questions a DNS server was asked,
+	// keyed "net name TYPE" (dns-count).
+	Rcode      string         `json:"rcode,omitempty"`
+	Answers    []DNSRecord    `json:"answers,omitempty"`
+	DNSQueries map[string]int `json:"dns_queries,omitempty"`
+	Elapsed    time.Duration  `json:"elapsed"`
 }
 
 // Classify maps a network error to an outcome.
@@ -117,9 +129,10 @@ func Classify(err error) string {
 
 // agent is the serving and probing side.
 type agent struct {
-	mu      sync.Mutex // guards held and nextID
+	mu      sync.Mutex // guards held, nextID and dns
 	held    map[int]*heldConn
 	nextID  int
+	dns     map[string]*dnsZone // DNS servers by name (dns-serve)
 	closers []io.Closer
 }
 
@@ -131,7 +144,7 @@ type heldConn struct {
 // RunAgent serves requests read from in, one JSON object per line, answering each with one line on out, until
 // in ends. Everything it opened is closed before it returns.
 func RunAgent(in io.Reader, out io.Writer) error {
-	a := &agent{held: map[int]*heldConn{}}
+	a := &agent{held: map[int]*heldConn{}, dns: map[string]*dnsZone{}}
 	defer a.closeAll()
 	sc := bufio.NewScanner(in)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
@@ -197,6 +210,15 @@ func (a *agent) handle(req *Request) Response {
 		a.mu.Unlock()
 	case "http":
 		resp = fetch(req)
+	case "dns-serve":
+		var err error
+		if resp.Listening, err = a.serveDNS(req); err != nil {
+			resp.Err = err.Error()
+		}
+	case "dns-count":
+		resp = a.countDNS(req)
+	case "dns":
+		resp = queryDNS(req)
 	default:
 		resp.Err = fmt.Sprintf("unknown op %q", req.Op)
 	}
