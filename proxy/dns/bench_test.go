@@ -3,6 +3,7 @@ package dns
 import (
 	"context"
 	"encoding/binary"
+	"math"
 	"net"
 	"net/netip"
 	"slices"
@@ -197,7 +198,13 @@ func TestCacheHitAllocsAtLibraryFloor(t *testing.T) {
 		rc.roundTrip(t)
 		return testing.AllocsPerRun(300, func() { rc.roundTrip(t) })
 	}
-	floor, hit := measure(tg.floor), measure(tg.cached)
+	// Background goroutines (timers, the coarse clock) add an allocation now and then to whichever
+	// measurement is running: take the least of a few interleaved trials of each.
+	floor, hit := math.Inf(1), math.Inf(1)
+	for range 5 {
+		floor = math.Min(floor, measure(tg.floor))
+		hit = math.Min(hit, measure(tg.cached))
+	}
 	t.Logf("allocs per query: library floor %.2f, cache hit %.2f", floor, hit)
 	// A little slack for runtime noise (goroutine stacks, timers) that neither server controls.
 	if hit > floor+0.5 {
