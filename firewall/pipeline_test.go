@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/config"
@@ -508,5 +509,11 @@ rules:
 		if got := pol.BlockDomain(name); got != want {
 			t.Errorf("BlockDomain(%q) = %v, want %v (default block must not block names)", name, got, want)
 		}
+	}
+}
+
+func TestShardSize(t *testing.T) {
+	if s := unsafe.Sizeof(connShard{}); s != 64 {
+		t.Errorf("connShard is %d bytes, want one 64-byte cache line", s)
 	}
 }
