@@ -226,7 +226,9 @@ func (p *Pipeline) decide(pkt backend.Packet, pol *Policy, proc backend.Process,
 		Key: info.Key(), Direction: info.Direction, PID: proc.PID, UID: proc.UID, App: proc.Path,
 		Interface: info.Interface, Created: start.UnixNano(),
 	}
-	if p.opts.Names != nil && pol.NeedsDomain {
+	if p.opts.Names != nil {
+		// Looked up even when no rule names domains: a reload may add one, and re-evaluating this live
+		// connection then needs its domain (and conns shows it). The lookup is a read-locked map access.
 		c.Domain, _ = p.opts.Names.DomainOf(info.Remote.Addr().Unmap())
 	}
 	d, ref, via := p.evaluate(info, c, pol)
