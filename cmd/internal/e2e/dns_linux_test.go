@@ -139,8 +139,10 @@ type dnsEnv struct {
 }
 
 // newDNSEnv builds the sandbox, the extra service addresses and the DNS servers, and starts the daemon with
-// dnsConfig and upstream.
-func newDNSEnv(t *testing.T, upstream netip.AddrPort) *dnsEnv {
+// config (%UPSTREAM% replaced by the real nameserver's address). With symlinked set, the config path is a
+// symlink (useSymlinkedConfig), so only an explicit reload picks up changes; the returned path is then the file
+// to write.
+func newDNSEnv(t *testing.T, config string, symlinked bool) (*dnsEnv, string) {
 	t.Helper()
 	e := &dnsEnv{env: newEnv(t)}
 	for _, ns := range []string{e.top.A, e.top.B} {
@@ -158,9 +160,15 @@ func newDNSEnv(t *testing.T, upstream netip.AddrPort) *dnsEnv {
 	}
 	call(t, e.a, sandbox.Request{Op: "dns-serve", Name: "real", Addrs: []string{realDNS4.Addr().String(), realDNS6.Addr().String()},
 		UDP: []uint16{53}, TCP: []uint16{53}, Records: realZone()})
-	e.writeConfig(strings.ReplaceAll(dnsConfig, "%UPSTREAM%", upstream.String()))
+	config = strings.ReplaceAll(config, "%UPSTREAM%", realDNS4.String())
+	target := e.cfg
+	if symlinked {
+		target = e.useSymlinkedConfig(config)
+	} else {
+		e.writeConfig(config)
+	}
 	e.startDaemon()
-	return e
+	return e, target
 }
 
 // ask has the client agent (an application in the client namespace) ask resolver for name over network.
@@ -229,7 +237,7 @@ func (e *dnsEnv) domainConns() []domainConn {
 //     not a hang until the client's 5 s timeout.
 func TestNameserver(t *testing.T) {
 	t.Parallel()
-	e := newDNSEnv(t, realDNS4)
+	e, _ := newDNSEnv(t, dnsConfig, false)
 	st0 := nameserverStatus(t, e.status())
 	if st0.Queries != 0 || !slices.Equal(st0.Upstreams, []string{realDNS4.String()}) {
 		t.Errorf("nameserver status at start: %+v; want no queries, upstream %s", st0, realDNS4)
@@ -410,6 +418,7 @@ func TestNameserver(t *testing.T) {
 				t.Errorf("%s query with the upstream dead: outcome %s (%s), rcode %s after %v; want SERVFAIL well within the client's 5 s",
 					c.network, r.Outcome, r.Detail, r.Rcode, r.Elapsed)
 			}
+			t.Logf("%s: %s after %v", c.network, r.Rcode, r.Elapsed)
 		}
 		after := nameserverStatus(t, e.status())
 		if after.ServFails-before.ServFails != 2 || after.UpstreamFailures-before.UpstreamFailures != 2 {
@@ -419,4 +428,76 @@ func TestNameserver(t *testing.T) {
 		// Cached answers still work without the upstream.
 		e.resolve(t, "udp", fakeDNS4, "c.example.com", "A", serviceV4D)
 	})
+}
+
+// noDomainConfig has no domain rule at all, so the pipeline has no reason to look up domains.
+const noDomainConfig = `
+rules:
+  - name: no-telnet
+    action: block
+    protocol: tcp
+    ports: [23]
+nameserver:
+  upstreams: ["%UPSTREAM%"]
+`
+
+// domainRules are added by the reload in TestNameserverReload.
+const domainRules = `
+  - name: no-ads
+    action: block
+    remote: [ads.example.com]
+  - name: no-c-web
+    action: block
+    protocol: tcp
+    remote: [c.example.com]
+    ports: [80]
+`
+
+// TestNameserverReload: with no domain rule, `warden conns` still shows a connection's domain; a reload that
+// adds domain rules to such a policy takes effect at once: the nameserver answers a newly blocked name with
+// the block response although its answer is cached, and a live connection to an address an application looked
+// up before the reload is cut when a new rule blocks its domain (only that one), like a new one; a reload that
+// removes the rules lets both through again (the name from the cache).
+func TestNameserverReload(t *testing.T) {
+	t.Parallel()
+	e, target := newDNSEnv(t, noDomainConfig, true)
+	cIP := e.resolve(t, "udp", fakeDNS4, "c.example.com", "A", serviceV4D)
+	e.resolve(t, "udp", fakeDNS4, "ads.example.com", "A", netip.MustParseAddr("192.0.2.14"))
+	if len(cIP) != 1 {
+		t.FailNow()
+	}
+	dst := hp(cIP[0], 80)
+	held := call(t, e.client, sandbox.Request{Op: "hold", Dst: dst})
+	expectServer(t, "held connection to c.example.com before the reload", held, "A")
+	untouched := call(t, e.client, sandbox.Request{Op: "hold", Dst: hp(cIP[0], 81)})
+	expectServer(t, "held connection to c.example.com:81 before the reload", untouched, "A")
+	// The domain is known even though no rule needs it yet.
+	if out := e.cli("conns"); !strings.Contains(out, dst+" (c.example.com)") {
+		t.Errorf("warden conns without domain rules does not show the domain of %s:\n%s", dst, out)
+	}
+
+	body := strings.ReplaceAll(noDomainConfig, "nameserver:", strings.TrimPrefix(domainRules, "\n")+"nameserver:")
+	writeFile(t, target, e.configText(strings.ReplaceAll(body, "%UPSTREAM%", realDNS4.String())))
+	if out := e.cli("reload"); !strings.Contains(out, "reloaded; 1 live connection(s) changed verdict") {
+		t.Errorf("reload adding domain rules: %q; want exactly one live connection changed (the one to c.example.com:80)", out)
+	}
+	start := time.Now()
+	r := call(t, e.client, sandbox.Request{Op: "ping", ID: held.ID, TimeoutMS: 1000})
+	if r.Outcome == sandbox.Connected {
+		t.Errorf("the live connection to %s (c.example.com) survived a reload blocking c.example.com port 80", dst)
+	} else if time.Since(start) > time.Second {
+		t.Errorf("the live connection to %s was cut only after %v", dst, time.Since(start))
+	}
+	expectOutcome(t, "the live connection to c.example.com:81", call(t, e.client, sandbox.Request{Op: "ping", ID: untouched.ID}), sandbox.Connected)
+	expectOutcome(t, "a new connection to "+dst+" after the reload", call(t, e.client, tcpReq(dst)), sandbox.Refused)
+	e.expectBlocked(t, "udp", fakeDNS4, "ads.example.com", "A")
+	e.expectBlocked(t, "tcp", noDNS6, "ads.example.com", "A")
+
+	writeFile(t, target, e.configText(strings.ReplaceAll(noDomainConfig, "%UPSTREAM%", realDNS4.String())))
+	e.cli("reload")
+	e.resolve(t, "udp", fakeDNS4, "ads.example.com", "A", netip.MustParseAddr("192.0.2.14"))
+	expectServer(t, "a new connection to "+dst+" after the rules went away", call(t, e.client, tcpReq(dst)), "A")
+	if n := dnsCount(t, e.a, "real")[sandbox.DNSQueryKey("udp", "ads.example.com", "A")]; n != 1 {
+		t.Errorf("the real nameserver was asked %d times for ads.example.com; want once (then the cache answers)", n)
+	}
 }
