@@ -70,7 +70,8 @@ func fakeZone() []sandbox.DNSRecord {
 }
 
 // dnsConfig: a domain-only block rule (answered at DNS level), a domain rule restricted to TCP port 80 (so DNS
-// still answers and the connection itself is matched), and a split rule by domain.
+// still answers and the connection itself is matched), a rule blocking UDP DNS to one address, and a split
+// rule by domain.
 const dnsConfig = `
 rules:
   - name: no-ads
@@ -81,6 +82,11 @@ rules:
     remote: ["*.example.net"]
     protocol: tcp
     ports: [80]
+  - name: no-udp-dns-to-11
+    action: block
+    protocol: udp
+    remote: [192.0.2.11]
+    ports: [53]
   - name: example-org-via-b
     action: split
     remote: ["*.example.org"]
@@ -139,10 +145,10 @@ type dnsEnv struct {
 }
 
 // newDNSEnv builds the sandbox, the extra service addresses and the DNS servers, and starts the daemon with
-// config (%UPSTREAM% replaced by the real nameserver's address). With symlinked set, the config path is a
+// config (%UPSTREAM% replaced by upstream, one of the real nameserver's addresses). With symlinked set, the config path is a
 // symlink (useSymlinkedConfig), so only an explicit reload picks up changes; the returned path is then the file
 // to write.
-func newDNSEnv(t *testing.T, config string, symlinked bool) (*dnsEnv, string) {
+func newDNSEnv(t *testing.T, config, upstream string, symlinked bool) (*dnsEnv, string) {
 	t.Helper()
 	e := &dnsEnv{env: newEnv(t)}
 	for _, ns := range []string{e.top.A, e.top.B} {
@@ -160,7 +166,7 @@ func newDNSEnv(t *testing.T, config string, symlinked bool) (*dnsEnv, string) {
 	}
 	call(t, e.a, sandbox.Request{Op: "dns-serve", Name: "real", Addrs: []string{realDNS4.Addr().String(), realDNS6.Addr().String()},
 		UDP: []uint16{53}, TCP: []uint16{53}, Records: realZone()})
-	config = strings.ReplaceAll(config, "%UPSTREAM%", realDNS4.String())
+	config = strings.ReplaceAll(config, "%UPSTREAM%", upstream)
 	target := e.cfg
 	if symlinked {
 		target = e.useSymlinkedConfig(config)
@@ -229,6 +235,7 @@ func (e *dnsEnv) domainConns() []domainConn {
 //   - a rule on *.example.net restricted to TCP port 80 blocks connections to the addresses the allowed
 //     queries for a.example.net and example.net returned, on port 80 only, and not other names' addresses;
 //   - a split rule by domain sends that name's connections (TCP and UDP) through B, others through A;
+//   - a rule that blocks an application's DNS to some address takes precedence over the reroute;
 //   - an answer with TTL 1 s is served from the cache until it expires, and the next query after expiry
 //     reaches the upstream again;
 //   - `warden conns` shows the domain next to the remote address; the status counters match what was asked;
@@ -237,7 +244,7 @@ func (e *dnsEnv) domainConns() []domainConn {
 //     not a hang until the client's 5 s timeout.
 func TestNameserver(t *testing.T) {
 	t.Parallel()
-	e, _ := newDNSEnv(t, dnsConfig, false)
+	e, _ := newDNSEnv(t, dnsConfig, realDNS4.String(), false)
 	st0 := nameserverStatus(t, e.status())
 	if st0.Queries != 0 || !slices.Equal(st0.Upstreams, []string{realDNS4.String()}) {
 		t.Errorf("nameserver status at start: %+v; want no queries, upstream %s", st0, realDNS4)
@@ -277,6 +284,16 @@ func TestNameserver(t *testing.T) {
 		if got := dnsCount(t, e.a, "real"); !maps.Equal(got, want) {
 			t.Errorf("the real nameserver was asked %v; want %v", got, want)
 		}
+	})
+
+	t.Run("a rule blocking DNS wins over the reroute", func(t *testing.T) {
+		blockedDNS := netip.AddrPortFrom(sandbox.ServiceV4Alt, 53)
+		r := call(t, e.client, sandbox.Request{Op: "dns", Dst: blockedDNS.String(), QName: "c.example.com", TimeoutMS: 3000})
+		if r.Outcome != sandbox.Refused {
+			t.Errorf("udp DNS to %s (rule no-udp-dns-to-11): outcome %s (%s), rcode %q; want refused by the rule", blockedDNS, r.Outcome, r.Detail, r.Rcode)
+		}
+		// Over TCP the rule does not apply: rerouted and answered.
+		e.resolve(t, "tcp", blockedDNS, "c.example.com", "A", serviceV4D)
 	})
 
 	t.Run("connection rule by domain", func(t *testing.T) {
@@ -460,7 +477,9 @@ const domainRules = `
 // removes the rules lets both through again (the name from the cache).
 func TestNameserverReload(t *testing.T) {
 	t.Parallel()
-	e, target := newDNSEnv(t, noDomainConfig, true)
+	// The upstream over TCP only, on IPv6: the other path of the nameserver's own (marked) traffic.
+	upstream := "tcp://" + realDNS6.String()
+	e, target := newDNSEnv(t, noDomainConfig, upstream, true)
 	cIP := e.resolve(t, "udp", fakeDNS4, "c.example.com", "A", serviceV4D)
 	e.resolve(t, "udp", fakeDNS4, "ads.example.com", "A", netip.MustParseAddr("192.0.2.14"))
 	if len(cIP) != 1 {
@@ -477,7 +496,7 @@ func TestNameserverReload(t *testing.T) {
 	}
 
 	body := strings.ReplaceAll(noDomainConfig, "nameserver:", strings.TrimPrefix(domainRules, "\n")+"nameserver:")
-	writeFile(t, target, e.configText(strings.ReplaceAll(body, "%UPSTREAM%", realDNS4.String())))
+	writeFile(t, target, e.configText(strings.ReplaceAll(body, "%UPSTREAM%", upstream)))
 	if out := e.cli("reload"); !strings.Contains(out, "reloaded; 1 live connection(s) changed verdict") {
 		t.Errorf("reload adding domain rules: %q; want exactly one live connection changed (the one to c.example.com:80)", out)
 	}
@@ -493,11 +512,15 @@ func TestNameserverReload(t *testing.T) {
 	e.expectBlocked(t, "udp", fakeDNS4, "ads.example.com", "A")
 	e.expectBlocked(t, "tcp", noDNS6, "ads.example.com", "A")
 
-	writeFile(t, target, e.configText(strings.ReplaceAll(noDomainConfig, "%UPSTREAM%", realDNS4.String())))
+	writeFile(t, target, e.configText(strings.ReplaceAll(noDomainConfig, "%UPSTREAM%", upstream)))
 	e.cli("reload")
 	e.resolve(t, "udp", fakeDNS4, "ads.example.com", "A", netip.MustParseAddr("192.0.2.14"))
 	expectServer(t, "a new connection to "+dst+" after the rules went away", call(t, e.client, tcpReq(dst)), "A")
-	if n := dnsCount(t, e.a, "real")[sandbox.DNSQueryKey("udp", "ads.example.com", "A")]; n != 1 {
-		t.Errorf("the real nameserver was asked %d times for ads.example.com; want once (then the cache answers)", n)
+	want := map[string]int{sandbox.DNSQueryKey("tcp", "ads.example.com", "A"): 1, sandbox.DNSQueryKey("tcp", "c.example.com", "A"): 1}
+	if got := dnsCount(t, e.a, "real"); !maps.Equal(got, want) {
+		t.Errorf("the real nameserver was asked %v; want %v (each name once over TCP, then the cache answers)", got, want)
+	}
+	if st := e.status(); st.Pipeline.Verdicts["accept-final"] != 0 {
+		t.Errorf("%d own (accept-final) decisions: the nameserver's upstream traffic reached the queue", st.Pipeline.Verdicts["accept-final"])
 	}
 }
