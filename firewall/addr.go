@@ -111,11 +111,6 @@ type prefixNode struct {
 	rules  []int32 // ascending rule indices
 }
 
-type prefixRules struct {
-	p     netip.Prefix
-	rules []int32
-}
-
 func buildPrefixTree(entries map[netip.Prefix][]int32) *prefixTree {
 	if len(entries) == 0 {
 		return nil

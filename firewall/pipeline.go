@@ -293,7 +293,6 @@ var (
 	refOwn        = &ruleRef{Index: -1, Source: "own"}
 	refHookAccept = &ruleRef{Name: "hook", Index: -1, Source: "hook"}
 	refHookBlock  = &ruleRef{Name: "hook", Index: -1, Source: "hook"}
-	refFailed     = &ruleRef{Index: -1, Source: "failed"}
 	refDNS        = &ruleRef{Name: "nameserver", Index: -1, Source: "nameserver"}
 )
 

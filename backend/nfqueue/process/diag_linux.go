@@ -72,6 +72,9 @@ func (c *diagConn) recv() ([]byte, error) {
 	}
 }
 
+// errNotFound means the kernel has no socket for the request.
+var errNotFound = errors.New("no such socket")
+
 // get asks for one socket by its exact ID. It returns errNotFound when the kernel has none.
 func (c *diagConn) get(req *diagReq) (sockInfo, error) {
 	seq, err := c.send(req)

@@ -2,7 +2,6 @@ package process
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"net/netip"
 )
@@ -37,9 +36,6 @@ const (
 	inetDiagSKV6Only = 11
 	allStates        = ^uint32(0)
 )
-
-// errNotFound means the kernel has no socket for the request.
-var errNotFound = errors.New("no such socket")
 
 // diagReq is one inet_diag_req_v2.
 type diagReq struct {
