@@ -139,9 +139,20 @@ type domainConn struct {
 // compare with the daemon's counters.
 type dnsEnv struct {
 	*env
+	n *dnsTally
+}
+
+type dnsTally struct {
 	flows   int // client DNS flows (each query is its own socket, so its own connection)
 	answers int // queries Warden's nameserver answered
 	blocked int // of those, answered with the block response
+}
+
+// sub returns e bound to subtest t, so that its helpers fail the subtest that calls them.
+func (e *dnsEnv) sub(t *testing.T) *dnsEnv {
+	env := *e.env
+	env.t = t
+	return &dnsEnv{env: &env, n: e.n}
 }
 
 // newDNSEnv builds the sandbox, the extra service addresses and the DNS servers, and starts the daemon with
@@ -150,7 +161,7 @@ type dnsEnv struct {
 // to write.
 func newDNSEnv(t *testing.T, config, upstream string, symlinked bool) (*dnsEnv, string) {
 	t.Helper()
-	e := &dnsEnv{env: newEnv(t)}
+	e := &dnsEnv{env: newEnv(t), n: &dnsTally{}}
 	for _, ns := range []string{e.top.A, e.top.B} {
 		for _, a := range []string{serviceV4C.String() + "/32", serviceV4D.String() + "/32", serviceV6C.String() + "/128", serviceV6D.String() + "/128"} {
 			if out, err := exec.Command("ip", "-n", ns, "addr", "add", a, "dev", "lo").CombinedOutput(); err != nil {
@@ -181,34 +192,34 @@ func newDNSEnv(t *testing.T, config, upstream string, symlinked bool) (*dnsEnv, 
 func (e *dnsEnv) ask(network string, resolver netip.AddrPort, name, qtype string) sandbox.Response {
 	e.t.Helper()
 	r := call(e.t, e.client, sandbox.Request{Op: "dns", Net: network, Dst: resolver.String(), QName: name, QType: qtype, TimeoutMS: 5000})
-	e.flows++
+	e.n.flows++
 	if r.Outcome == sandbox.Connected {
-		e.answers++
+		e.n.answers++
 	}
 	return r
 }
 
 // resolve asks and fails the test unless the answer is NOERROR with exactly want (the real zone's addresses).
-func (e *dnsEnv) resolve(t *testing.T, network string, resolver netip.AddrPort, name, qtype string, want ...netip.Addr) []netip.Addr {
-	t.Helper()
+func (e *dnsEnv) resolve(network string, resolver netip.AddrPort, name, qtype string, want ...netip.Addr) []netip.Addr {
+	e.t.Helper()
 	r := e.ask(network, resolver, name, qtype)
 	got := r.Addrs()
 	if r.Outcome != sandbox.Connected || r.Rcode != "NOERROR" || !slices.Equal(got, want) {
-		t.Errorf("%s %s %s asking %s: outcome %s (%s), rcode %s, addresses %v; want NOERROR %v", network, qtype, name,
+		e.t.Errorf("%s %s %s asking %s: outcome %s (%s), rcode %s, addresses %v; want NOERROR %v", network, qtype, name,
 			resolver, r.Outcome, r.Detail, r.Rcode, got, want)
 	}
 	return got
 }
 
 // expectBlocked asks and fails the test unless Warden answered with its block response (NXDOMAIN).
-func (e *dnsEnv) expectBlocked(t *testing.T, network string, resolver netip.AddrPort, name, qtype string) {
-	t.Helper()
+func (e *dnsEnv) expectBlocked(network string, resolver netip.AddrPort, name, qtype string) {
+	e.t.Helper()
 	r := e.ask(network, resolver, name, qtype)
 	if r.Outcome != sandbox.Connected || r.Rcode != "NXDOMAIN" || len(r.Answers) != 0 {
-		t.Errorf("%s %s %s asking %s: outcome %s (%s), rcode %s, answers %v; want the block response NXDOMAIN",
+		e.t.Errorf("%s %s %s asking %s: outcome %s (%s), rcode %s, answers %v; want the block response NXDOMAIN",
 			network, qtype, name, resolver, r.Outcome, r.Detail, r.Rcode, r.Answers)
 	}
-	e.blocked++
+	e.n.blocked++
 }
 
 // dnsCount returns the questions the named DNS server in agent ag was asked.
@@ -253,20 +264,21 @@ func TestNameserver(t *testing.T) {
 	resolvers4 := []netip.AddrPort{fakeDNS4, noDNS4}
 	resolvers6 := []netip.AddrPort{fakeDNS6, noDNS6}
 	t.Run("rerouted", func(t *testing.T) {
+		e := e.sub(t)
 		for _, network := range []string{"udp", "tcp"} {
 			for _, res := range resolvers4 {
-				e.resolve(t, network, res, "a.example.net", "A", sandbox.ServiceV4)
-				e.expectBlocked(t, network, res, "ads.example.com", "A")
-				e.expectBlocked(t, network, res, "cloak.example.com", "A")
+				e.resolve(network, res, "a.example.net", "A", sandbox.ServiceV4)
+				e.expectBlocked(network, res, "ads.example.com", "A")
+				e.expectBlocked(network, res, "cloak.example.com", "A")
 			}
 			for _, res := range resolvers6 {
-				e.resolve(t, network, res, "a.example.net", "AAAA", sandbox.ServiceV6)
-				e.expectBlocked(t, network, res, "ads.example.com", "AAAA")
+				e.resolve(network, res, "a.example.net", "AAAA", sandbox.ServiceV6)
+				e.expectBlocked(network, res, "ads.example.com", "AAAA")
 			}
 		}
 		// A name first asked over TCP is forwarded over TCP.
-		e.resolve(t, "tcp", fakeDNS4, "b.example.org", "A", sandbox.ServiceV4Alt)
-		e.resolve(t, "tcp", noDNS6, "b.example.org", "AAAA", sandbox.ServiceV6Alt)
+		e.resolve("tcp", fakeDNS4, "b.example.org", "A", sandbox.ServiceV4Alt)
+		e.resolve("tcp", noDNS6, "b.example.org", "AAAA", sandbox.ServiceV6Alt)
 
 		for name, ag := range map[string]*sandbox.Agent{"A": e.a, "B": e.b} {
 			if n := dnsCount(t, ag, "fake"); len(n) != 0 {
@@ -287,22 +299,24 @@ func TestNameserver(t *testing.T) {
 	})
 
 	t.Run("a rule blocking DNS wins over the reroute", func(t *testing.T) {
+		e := e.sub(t)
 		blockedDNS := netip.AddrPortFrom(sandbox.ServiceV4Alt, 53)
 		r := call(t, e.client, sandbox.Request{Op: "dns", Dst: blockedDNS.String(), QName: "c.example.com", TimeoutMS: 3000})
 		if r.Outcome != sandbox.Refused {
 			t.Errorf("udp DNS to %s (rule no-udp-dns-to-11): outcome %s (%s), rcode %q; want refused by the rule", blockedDNS, r.Outcome, r.Detail, r.Rcode)
 		}
 		// Over TCP the rule does not apply: rerouted and answered.
-		e.resolve(t, "tcp", blockedDNS, "c.example.com", "A", serviceV4D)
+		e.resolve("tcp", blockedDNS, "c.example.com", "A", serviceV4D)
 	})
 
 	t.Run("connection rule by domain", func(t *testing.T) {
-		netV4 := e.resolve(t, "udp", noDNS4, "example.net", "A", serviceV4C)
-		netV6 := e.resolve(t, "udp", noDNS4, "example.net", "AAAA", serviceV6C)
-		aV4 := e.resolve(t, "udp", fakeDNS4, "a.example.net", "A", sandbox.ServiceV4)
-		aV6 := e.resolve(t, "udp", fakeDNS4, "a.example.net", "AAAA", sandbox.ServiceV6)
-		cV4 := e.resolve(t, "udp", fakeDNS4, "c.example.com", "A", serviceV4D)
-		cV6 := e.resolve(t, "udp", fakeDNS6, "c.example.com", "AAAA", serviceV6D)
+		e := e.sub(t)
+		netV4 := e.resolve("udp", noDNS4, "example.net", "A", serviceV4C)
+		netV6 := e.resolve("udp", noDNS4, "example.net", "AAAA", serviceV6C)
+		aV4 := e.resolve("udp", fakeDNS4, "a.example.net", "A", sandbox.ServiceV4)
+		aV6 := e.resolve("udp", fakeDNS4, "a.example.net", "AAAA", sandbox.ServiceV6)
+		cV4 := e.resolve("udp", fakeDNS4, "c.example.com", "A", serviceV4D)
+		cV6 := e.resolve("udp", fakeDNS6, "c.example.com", "AAAA", serviceV6D)
 		for _, ip := range slices.Concat(aV4, aV6, netV4, netV6) {
 			r := call(t, e.client, tcpReq(hp(ip, 80)))
 			expectOutcome(t, "tcp to "+hp(ip, 80)+" (*.example.net, port 80)", r, sandbox.Refused)
@@ -320,8 +334,9 @@ func TestNameserver(t *testing.T) {
 	})
 
 	t.Run("split by domain", func(t *testing.T) {
-		orgV4 := e.resolve(t, "udp", fakeDNS4, "b.example.org", "A", sandbox.ServiceV4Alt)
-		orgV6 := e.resolve(t, "tcp", fakeDNS6, "b.example.org", "AAAA", sandbox.ServiceV6Alt)
+		e := e.sub(t)
+		orgV4 := e.resolve("udp", fakeDNS4, "b.example.org", "A", sandbox.ServiceV4Alt)
+		orgV6 := e.resolve("tcp", fakeDNS6, "b.example.org", "AAAA", sandbox.ServiceV6Alt)
 		for _, ip := range slices.Concat(orgV4, orgV6) {
 			expectServer(t, "tcp to "+hp(ip, 80)+" (b.example.org, split)", call(t, e.client, tcpReq(hp(ip, 80))), "B")
 			expectServer(t, "udp to "+hp(ip, 4000)+" (b.example.org, split)", call(t, e.client, udpReq(hp(ip, 4000))), "B")
@@ -333,10 +348,11 @@ func TestNameserver(t *testing.T) {
 	})
 
 	t.Run("ttl", func(t *testing.T) {
+		e := e.sub(t)
 		key := sandbox.DNSQueryKey("udp", "ttl.example.com", "A")
 		ttlIP := netip.MustParseAddr("192.0.2.15")
 		start := time.Now()
-		e.resolve(t, "udp", fakeDNS4, "ttl.example.com", "A", ttlIP)
+		e.resolve("udp", fakeDNS4, "ttl.example.com", "A", ttlIP)
 		if n := dnsCount(t, e.a, "real")[key]; n != 1 {
 			t.Fatalf("the real nameserver was asked %d times for ttl.example.com, want 1", n)
 		}
@@ -366,6 +382,7 @@ func TestNameserver(t *testing.T) {
 	})
 
 	t.Run("conns and status", func(t *testing.T) {
+		e := e.sub(t)
 		h := call(t, e.client, sandbox.Request{Op: "hold", Dst: hp(serviceV4D, 80), TimeoutMS: 3000})
 		expectServer(t, "held tcp to c.example.com", h, "A")
 		found := false
@@ -394,8 +411,8 @@ func TestNameserver(t *testing.T) {
 
 		st := e.status()
 		ns := nameserverStatus(t, st)
-		if ns.Queries != uint64(e.answers) || ns.Blocked != uint64(e.blocked) || ns.ServFails != 0 || ns.UpstreamFailures != 0 {
-			t.Errorf("nameserver counters %+v; want queries %d, blocked %d, no failures", ns, e.answers, e.blocked)
+		if ns.Queries != uint64(e.n.answers) || ns.Blocked != uint64(e.n.blocked) || ns.ServFails != 0 || ns.UpstreamFailures != 0 {
+			t.Errorf("nameserver counters %+v; want queries %d, blocked %d, no failures", ns, e.n.answers, e.n.blocked)
 		}
 		total := 0
 		for _, n := range dnsCount(t, e.a, "real") {
@@ -404,8 +421,8 @@ func TestNameserver(t *testing.T) {
 		if ns.CacheHits == 0 || ns.UpstreamQueries != uint64(total) || ns.CacheMisses != uint64(total) {
 			t.Errorf("nameserver counters %+v; want cache hits, and upstream queries = cache misses = %d (what the real nameserver was asked)", ns, total)
 		}
-		if got := st.Pipeline.Verdicts["reroute-nameserver"]; got != uint64(e.flows) {
-			t.Errorf("pipeline reroute-nameserver verdicts = %d, want one per DNS flow the client made = %d", got, e.flows)
+		if got := st.Pipeline.Verdicts["reroute-nameserver"]; got != uint64(e.n.flows) {
+			t.Errorf("pipeline reroute-nameserver verdicts = %d, want one per DNS flow the client made = %d", got, e.n.flows)
 		}
 		if n := st.Pipeline.Verdicts["accept-final"]; n != 0 {
 			t.Errorf("%d own (accept-final) decisions: the nameserver's upstream traffic reached the queue", n)
@@ -416,6 +433,7 @@ func TestNameserver(t *testing.T) {
 	})
 
 	t.Run("dead upstream", func(t *testing.T) {
+		e := e.sub(t)
 		// The upstream's host stops answering: its namespace drops DNS silently (no reset, no ICMP).
 		for _, tool := range []string{"iptables", "ip6tables"} {
 			for _, p := range []string{"udp", "tcp"} {
@@ -443,7 +461,7 @@ func TestNameserver(t *testing.T) {
 				before.UpstreamFailures, after.UpstreamFailures)
 		}
 		// Cached answers still work without the upstream.
-		e.resolve(t, "udp", fakeDNS4, "c.example.com", "A", serviceV4D)
+		e.resolve("udp", fakeDNS4, "c.example.com", "A", serviceV4D)
 	})
 }
 
@@ -480,8 +498,8 @@ func TestNameserverReload(t *testing.T) {
 	// The upstream over TCP only, on IPv6: the other path of the nameserver's own (marked) traffic.
 	upstream := "tcp://" + realDNS6.String()
 	e, target := newDNSEnv(t, noDomainConfig, upstream, true)
-	cIP := e.resolve(t, "udp", fakeDNS4, "c.example.com", "A", serviceV4D)
-	e.resolve(t, "udp", fakeDNS4, "ads.example.com", "A", netip.MustParseAddr("192.0.2.14"))
+	cIP := e.resolve("udp", fakeDNS4, "c.example.com", "A", serviceV4D)
+	e.resolve("udp", fakeDNS4, "ads.example.com", "A", netip.MustParseAddr("192.0.2.14"))
 	if len(cIP) != 1 {
 		t.FailNow()
 	}
@@ -509,12 +527,12 @@ func TestNameserverReload(t *testing.T) {
 	}
 	expectOutcome(t, "the live connection to c.example.com:81", call(t, e.client, sandbox.Request{Op: "ping", ID: untouched.ID}), sandbox.Connected)
 	expectOutcome(t, "a new connection to "+dst+" after the reload", call(t, e.client, tcpReq(dst)), sandbox.Refused)
-	e.expectBlocked(t, "udp", fakeDNS4, "ads.example.com", "A")
-	e.expectBlocked(t, "tcp", noDNS6, "ads.example.com", "A")
+	e.expectBlocked("udp", fakeDNS4, "ads.example.com", "A")
+	e.expectBlocked("tcp", noDNS6, "ads.example.com", "A")
 
 	writeFile(t, target, e.configText(strings.ReplaceAll(noDomainConfig, "%UPSTREAM%", upstream)))
 	e.cli("reload")
-	e.resolve(t, "udp", fakeDNS4, "ads.example.com", "A", netip.MustParseAddr("192.0.2.14"))
+	e.resolve("udp", fakeDNS4, "ads.example.com", "A", netip.MustParseAddr("192.0.2.14"))
 	expectServer(t, "a new connection to "+dst+" after the rules went away", call(t, e.client, tcpReq(dst)), "A")
 	want := map[string]int{sandbox.DNSQueryKey("tcp", "ads.example.com", "A"): 1, sandbox.DNSQueryKey("tcp", "c.example.com", "A"): 1}
 	if got := dnsCount(t, e.a, "real"); !maps.Equal(got, want) {
