@@ -219,7 +219,9 @@ func (p *Pipeline) decide(pkt backend.Packet, pol *Policy, proc backend.Process,
 		}
 	}()
 	info := pkt.Info()
-	if info.Interface == "" && info.IfIndex > 0 && pol.NeedsInterface {
+	if info.Interface == "" && info.IfIndex > 0 {
+		// Always, not only when a rule names interfaces: a reload may add one, and re-evaluation then needs
+		// the interface of connections decided before. The cache makes this a map read.
 		info.Interface = p.ifaces.name(info.IfIndex)
 	}
 	c := &Conn{

@@ -32,6 +32,7 @@ type connRecord struct {
 	Direction string    `json:"direction"`
 	Local     string    `json:"local"`
 	Remote    string    `json:"remote"`
+	Domain    string    `json:"domain,omitempty"`
 	PID       int32     `json:"pid"`
 	App       string    `json:"app,omitempty"`
 	UID       int32     `json:"uid"`
@@ -64,7 +65,7 @@ func (l *connLogger) Log(c *firewall.Conn) {
 	}
 	ci := c.Info()
 	r := connRecord{Time: time.Unix(0, c.Created), Protocol: ci.Protocol, Direction: ci.Direction, Local: ci.Local,
-		Remote: ci.Remote, PID: ci.PID, App: ci.App, UID: ci.UID, Verdict: ci.Verdict, Rule: ci.Rule, Source: ci.Source}
+		Remote: ci.Remote, Domain: ci.Domain, PID: ci.PID, App: ci.App, UID: ci.UID, Verdict: ci.Verdict, Rule: ci.Rule, Source: ci.Source}
 	select {
 	case l.ch <- r:
 	default:

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sync"
 	"time"
 
@@ -272,8 +273,11 @@ func (d *Daemon) Reload() (changed int, err error) {
 	}
 	old := d.cfg
 	if cfg.Backend != old.Backend || cfg.FailMode != old.FailMode || cfg.NFQueue != old.NFQueue ||
-		cfg.SplitTunnel != old.SplitTunnel || cfg.Control != old.Control || cfg.Metrics != old.Metrics {
-		d.log.Warn("backend, fail_mode, nfqueue, split_tunnel, control and metrics changes take effect after a restart")
+		cfg.SplitTunnel != old.SplitTunnel || cfg.Control != old.Control || cfg.Metrics != old.Metrics ||
+		!reflect.DeepEqual(cfg.Nameserver, old.Nameserver) || cfg.Log.Level != old.Log.Level ||
+		cfg.Log.Format != old.Log.Format || cfg.Log.Connections != old.Log.Connections {
+		d.log.Warn("changes to backend, fail_mode, nfqueue, split_tunnel, nameserver, control, metrics and log " +
+			"take effect after a restart; rules and defaults changed now")
 	}
 	changes := d.pipeline.SetPolicy(pol)
 	if d.dns != nil {
