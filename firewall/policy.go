@@ -101,6 +101,7 @@ type dirIndex struct {
 	portSegs    []uint16     // segment starts (sorted)
 	portRules   [][]int32    // rules covering each segment
 	portAny     [1024]uint64 // bit p set when some rule covers port p: most ports need no search
+	portDirect  []uint32     // with many segments: the segment of every port, one load instead of a search
 	uid         map[int32][]int32
 	wildcard    []int32
 	hasPortsIdx bool
@@ -224,6 +225,18 @@ func Compile(cfg *config.Config) (*Policy, error) {
 			}
 			for port := int(di.portSegs[i]); port < hi; port++ {
 				di.portAny[port>>6] |= 1 << (port & 63)
+			}
+		}
+		if len(di.portSegs) > 256 {
+			di.portDirect = make([]uint32, 65536)
+			for i := range di.portSegs {
+				hi := 65536
+				if i+1 < len(di.portSegs) {
+					hi = int(di.portSegs[i+1])
+				}
+				for port := int(di.portSegs[i]); port < hi; port++ {
+					di.portDirect[port] = uint32(i)
+				}
 			}
 		}
 		for _, x := range []*strIndex{&di.domExact, &di.domSuffix, &di.appExact, &di.appDir} {
@@ -355,7 +368,20 @@ func (di *dirIndex) portList(port uint16) []int32 {
 	if di.portAny[port>>6]&(1<<(port&63)) == 0 {
 		return nil
 	}
-	i := sort.Search(len(di.portSegs), func(j int) bool { return di.portSegs[j] > port }) - 1
+	if di.portDirect != nil {
+		// portAny said some rule covers port, so it lies in a segment.
+		return di.portRules[di.portDirect[port]]
+	}
+	lo, hi := 0, len(di.portSegs)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if port < di.portSegs[m] {
+			hi = m
+		} else {
+			lo = m + 1
+		}
+	}
+	i := lo - 1
 	if i < 0 {
 		return nil
 	}

@@ -316,7 +316,7 @@ func TestLargePolicyAgainstLinear(t *testing.T) {
 		}
 	}
 	p := mustPolicy(t, b.String())
-	if p.dirs[0].ipTree[0].bucket == nil || p.dirs[0].ipTree[1].bucket == nil {
+	if p.dirs[0].ipTree[0].bucket == nil || p.dirs[0].ipTree[1].bucket == nil || p.dirs[0].portDirect == nil {
 		t.Fatal("test rule set too small to build prefix buckets")
 	}
 	for k := 0; k < 20000; k++ {
