@@ -13,6 +13,7 @@ import (
 
 	"github.com/warden-fw/warden/cmd/internal/control"
 	"github.com/warden-fw/warden/cmd/internal/sandbox"
+	"github.com/warden-fw/warden/proxy/dns"
 )
 
 // The DNS world of TestNameserver. The real nameserver runs in server namespace A on A's gateway addresses,
@@ -100,18 +101,8 @@ log:
   level: debug
 `
 
-// nsStatus is status.nameserver.
-type nsStatus struct {
-	Listen           []string `json:"listen"`
-	Upstreams        []string `json:"upstreams"`
-	Queries          uint64   `json:"queries"`
-	CacheHits        uint64   `json:"cache_hits"`
-	CacheMisses      uint64   `json:"cache_misses"`
-	Blocked          uint64   `json:"blocked"`
-	UpstreamQueries  uint64   `json:"upstream_queries"`
-	UpstreamFailures uint64   `json:"upstream_failures"`
-	ServFails        uint64   `json:"servfails"`
-}
+// nsStatus is status.nameserver: the nameserver's own Stats, as the control API encodes them.
+type nsStatus = dns.Stats
 
 func nameserverStatus(t *testing.T, st control.Status) nsStatus {
 	t.Helper()
