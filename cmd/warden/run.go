@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"os"
+	"runtime/pprof"
 	"os/signal"
 	"syscall"
 
@@ -29,6 +31,15 @@ func newRunCmd(g *globals) *cobra.Command {
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
+			if path := os.Getenv("WARDEN_CPUPROFILE"); path != "" {
+				// A profiling aid for benchmark runs (docs/performance.md): the harness starts the daemon
+				// itself, so an environment variable is the way in.
+				if f, err := os.Create(path); err == nil {
+					if pprof.StartCPUProfile(f) == nil {
+						defer func() { pprof.StopCPUProfile(); f.Close() }()
+					}
+				}
+			}
 			d := &daemon.Daemon{ConfigPath: g.configPath, SocketPath: g.socketPath, Stderr: cmd.ErrOrStderr()}
 			if err := d.Run(ctx, cfg, pol); err != nil {
 				if errors.Is(err, daemon.ErrBadConfig) {

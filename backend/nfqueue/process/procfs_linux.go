@@ -170,13 +170,23 @@ func (p procFS) listPIDs(bufs *scanBuffers, dst []int32) ([]int32, error) {
 
 // socketsOf calls fn for every socket process pid has open. A process that exits meanwhile has none.
 func (p procFS) socketsOf(pid int32, bufs *scanBuffers, fn func(fd int32, inode uint32)) {
+	p.socketsUntil(pid, bufs, func(fd int32, inode uint32) bool { fn(fd, inode); return false })
+}
+
+// socketsUntil is socketsOf with an early stop: once fn returns true, no further descriptor is read (each
+// costs a readlink system call).
+func (p procFS) socketsUntil(pid int32, bufs *scanBuffers, fn func(fd int32, inode uint32) (stop bool)) {
 	bufs.path = p.path(bufs.path[:0], pid, "fd", -1)
 	dirfd, err := openZ(unix.AT_FDCWD, bufs.path, unix.O_RDONLY|unix.O_DIRECTORY)
 	if err != nil {
 		return // gone, or a kernel thread we may not look into
 	}
 	defer unix.Close(dirfd)
+	stopped := false
 	_ = forEachDirent(dirfd, bufs.dents, func(name []byte) {
+		if stopped {
+			return
+		}
 		fd, ok := parseUint32(name)
 		if !ok || len(name) >= len(bufs.name) {
 			return
@@ -188,7 +198,7 @@ func (p procFS) socketsOf(pid int32, bufs *scanBuffers, fn func(fd int32, inode 
 			return
 		}
 		if inode, ok := parseSocketLink(bufs.link[:n]); ok {
-			fn(int32(fd), inode)
+			stopped = fn(int32(fd), inode)
 		}
 	})
 }

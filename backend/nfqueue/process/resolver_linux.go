@@ -302,20 +302,23 @@ var hotBuffers = sync.Pool{New: func() any { return newScanBuffers() }}
 // ownerAmongHot looks for inode among the fds of the recent socket owners and caches what it finds.
 func (r *Resolver) ownerAmongHot(inode uint32) (int32, bool) {
 	r.ownerMu.Lock()
-	hot := r.hot
+	hot, next := r.hot, r.hotNext
 	r.ownerMu.Unlock()
 	bufs := hotBuffers.Get().(*scanBuffers)
 	defer hotBuffers.Put(bufs)
 	var found owner
 	ok := false
-	for _, pid := range hot {
-		if pid == 0 || ok {
+	// Most recent owner first, and stop reading descriptors at the match: each one read is a system call.
+	for i := 1; i <= hotPIDs && !ok; i++ {
+		pid := hot[(next-i+hotPIDs)%hotPIDs]
+		if pid == 0 {
 			continue
 		}
-		r.proc.socketsOf(pid, bufs, func(fd int32, ino uint32) {
-			if ino == inode && !ok {
+		r.proc.socketsUntil(pid, bufs, func(fd int32, ino uint32) bool {
+			if ino == inode {
 				found, ok = owner{pid: pid, fd: fd}, true
 			}
+			return ok
 		})
 	}
 	if !ok {
