@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"os"
-	"runtime/pprof"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 
 	"github.com/spf13/cobra"
