@@ -259,9 +259,9 @@ func (p *Pipeline) evaluate(info *backend.Info, c *Conn, pol *Policy) (backend.D
 	if h := p.hook.Load(); h != nil {
 		switch v, ok := (*h)(info, backend.Process{PID: c.PID, Path: c.App, UID: c.UID}); {
 		case ok && v == backend.Accept:
-			return backend.Decision{Verdict: backend.Accept, Permanent: true}, refHookAccept, ""
+			return backend.Decision{Verdict: backend.Accept, Permanent: true}, refHook, ""
 		case ok && v == backend.Block:
-			return backend.Decision{Verdict: backend.Block, Permanent: true}, refHookBlock, ""
+			return backend.Decision{Verdict: backend.Block, Permanent: true}, refHook, ""
 		}
 	}
 	q := Query{Direction: c.Direction, Protocol: c.Key.Protocol, Remote: c.Key.Remote.Addr().Unmap(),
@@ -292,10 +292,9 @@ func (p *Pipeline) evaluate(info *backend.Info, c *Conn, pol *Policy) (backend.D
 }
 
 var (
-	refOwn        = &ruleRef{Index: -1, Source: "own"}
-	refHookAccept = &ruleRef{Name: "hook", Index: -1, Source: "hook"}
-	refHookBlock  = &ruleRef{Name: "hook", Index: -1, Source: "hook"}
-	refDNS        = &ruleRef{Name: "nameserver", Index: -1, Source: "nameserver"}
+	refOwn  = &ruleRef{Index: -1, Source: "own"}
+	refHook = &ruleRef{Name: "hook", Index: -1, Source: "hook"}
+	refDNS  = &ruleRef{Name: "nameserver", Index: -1, Source: "nameserver"}
 )
 
 // isForeignDNS reports whether c is an application's outbound DNS query to somewhere other than Warden's own

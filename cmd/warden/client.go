@@ -79,42 +79,19 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(tw, "queue drops (overruns)\t%d\n", b.QueueOverruns)
 				fmt.Fprintf(tw, "verdict timeouts\t%d\n", b.VerdictTimeouts)
 			}
-			if len(s.SplitTunnel) > 0 {
-				var st struct {
-					Interface struct {
-						Spec      string `json:"spec"`
-						Up        bool   `json:"up"`
-						Err       string `json:"error"`
-						Interface struct {
-							Name string `json:"name"`
-						} `json:"interface"`
-					} `json:"interface"`
-					OnInterfaceDown string `json:"on_interface_down"`
+			if st := s.SplitTunnel; st != nil {
+				state, detail := "down", st.Interface.Interface.Name
+				if st.Interface.Up {
+					state = "up"
 				}
-				if json.Unmarshal(s.SplitTunnel, &st) == nil {
-					state := "down"
-					if st.Interface.Up {
-						state = "up"
-					}
-					detail := st.Interface.Interface.Name
-					if st.Interface.Err != "" {
-						detail = st.Interface.Err
-					}
-					fmt.Fprintf(tw, "split tunnel\t%s → %s (%s; when down: %s)\n", st.Interface.Spec, detail, state, st.OnInterfaceDown)
+				if st.Interface.Err != "" {
+					detail = st.Interface.Err
 				}
+				fmt.Fprintf(tw, "split tunnel\t%s → %s (%s; when down: %s)\n", st.Interface.Spec, detail, state, st.OnInterfaceDown)
 			}
-			if len(s.Nameserver) > 0 {
-				var ns struct {
-					Listen    []string `json:"listen"`
-					Queries   uint64   `json:"queries"`
-					CacheHits uint64   `json:"cache_hits"`
-					Blocked   uint64   `json:"blocked"`
-					Servfails uint64   `json:"servfails"`
-				}
-				if json.Unmarshal(s.Nameserver, &ns) == nil {
-					fmt.Fprintf(tw, "nameserver\t%s: %d queries, %d cached, %d blocked, %d failed\n",
-						strings.Join(ns.Listen, " "), ns.Queries, ns.CacheHits, ns.Blocked, ns.Servfails)
-				}
+			if ns := s.Nameserver; ns != nil {
+				fmt.Fprintf(tw, "nameserver\t%s: %d queries, %d cached, %d blocked, %d failed\n",
+					strings.Join(ns.Listen, " "), ns.Queries, ns.CacheHits, ns.Blocked, ns.ServFails)
 			}
 			return tw.Flush()
 		},

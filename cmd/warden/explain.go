@@ -11,16 +11,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/cmd/internal/control"
 	"github.com/warden-fw/warden/cmd/internal/daemon"
 	"github.com/warden-fw/warden/firewall"
 )
 
-// explainResult is the --json output, exactly as interface.md specifies.
-type explainResult struct {
-	Action string `json:"action"`
-	Rule   string `json:"rule"`
-	Via    string `json:"via"`
-}
+// explainResult is the --json output, exactly as interface.md specifies: the control API's answer.
+type explainResult = control.ExplainResult
 
 type explainFlags struct {
 	direction, proto, remote, app, user, iface string
@@ -49,13 +46,13 @@ func newExplainCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return withCode(exitFailure, err)
 				}
-				res = explainResult(r)
+				res = r
 			} else {
 				cfg, pol, err := loadConfig(g.configPath)
 				if err != nil {
 					return err
 				}
-				res = explainResult(daemon.ExplainMatch(cfg, pol.Decide(&q)))
+				res = daemon.ExplainMatch(cfg, pol.Decide(&q))
 			}
 			out := cmd.OutOrStdout()
 			if f.json {

@@ -77,13 +77,13 @@ rules:
 		args []string
 		want explainResult
 	}{
-		{[]string{"--proto", "tcp", "--remote", "1.2.3.4", "--port", "23"}, explainResult{"block", "telnet", ""}},
-		{[]string{"--proto", "udp", "--remote", "192.168.1.1", "--port", "53"}, explainResult{"split", "lan", "eth9"}},
-		{[]string{"--proto", "tcp", "--remote", "www.example.org", "--port", "443"}, explainResult{"split", "wg", "wg1"}},
-		{[]string{"--proto", "tcp", "--remote", "1.2.3.4", "--port", "80", "--app", "/usr/bin/curl"}, explainResult{"allow", "curl", ""}},
-		{[]string{"--proto", "tcp", "--remote", "1.2.3.4", "--port", "80"}, explainResult{"drop", "", ""}},
-		{[]string{"--direction", "inbound", "--proto", "tcp", "--remote", "1.2.3.4", "--port", "22"}, explainResult{"allow", "ssh-in", ""}},
-		{[]string{"--direction", "inbound", "--proto", "tcp", "--port", "80"}, explainResult{"block", "", ""}},
+		{[]string{"--proto", "tcp", "--remote", "1.2.3.4", "--port", "23"}, explainResult{Action: "block", Rule: "telnet", Via: ""}},
+		{[]string{"--proto", "udp", "--remote", "192.168.1.1", "--port", "53"}, explainResult{Action: "split", Rule: "lan", Via: "eth9"}},
+		{[]string{"--proto", "tcp", "--remote", "www.example.org", "--port", "443"}, explainResult{Action: "split", Rule: "wg", Via: "wg1"}},
+		{[]string{"--proto", "tcp", "--remote", "1.2.3.4", "--port", "80", "--app", "/usr/bin/curl"}, explainResult{Action: "allow", Rule: "curl", Via: ""}},
+		{[]string{"--proto", "tcp", "--remote", "1.2.3.4", "--port", "80"}, explainResult{Action: "drop", Rule: "", Via: ""}},
+		{[]string{"--direction", "inbound", "--proto", "tcp", "--remote", "1.2.3.4", "--port", "22"}, explainResult{Action: "allow", Rule: "ssh-in", Via: ""}},
+		{[]string{"--direction", "inbound", "--proto", "tcp", "--port", "80"}, explainResult{Action: "block", Rule: "", Via: ""}},
 	}
 	for _, tt := range tests {
 		args := append([]string{"explain", "-c", cfg, "--json"}, tt.args...)

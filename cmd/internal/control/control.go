@@ -18,6 +18,8 @@ import (
 
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/firewall"
+	"github.com/warden-fw/warden/proxy/dns"
+	"github.com/warden-fw/warden/proxy/splittun"
 )
 
 // Status is what `warden status` shows.
@@ -34,8 +36,8 @@ type Status struct {
 	UptimeSeconds   float64         `json:"uptime_seconds"`
 	Pipeline        firewall.Stats  `json:"pipeline"`
 	BackendStats    *backend.Stats  `json:"backend_stats,omitempty"`
-	SplitTunnel     json.RawMessage `json:"split_tunnel,omitempty"`
-	Nameserver      json.RawMessage `json:"nameserver,omitempty"`
+	SplitTunnel     *splittun.Stats `json:"split_tunnel,omitempty"`
+	Nameserver      *dns.Stats      `json:"nameserver,omitempty"`
 	ConnLogDropped  uint64          `json:"connection_log_dropped"`
 }
 

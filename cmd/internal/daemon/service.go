@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"encoding/json"
 	"errors"
 	"net/http"
 	"os"
@@ -41,10 +40,12 @@ func (d *Daemon) Status() control.Status {
 		s.BackendStats = &bs
 	}
 	if d.proxy != nil {
-		s.SplitTunnel, _ = json.Marshal(d.proxy.Stats())
+		ps := d.proxy.Stats()
+		s.SplitTunnel = &ps
 	}
 	if d.dns != nil {
-		s.Nameserver, _ = json.Marshal(d.dns.Stats())
+		ns := d.dns.Stats()
+		s.Nameserver = &ns
 	}
 	if d.connLog != nil {
 		s.ConnLogDropped = d.connLog.dropped.Load()

@@ -101,19 +101,13 @@ log:
   level: debug
 `
 
-// nsStatus is status.nameserver: the nameserver's own Stats, as the control API encodes them.
-type nsStatus = dns.Stats
-
-func nameserverStatus(t *testing.T, st control.Status) nsStatus {
+// nameserverStatus returns status.nameserver.
+func nameserverStatus(t *testing.T, st control.Status) dns.Stats {
 	t.Helper()
-	var ns nsStatus
-	if len(st.Nameserver) == 0 {
+	if st.Nameserver == nil {
 		t.Fatal("status has no nameserver section")
 	}
-	if err := json.Unmarshal(st.Nameserver, &ns); err != nil {
-		t.Fatal(err)
-	}
-	return ns
+	return *st.Nameserver
 }
 
 // domainConn is the part of `warden conns --json` the DNS tests read.

@@ -16,6 +16,7 @@ import (
 
 	"github.com/warden-fw/warden/cmd/internal/control"
 	"github.com/warden-fw/warden/cmd/internal/sandbox"
+	"github.com/warden-fw/warden/proxy/splittun"
 )
 
 // roleEnv makes the test binary act as an agent (for app rules: its path differs from warden's).
@@ -320,41 +321,13 @@ func (e *env) conns() []connInfo {
 	return cs
 }
 
-// splitStatus is the part of status.split_tunnel the tests read.
-type splitStatus struct {
-	Interface struct {
-		Spec      string `json:"spec"`
-		Up        bool   `json:"up"`
-		Err       string `json:"error"`
-		Interface struct {
-			Name string `json:"name"`
-		} `json:"interface"`
-	} `json:"interface"`
-	OnInterfaceDown string     `json:"on_interface_down"`
-	TCP             protoStats `json:"tcp"`
-	UDP             protoStats `json:"udp"`
-}
-
-type protoStats struct {
-	Active     int64  `json:"active"`
-	Total      uint64 `json:"total"`
-	Rejected   uint64 `json:"rejected"`
-	Refused    uint64 `json:"refused_interface_down"`
-	Direct     uint64 `json:"direct"`
-	Unresolved uint64 `json:"unresolved"`
-	DialErrors uint64 `json:"dial_errors"`
-}
-
-func (e *env) split(st control.Status) splitStatus {
+// split returns status.split_tunnel.
+func (e *env) split(st control.Status) *splittun.Stats {
 	e.t.Helper()
-	var s splitStatus
-	if len(st.SplitTunnel) == 0 {
+	if st.SplitTunnel == nil {
 		e.t.Fatal("status has no split_tunnel section")
 	}
-	if err := json.Unmarshal(st.SplitTunnel, &s); err != nil {
-		e.t.Fatal(err)
-	}
-	return s
+	return st.SplitTunnel
 }
 
 // waitStatus polls status until cond holds, for at most 10 seconds.
