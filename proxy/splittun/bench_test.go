@@ -13,25 +13,11 @@ import (
 // connection arrives), so "proxy" includes a table Record+Take per connection, as in production.
 
 func sinkServer(b *testing.B) netip.AddrPort {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				n, _ := io.Copy(io.Discard, c)
-				binary.Write(c, binary.BigEndian, n) // tell the writer everything arrived
-			}()
-		}
-	}()
-	return unmap(ln.Addr().(*net.TCPAddr).AddrPort())
+	return serveTCP(b, "tcp4", "127.0.0.1:0", func(c net.Conn) {
+		defer c.Close()
+		n, _ := io.Copy(io.Discard, c)
+		binary.Write(c, binary.BigEndian, n) // tell the writer everything arrived
+	})
 }
 
 func BenchmarkTCPBulk(b *testing.B) {
@@ -125,22 +111,10 @@ func BenchmarkUDPRequestResponse(b *testing.B) {
 
 func BenchmarkTCPConnect(b *testing.B) {
 	greeter := func(b *testing.B) netip.AddrPort {
-		ln, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				c.Write([]byte{1})
-				c.Close()
-			}
-		}()
-		return unmap(ln.Addr().(*net.TCPAddr).AddrPort())
+		return serveTCP(b, "tcp4", "127.0.0.1:0", func(c net.Conn) {
+			c.Write([]byte{1})
+			c.Close()
+		})
 	}
 	run := func(b *testing.B, target netip.AddrPort) {
 		one := make([]byte, 1)

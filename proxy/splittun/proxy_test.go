@@ -142,8 +142,9 @@ func (h *harness) route(dst netip.AddrPort) {
 	h.plat.mu.Unlock()
 }
 
-// echoServer accepts connections, writes greeting, then echoes until EOF and closes.
-func echoServer(t testing.TB, network, addr, greeting string) netip.AddrPort {
+// serveTCP listens on addr and runs handle for every accepted connection in its own goroutine, until the
+// test ends. handle owns the connection.
+func serveTCP(t testing.TB, network, addr string, handle func(net.Conn)) netip.AddrPort {
 	t.Helper()
 	ln, err := net.Listen(network, addr)
 	if err != nil {
@@ -156,16 +157,22 @@ func echoServer(t testing.TB, network, addr, greeting string) netip.AddrPort {
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				if _, err := io.WriteString(c, greeting); err != nil {
-					return
-				}
-				io.Copy(c, c)
-			}()
+			go handle(c)
 		}
 	}()
 	return unmap(ln.Addr().(*net.TCPAddr).AddrPort())
+}
+
+// echoServer accepts connections, writes greeting, then echoes until EOF and closes.
+func echoServer(t testing.TB, network, addr, greeting string) netip.AddrPort {
+	t.Helper()
+	return serveTCP(t, network, addr, func(c net.Conn) {
+		defer c.Close()
+		if _, err := io.WriteString(c, greeting); err != nil {
+			return
+		}
+		io.Copy(c, c)
+	})
 }
 
 // testLogger logs to the test's output when -v is given.
