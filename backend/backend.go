@@ -159,3 +159,14 @@ type Options struct {
 type Cleaner interface {
 	Cleanup() error
 }
+
+// EndNotifier is implemented by backends that see connections end (the Windows driver's end events); the
+// daemon hands them the pipeline's ConnectionEnded so the connection table stays exact.
+type EndNotifier interface {
+	SetConnectionEndHandler(func(ConnKey))
+}
+
+// ByteCounter is implemented by backends that count bytes per connection.
+type ByteCounter interface {
+	ConnBytes(ConnKey) (tx, rx uint64, ok bool)
+}

@@ -111,6 +111,8 @@ var (
 	_ backend.Reevaluator   = (*Backend)(nil)
 	_ backend.Resetter      = (*Backend)(nil)
 	_ backend.StatsReporter = (*Backend)(nil)
+	_ backend.EndNotifier   = (*Backend)(nil)
+	_ backend.ByteCounter   = (*Backend)(nil)
 )
 
 // NewWithDevice returns a backend that opens its device with open on Start. The Windows factory uses it with

@@ -196,9 +196,7 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	}
 
 	d.pipeline = firewall.New(pol, po)
-	if eh, ok := b.(interface {
-		SetConnectionEndHandler(func(backend.ConnKey))
-	}); ok {
+	if eh, ok := b.(backend.EndNotifier); ok {
 		// Backends that see connections end (the Windows driver) keep the connection table exact.
 		eh.SetConnectionEndHandler(d.pipeline.ConnectionEnded)
 	}

@@ -56,9 +56,7 @@ func (d *Daemon) Status() control.Status {
 // Connections implements control.Service.
 func (d *Daemon) Connections() []firewall.ConnInfo {
 	cs := d.pipeline.Connections()
-	if bc, ok := d.backend.(interface {
-		ConnBytes(backend.ConnKey) (tx, rx uint64, ok bool)
-	}); ok {
+	if bc, ok := d.backend.(backend.ByteCounter); ok {
 		for i := range cs {
 			if tx, rx, ok := bc.ConnBytes(cs[i].Key); ok {
 				cs[i].BytesTx, cs[i].BytesRx = tx, rx
