@@ -72,7 +72,13 @@ type Decision struct {
 	// Final marks Warden's own traffic: accepted in a way that rules other software adds later cannot
 	// override. Only valid with Accept; it implies Permanent.
 	Final bool
+	// Route, on RerouteToSplitTun only, names the kernel route (1..MaxSplitRoutes) that carries the connection
+	// out of its split interface without the proxy (Linux policy routing). 0 sends it to the proxy.
+	Route uint8
 }
+
+// MaxSplitRoutes is the number of kernel routes split connections can be given (Decision.Route).
+const MaxSplitRoutes = 16
 
 // Common decisions.
 var (
@@ -86,6 +92,9 @@ func (d Decision) Validate() error {
 	}
 	if d.Final && (d.Verdict != Accept || !d.Permanent) {
 		return fmt.Errorf("final is only valid on a permanent accept, not on %s", d)
+	}
+	if d.Route != 0 && (d.Verdict != RerouteToSplitTun || d.Route > MaxSplitRoutes) {
+		return fmt.Errorf("route %d is only valid on reroute-split, 1 to %d", d.Route, MaxSplitRoutes)
 	}
 	return nil
 }

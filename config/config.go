@@ -74,6 +74,7 @@ type Rule struct {
 type SplitTunnel struct {
 	Interface       string        `key:"interface" default:"auto" doc:"name, IP or MAC of the interface split traffic leaves through; auto = the lowest-metric default route's interface that is not a tunnel"`
 	Port            int           `key:"port" default:"719" doc:"the proxy's port on 127.0.0.17 and [::1]"`
+	Mode            string        `key:"mode" default:"auto" doc:"auto | route | proxy: route carries split connections by kernel policy routing (Linux), proxy relays them through the split-tunnel proxy; auto = route where the platform can"`
 	OnInterfaceDown string        `key:"on_interface_down" default:"block" doc:"block | direct, when the split interface is gone"`
 	MaxSessions     int           `key:"max_sessions" default:"4096" doc:"upper bound on concurrent proxied TCP connections and UDP sessions (each)"`
 	IdleTimeout     time.Duration `key:"idle_timeout" default:"5m" doc:"TCP relays idle this long are closed"`

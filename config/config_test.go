@@ -156,6 +156,7 @@ func TestMalformed(t *testing.T) {
 		{"ports a section", "rules: [{name: a, action: block, ports: {a: 1}}]", []string{"rules[0].ports"}},
 		{"split port", "split_tunnel: {port: 0}", []string{"split_tunnel.port"}},
 		{"split down", "split_tunnel: {on_interface_down: panic}", []string{"split_tunnel.on_interface_down"}},
+		{"split mode", "split_tunnel: {mode: tunnel}", []string{"split_tunnel.mode"}},
 		{"bad socket", "control: {socket: relative.sock}", []string{"control.socket"}},
 		{"bad metrics", "metrics: {listen: nowhere}", []string{"metrics.listen"}},
 		{"bad log level", "log: {level: loud}", []string{"log.level"}},

@@ -54,6 +54,11 @@ func (c *Config) validate(el *errorList) {
 	if st.Port < 1 || st.Port > 65535 {
 		el.add("split_tunnel.port", "%q is not a port (1-65535)", strconv.Itoa(st.Port))
 	}
+	switch st.Mode {
+	case "auto", "route", "proxy":
+	default:
+		el.add("split_tunnel.mode", "%q is not an option (auto | route | proxy)", st.Mode)
+	}
 	switch st.OnInterfaceDown {
 	case "block", "direct":
 	default:

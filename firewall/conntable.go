@@ -53,11 +53,12 @@ func packDecision(d backend.Decision) uint32 {
 	if d.Final {
 		v |= 1 << 9
 	}
-	return v
+	return v | uint32(d.Route)<<10
 }
 
 func unpackDecision(v uint32) backend.Decision {
-	return backend.Decision{Verdict: backend.Verdict(v & 0xff), Permanent: v&(1<<8) != 0, Final: v&(1<<9) != 0}
+	return backend.Decision{Verdict: backend.Verdict(v & 0xff), Permanent: v&(1<<8) != 0, Final: v&(1<<9) != 0,
+		Route: uint8(v >> 10)}
 }
 
 const connShards = 64

@@ -32,6 +32,15 @@ type SplitRecorder interface {
 	RecordSplit(proto backend.Protocol, client, original netip.AddrPort, via string)
 }
 
+// SplitRouter is implemented by split carriers that can route split connections in the kernel (Linux policy
+// routing) or must refuse them (their interface is down). RouteSplit returns the decision for a connection a
+// rule splits via the interface spec via ("" = the default): reroute-split with a Route, or what
+// on_interface_down says, or plain reroute-split (Route 0) to use the proxy. fresh is false when a live
+// connection is re-evaluated, so counters count each connection once.
+type SplitRouter interface {
+	RouteSplit(proto backend.Protocol, via string, fresh bool) backend.Decision
+}
+
 // Options configures a pipeline. Zero values are sensible defaults.
 type Options struct {
 	Logger   *slog.Logger
@@ -233,7 +242,7 @@ func (p *Pipeline) decide(pkt backend.Packet, pol *Policy, proc backend.Process,
 		// connection then needs its domain (and conns shows it). The lookup is a read-locked map access.
 		c.Domain, _ = p.opts.Names.DomainOf(info.Remote.Addr().Unmap())
 	}
-	d, ref, via := p.evaluate(info, c, pol)
+	d, ref, via := p.evaluate(info, c, pol, true)
 	c.Own = ref.Source == "own"
 	c.decision.Store(packDecision(d))
 	c.rule.Store(ref)
@@ -242,7 +251,7 @@ func (p *Pipeline) decide(pkt backend.Packet, pol *Policy, proc backend.Process,
 		// Another packet of this connection was decided meanwhile: give the same answer.
 		c = existing
 		d = existing.Decision()
-	} else if d.Verdict == backend.RerouteToSplitTun {
+	} else if d.Verdict == backend.RerouteToSplitTun && d.Route == 0 {
 		p.opts.Split.RecordSplit(info.Protocol, info.Local, info.Remote, via)
 	}
 	p.apply(pkt, d)
@@ -251,8 +260,9 @@ func (p *Pipeline) decide(pkt backend.Packet, pol *Policy, proc backend.Process,
 	}
 }
 
-// evaluate runs the decision order: own traffic, hook, policy, default.
-func (p *Pipeline) evaluate(info *backend.Info, c *Conn, pol *Policy) (backend.Decision, *ruleRef, string) {
+// evaluate runs the decision order: own traffic, hook, policy, default. fresh is true for a new connection,
+// false when a live one is re-evaluated.
+func (p *Pipeline) evaluate(info *backend.Info, c *Conn, pol *Policy, fresh bool) (backend.Decision, *ruleRef, string) {
 	if c.PID == p.own || info.PID == p.own {
 		return backend.AcceptFinal, refOwn, ""
 	}
@@ -284,6 +294,9 @@ func (p *Pipeline) evaluate(info *backend.Info, c *Conn, pol *Policy) (backend.D
 	case config.DropAction:
 		return backend.Decision{Verdict: backend.Drop, Permanent: true}, ref, ""
 	case config.Split:
+		if r, ok := p.opts.Split.(SplitRouter); ok {
+			return r.RouteSplit(c.Key.Protocol, m.Via, fresh), ref, m.Via
+		}
 		if p.opts.Split != nil {
 			return backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true}, ref, m.Via
 		}
@@ -395,7 +408,7 @@ func (p *Pipeline) SetPolicy(pol *Policy) []backend.ConnChange {
 		old := c.Decision()
 		info := backend.Info{Protocol: c.Key.Protocol, Direction: c.Direction, Local: c.Key.Local,
 			Remote: c.Key.Remote, Interface: c.Interface, PID: c.PID, UID: c.UID}
-		d, ref, _ := p.evaluate(&info, c, pol)
+		d, ref, _ := p.evaluate(&info, c, pol, false)
 		c.rule.Store(ref)
 		if d != old {
 			c.decision.Store(packDecision(d))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/splitroute"
 )
 
 var _ backend.Cleaner = (*Backend)(nil)
@@ -28,6 +29,9 @@ func (b *Backend) Cleanup() error {
 	}
 	if err := flushMarked(); err != nil {
 		errs = append(errs, fmt.Errorf("removing conntrack marks: %w", err))
+	}
+	if err := splitroute.Cleanup(); err != nil {
+		errs = append(errs, fmt.Errorf("removing split routes: %w", err))
 	}
 	return errors.Join(errs...)
 }

@@ -6,6 +6,7 @@ import (
 
 	"github.com/ti-mo/conntrack"
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/marks"
 	"golang.org/x/sys/unix"
 )
 
@@ -63,8 +64,14 @@ func flushMarked() error {
 	}
 	defer c.Close()
 	var errs []error
+	type markMask struct{ mark, mask uint32 }
+	all := []markMask{{marks.SplitRouteBase, marks.SplitRouteMask}}
 	for _, m := range permanentMarks {
-		filter := conntrack.NewFilter().Mark(m).MarkMask(0xffffffff)
+		all = append(all, markMask{m, 0xffffffff})
+	}
+	for _, mm := range all {
+		m := mm.mark
+		filter := conntrack.NewFilter().Mark(m).MarkMask(mm.mask)
 		if err := c.FlushFilter(filter); err != nil {
 			// Kernels before filtered flush: dump and delete one by one.
 			flows, derr := c.DumpFilter(filter, nil)

@@ -16,6 +16,7 @@ const (
 	chainIngestInput  = "WARDEN-INGEST-INPUT"
 	chainFilter       = "WARDEN-FILTER"
 	chainRedirect     = "WARDEN-REDIRECT"
+	chainSplitSNAT    = "WARDEN-SPLIT-SNAT"
 )
 
 // chainRules is one of our chains and its rules, in order.
@@ -72,6 +73,9 @@ var permanentMarks = []uint32{
 	marks.RerouteTunnel, marks.RerouteSplit, marks.RerouteNS,
 }
 
+// splitRouteMarks matches every kernel-routed split mark (marks.SplitRoute) with one mask.
+var splitRouteMarks = []string{"-m", "mark", "--mark", fmt.Sprintf("%d/0x%x", marks.SplitRouteBase, marks.SplitRouteMask)}
+
 // buildRules returns our chains and the jumps into them for one address family. The order of the rules
 // matters and is explained next to them.
 func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
@@ -118,6 +122,7 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 	for _, m := range permanentMarks {
 		addF(mark(m), []string{"-j", "CONNMARK", "--save-mark"})
 	}
+	addF(splitRouteMarks, []string{"-j", "CONNMARK", "--save-mark"})
 	// Own traffic is ACCEPTed, ending this table: later rules of other software cannot drop it.
 	addF(mark(marks.AcceptFinal), []string{"-j", "ACCEPT"})
 	// Accepts RETURN: the system's own rules still apply.
@@ -150,17 +155,23 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		}
 	}
 
+	// Split connections carried by kernel routing leave through another interface than the one whose address
+	// the socket chose: give them that interface's address. Only a connection's first packet passes nat.
+	snat := chainRules{Table: "nat", Chain: chainSplitSNAT, Rules: [][]string{cat(splitRouteMarks, []string{"-j", "MASQUERADE"})}}
+
 	chains := []chainRules{
 		ingest(chainIngestOutput, p.In, p.Out),
 		ingest(chainIngestInput, p.Out, p.In),
 		filter,
 		redirect,
+		snat,
 	}
 	// Installation order: filter first, so that no verdict mark is ever set without being enforced.
 	jumps := []jumpRule{
 		{"filter", "OUTPUT", chainFilter},
 		{"filter", "INPUT", chainFilter},
 		{"nat", "OUTPUT", chainRedirect},
+		{"nat", "POSTROUTING", chainSplitSNAT},
 		{"mangle", "OUTPUT", chainIngestOutput},
 		{"mangle", "INPUT", chainIngestInput},
 	}

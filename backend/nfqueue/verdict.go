@@ -39,6 +39,9 @@ func markFor(d backend.Decision, fm backend.FailMode) (uint32, error) {
 	case backend.RerouteToTunnel:
 		return marks.RerouteTunnel, nil
 	case backend.RerouteToSplitTun:
+		if d.Route != 0 {
+			return marks.SplitRoute(d.Route), nil
+		}
 		return marks.RerouteSplit, nil
 	case backend.RerouteToNameserver:
 		return marks.RerouteNS, nil

@@ -15,6 +15,16 @@ const (
 	DownDirect = "direct"
 )
 
+// The values of Config.Mode.
+const (
+	// ModeAuto routes in the kernel where the platform can (Linux), and relays through the proxy elsewhere.
+	ModeAuto = "auto"
+	// ModeRoute carries split connections by kernel routing; the relay only takes what routing cannot.
+	ModeRoute = "route"
+	// ModeProxy relays every split connection through the proxy.
+	ModeProxy = "proxy"
+)
+
 // Defaults for the zero values of Config.
 const (
 	DefaultPort            = 719
@@ -34,6 +44,8 @@ type Config struct {
 	// Interface is the default interface split traffic leaves through: a name, an IP address, a MAC address or
 	// "auto" (the default). A table entry may name another one.
 	Interface string `json:"interface"`
+	// Mode is ModeAuto (the default), ModeRoute or ModeProxy.
+	Mode string `json:"mode"`
 	// OnInterfaceDown is DownBlock (the default) or DownDirect.
 	OnInterfaceDown string `json:"on_interface_down"`
 	// MaxTCPSessions bounds concurrent TCP relays; connections beyond it are reset and counted.
@@ -62,6 +74,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.OnInterfaceDown == "" {
 		c.OnInterfaceDown = DownBlock
+	}
+	if c.Mode == "" {
+		c.Mode = ModeAuto
 	}
 	if c.MaxTCPSessions == 0 {
 		c.MaxTCPSessions = DefaultMaxTCPSessions
@@ -93,6 +108,9 @@ func (c Config) Validate() error {
 	var errs []error
 	if c.OnInterfaceDown != DownBlock && c.OnInterfaceDown != DownDirect {
 		errs = append(errs, fmt.Errorf("on_interface_down: %q is not %q or %q", c.OnInterfaceDown, DownBlock, DownDirect))
+	}
+	if c.Mode != ModeAuto && c.Mode != ModeRoute && c.Mode != ModeProxy {
+		errs = append(errs, fmt.Errorf("mode: %q is not %q, %q or %q", c.Mode, ModeAuto, ModeRoute, ModeProxy))
 	}
 	for _, f := range []struct {
 		name string

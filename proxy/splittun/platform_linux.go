@@ -15,6 +15,7 @@ import (
 
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/backend/nfqueue/marks"
+	"github.com/warden-fw/warden/backend/nfqueue/splitroute"
 	"github.com/warden-fw/warden/proxy/netif"
 )
 
@@ -26,7 +27,38 @@ type linuxPlatform struct {
 
 	mu sync.Mutex // guards ct; one request at a time keeps netlink replies in order
 	ct *conntrack.Conn
+
+	rpMu      sync.Mutex              // guards rpRestore
+	rpRestore map[string]func() error // interfaces whose rp_filter was loosened, and how to undo it
 }
+
+var _ KernelRouter = (*linuxPlatform)(nil)
+
+func (*linuxPlatform) ResetRoutes() error { return splitroute.Cleanup() }
+
+// InstallRoute installs the policy route and loosens strict reverse-path filtering on the interface, which
+// would otherwise drop the replies (they arrive on ifc for an address the main table routes elsewhere).
+func (p *linuxPlatform) InstallRoute(n uint8, ifc *netif.Interface, failClosed bool) error {
+	if err := splitroute.Install(n, ifc.Index, failClosed); err != nil {
+		return err
+	}
+	p.rpMu.Lock()
+	defer p.rpMu.Unlock()
+	if _, done := p.rpRestore[ifc.Name]; done {
+		return nil
+	}
+	restore, err := splitroute.LoosenRPFilter(ifc.Name)
+	if err != nil {
+		return err
+	}
+	if p.rpRestore == nil {
+		p.rpRestore = make(map[string]func() error)
+	}
+	p.rpRestore[ifc.Name] = restore
+	return nil
+}
+
+func (*linuxPlatform) RemoveRoute(n uint8) error { return splitroute.Remove(n) }
 
 // NewPlatform returns the Linux platform: listens on 127.0.0.17 and ::1, confirms TCP destinations with
 // SO_ORIGINAL_DST, resolves UDP flows through conntrack, and binds upstreams with SO_BINDTODEVICE plus SO_MARK
@@ -159,6 +191,16 @@ func (*linuxPlatform) UpstreamControl(ifc *netif.Interface) func(network, addres
 }
 
 func (p *linuxPlatform) Close() error {
+	p.rpMu.Lock()
+	var errs []error
+	for _, restore := range p.rpRestore {
+		errs = append(errs, restore())
+	}
+	p.rpRestore = nil
+	p.rpMu.Unlock()
+	if err := errors.Join(errs...); err != nil {
+		p.log.Warn("split tunnel: restoring rp_filter", "err", err)
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.ct == nil {

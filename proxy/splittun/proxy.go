@@ -41,8 +41,10 @@ type Stats struct {
 	// Interface is the state of the default split interface.
 	Interface netif.State `json:"interface"`
 	// Interfaces lists the state of every interface spec in use (the default and those table entries named).
-	Interfaces      []netif.State `json:"interfaces,omitempty"`
-	OnInterfaceDown string        `json:"on_interface_down"`
+	Interfaces []netif.State `json:"interfaces,omitempty"`
+	// Mode is how split connections are carried: "route" (kernel routing, the relay as fallback) or "proxy".
+	Mode            string `json:"mode"`
+	OnInterfaceDown string `json:"on_interface_down"`
 	// TableEntries is the number of unconsumed redirect table entries.
 	TableEntries int        `json:"table_entries"`
 	TCP          ProtoStats `json:"tcp"`
@@ -59,6 +61,8 @@ type ProtoStats struct {
 	Refused uint64 `json:"refused_interface_down"`
 	// Direct counts sessions dialled unbound because the interface was down and on_interface_down is direct.
 	Direct uint64 `json:"direct"`
+	// Routed counts connections (TCP) or flows (UDP) carried by kernel routing instead of the relay.
+	Routed uint64 `json:"routed"`
 	// Unresolved counts those whose original destination or table entry could not be found.
 	Unresolved  uint64 `json:"unresolved"`
 	DialErrors  uint64 `json:"dial_errors"`
@@ -70,13 +74,14 @@ type ProtoStats struct {
 type protoCounters struct {
 	active                                                       atomic.Int64
 	total, rejected, refused, direct, unresolved, dialErrs, idle atomic.Uint64
+	routed                                                       atomic.Uint64
 	bytesOut, bytesIn                                            atomic.Uint64
 }
 
 func (c *protoCounters) snapshot() ProtoStats {
 	return ProtoStats{
 		Active: c.active.Load(), Total: c.total.Load(), Rejected: c.rejected.Load(), Refused: c.refused.Load(),
-		Direct: c.direct.Load(), Unresolved: c.unresolved.Load(), DialErrors: c.dialErrs.Load(),
+		Direct: c.direct.Load(), Routed: c.routed.Load(), Unresolved: c.unresolved.Load(), DialErrors: c.dialErrs.Load(),
 		IdleExpired: c.idle.Load(), BytesOut: c.bytesOut.Load(), BytesIn: c.bytesIn.Load(),
 	}
 }
@@ -124,6 +129,9 @@ type Proxy struct {
 	sessions sync.WaitGroup // TCP relays and UDP reply loops
 
 	tcp, udp protoCounters
+
+	// routes is non-nil in route mode.
+	routes *routes
 }
 
 // New returns a proxy that is not yet listening. table is shared with the pipeline and must not be nil.
@@ -154,6 +162,14 @@ func New(cfg Config, table *redirect.Table, opts Options) (*Proxy, error) {
 	if p.res == nil {
 		p.res, p.ownRes = netif.NewResolver(netif.SystemSource(), log), true
 	}
+	kr, canRoute := p.plat.(KernelRouter)
+	switch {
+	case cfg.Mode == ModeRoute && !canRoute:
+		p.closePlatform()
+		return nil, fmt.Errorf("split tunnel: mode %q: this platform cannot route split connections in the kernel: %w", ModeRoute, backend.ErrUnsupported)
+	case cfg.Mode != ModeProxy && canRoute:
+		p.routes = &routes{kr: kr, slots: make(map[string]*routeSlot)}
+	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	return p, nil
 }
@@ -169,6 +185,11 @@ func (p *Proxy) Start() error {
 	}
 	p.started = true
 	p.table.Purge()
+	if p.routes != nil {
+		if err := p.routes.kr.ResetRoutes(); err != nil {
+			return fmt.Errorf("split tunnel: removing a previous run's routes: %w", err)
+		}
+	}
 
 	var errs []error
 	for _, a := range p.plat.ListenAddrs(p.cfg.Port) {
@@ -202,7 +223,7 @@ func (p *Proxy) Start() error {
 		p.loops.Add(1)
 		go p.readLoop(ln)
 	}
-	p.log.Info("split-tunnel proxy listening", "addrs", p.listen, "interface", p.cfg.Interface,
+	p.log.Info("split-tunnel proxy listening", "mode", p.Mode(), "addrs", p.listen, "interface", p.cfg.Interface,
 		"on_interface_down", p.cfg.OnInterfaceDown)
 	return nil
 }
@@ -308,10 +329,27 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.cancel()
 	p.loops.Wait()
 	p.table.Purge()
+	var errs []error
+	if p.routes != nil {
+		errs = append(errs, p.routes.close())
+	}
+	return errors.Join(append(errs, p.closePlatform())...)
+}
+
+// closePlatform closes the platform if the proxy created it.
+func (p *Proxy) closePlatform() error {
 	if p.ownPlat {
 		return p.plat.Close()
 	}
 	return nil
+}
+
+// Mode returns the mode in force: ModeRoute or ModeProxy.
+func (p *Proxy) Mode() string {
+	if p.routes != nil {
+		return ModeRoute
+	}
+	return ModeProxy
 }
 
 // Stats returns a snapshot of the proxy's state and counters.
@@ -323,6 +361,7 @@ func (p *Proxy) Stats() Stats {
 		Listen:          listen,
 		Interface:       p.res.Get(p.cfg.Interface),
 		Interfaces:      p.res.States(),
+		Mode:            p.Mode(),
 		OnInterfaceDown: p.cfg.OnInterfaceDown,
 		TableEntries:    p.table.Len(),
 		TCP:             p.tcp.snapshot(),
@@ -369,6 +408,11 @@ func (p *Proxy) upstream(c *protoCounters, e *redirect.Entry, udp bool) (*net.Di
 // packets get a session that follows the new state (bound elsewhere, direct, or refused). TCP relays are left
 // alone: a short link flap need not kill them, and a dead path makes them fail on their own.
 func (p *Proxy) interfaceChanged(st netif.State) {
+	if p.routes != nil {
+		if err := p.routes.changed(st, p.cfg.OnInterfaceDown != DownDirect); err != nil {
+			p.log.Error("split tunnel: reinstalling a kernel route", "interface", st.Spec, "err", err)
+		}
+	}
 	p.udpMu.RLock()
 	var stale []*udpSession
 	for _, s := range p.udpSess {

@@ -18,3 +18,16 @@ const (
 	RerouteNS      uint32 = 1799
 	OwnTrafficMark        = AcceptFinal
 )
+
+// Split connections carried by kernel routing instead of the proxy get one mark per split interface (a
+// "route"): SplitRouteBase+n-1 for route n in 1..SplitRoutes. Policy routing sends each mark to its own table,
+// whose default route leaves through that interface. The range is aligned so one mask matches all of it.
+const (
+	SplitRouteBase uint32 = 1728 // 0x6c0
+	SplitRoutes           = 16
+	SplitRouteMask uint32 = ^uint32(SplitRoutes - 1)
+)
+
+// SplitRoute returns route n's mark (n in 1..SplitRoutes). It is also the route's table number and ip rule
+// priority.
+func SplitRoute(n uint8) uint32 { return SplitRouteBase + uint32(n) - 1 }

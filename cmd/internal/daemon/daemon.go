@@ -101,7 +101,7 @@ func BackendOptions(cfg *config.Config, log *slog.Logger) backend.Options {
 
 func proxyConfig(st config.SplitTunnel) splittun.Config {
 	return splittun.Config{
-		Port: uint16(st.Port), Interface: st.Interface, OnInterfaceDown: st.OnInterfaceDown,
+		Port: uint16(st.Port), Mode: st.Mode, Interface: st.Interface, OnInterfaceDown: st.OnInterfaceDown,
 		MaxTCPSessions: st.MaxSessions, MaxUDPSessions: st.MaxSessions,
 		IdleTimeout: st.IdleTimeout, UDPIdleTimeout: st.UDPIdleTimeout,
 	}
@@ -112,6 +112,17 @@ type splitTable struct{ t *redirect.Table }
 
 func (s splitTable) RecordSplit(proto backend.Protocol, client, original netip.AddrPort, via string) {
 	s.t.Record(redirect.Entry{Protocol: proto, Client: client, Original: original, Interface: via})
+}
+
+// splitRoutes is splitTable for a proxy in route mode: the proxy also decides how each split connection is
+// carried (a kernel route, or on_interface_down's answer).
+type splitRoutes struct {
+	splitTable
+	px *splittun.Proxy
+}
+
+func (s splitRoutes) RouteSplit(proto backend.Protocol, via string, fresh bool) backend.Decision {
+	return s.px.RouteSplit(proto, via, fresh)
 }
 
 // usesSplit reports whether any rule splits traffic, so the proxy is started only when needed.
@@ -182,6 +193,9 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 		} else {
 			d.proxy = px
 			po.Split = splitTable{d.table}
+			if px.Mode() == splittun.ModeRoute {
+				po.Split = splitRoutes{splitTable{d.table}, px}
+			}
 		}
 	}
 

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -25,23 +26,35 @@ rules:
     via: ub
 split_tunnel:
   interface: ub
+  mode: %MODE%
   on_interface_down: %DOWN%
 log:
   level: debug
 `
 
-// TestSplitTunnel: split flows (by port and by application; TCP and UDP; IPv4 and IPv6) leave through uplink
-// B and reach B's server, everything else reaches A's; the client sees the original destination as its peer;
-// one UDP socket talking to two peers gets each reply from the right one; under load every proxied connection
-// is decided exactly once and none of the proxy's own upstream traffic is queued; status shows the split
-// interface and the proxy's counters; when B goes down, on_interface_down: block refuses new split
-// connections.
+// TestSplitTunnel: in both modes (kernel routing and the proxy), split flows (by port and by application; TCP
+// and UDP; IPv4 and IPv6) leave through uplink B and reach B's server, everything else reaches A's; the client
+// sees the original destination as its peer; one UDP socket talking to two peers gets each reply from the
+// right one; under load every split connection is decided exactly once and none of Warden's own upstream
+// traffic is queued; status shows the split interface and the counters of the mode's carrier (and the other
+// carrier carried nothing); when B goes down, on_interface_down: block refuses new split connections; a
+// stop leaves no ip rule or route behind.
 func TestSplitTunnel(t *testing.T) {
 	t.Parallel()
+	for _, mode := range []string{"route", "proxy"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			testSplitTunnel(t, mode)
+		})
+	}
+}
+
+func testSplitTunnel(t *testing.T, mode string) {
 	e := newEnv(t)
 	app, appExe := e.startAppAgent()
-	e.writeConfig(strings.NewReplacer("%APP%", appExe, "%DOWN%", "block").Replace(splitConfig))
-	e.startDaemon()
+	e.writeConfig(strings.NewReplacer("%APP%", appExe, "%DOWN%", "block", "%MODE%", mode).Replace(splitConfig))
+	rulesBefore := ipRules(t, e.top.Client)
+	d := e.startDaemon()
 
 	var splitTCP, splitUDP int // split flows made, to check the counters exactly
 	for _, svc := range []struct {
@@ -150,11 +163,19 @@ func TestSplitTunnel(t *testing.T) {
 	}
 
 	sp := e.split(st)
-	if !sp.Interface.Up || sp.Interface.Interface.Name != sandbox.UplinkB || sp.OnInterfaceDown != "block" {
+	if !sp.Interface.Up || sp.Interface.Interface.Name != sandbox.UplinkB || sp.OnInterfaceDown != "block" || sp.Mode != mode {
 		t.Errorf("split interface in status: %+v", sp)
 	}
-	if sp.TCP.Total != uint64(splitTCP) || sp.UDP.Total != uint64(splitUDP) {
-		t.Errorf("proxy sessions: tcp %d, udp %d; want %d and %d", sp.TCP.Total, sp.UDP.Total, splitTCP, splitUDP)
+	relayed, routed := [2]uint64{sp.TCP.Total, sp.UDP.Total}, [2]uint64{sp.TCP.Routed, sp.UDP.Routed}
+	want, none := [2]uint64{uint64(splitTCP), uint64(splitUDP)}, [2]uint64{}
+	if mode == "route" {
+		relayed, routed = routed, relayed
+	}
+	if running := ipRules(t, e.top.Client); mode == "route" && !strings.Contains(running, "lookup 1728") {
+		t.Errorf("route mode: no policy routing rule for route 1 while running:\n%s", running)
+	}
+	if relayed != want || routed != none {
+		t.Errorf("%s mode: carried tcp/udp %v, the other carrier %v; want %v and none", mode, relayed, routed, want)
 	}
 	if sp.TCP.Unresolved+sp.UDP.Unresolved+sp.TCP.DialErrors+sp.UDP.DialErrors+sp.TCP.Rejected+sp.UDP.Rejected != 0 {
 		t.Errorf("proxy errors: %+v %+v", sp.TCP, sp.UDP)
@@ -190,6 +211,34 @@ func TestSplitTunnel(t *testing.T) {
 	if out := e.cli("status"); !strings.Contains(out, "down; when down: block") {
 		t.Errorf("status does not show the split interface down:\n%s", out)
 	}
+
+	if _, err := d.Stop(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if after := ipRules(t, e.top.Client); after != rulesBefore {
+		t.Errorf("ip rules and split route tables after stop differ from before start:\n--- before\n%s--- after\n%s", rulesBefore, after)
+	}
+}
+
+// ipRules returns ns's policy routing rules and the contents of Warden's split route tables (IPv4 and IPv6).
+func ipRules(t *testing.T, ns string) string {
+	t.Helper()
+	var b strings.Builder
+	for _, fam := range []string{"-4", "-6"} {
+		for _, args := range [][]string{{"rule", "show"}, {"route", "show", "table", "all"}} {
+			out, err := exec.Command("ip", append([]string{"-n", ns, fam}, args...)...).CombinedOutput()
+			if err != nil {
+				t.Fatalf("ip %v: %v: %s", args, err, out)
+			}
+			for line := range strings.SplitSeq(string(out), "\n") {
+				// Only what Warden could own: rules of priority 1728-1743 and routes in those tables.
+				if strings.HasPrefix(line, "17") || strings.Contains(line, "table 17") {
+					b.WriteString(fam + " " + line + "\n")
+				}
+			}
+		}
+	}
+	return b.String()
 }
 
 // TestSplitInterfaceDownDirect: with on_interface_down: direct, split connections go out through A while B is
@@ -197,7 +246,7 @@ func TestSplitTunnel(t *testing.T) {
 func TestSplitInterfaceDownDirect(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	e.writeConfig(strings.NewReplacer("%APP%", "/nonexistent/app", "%DOWN%", "direct").Replace(splitConfig))
+	e.writeConfig(strings.NewReplacer("%APP%", "/nonexistent/app", "%DOWN%", "direct", "%MODE%", "auto").Replace(splitConfig))
 	e.startDaemon()
 	dst4, dst6 := hp(sandbox.ServiceV4, 8080), hp(sandbox.ServiceV6, 8080)
 	expectServer(t, "tcp split, B up", call(t, e.client, tcpReq(dst4)), "B")

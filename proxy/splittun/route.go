@@ -1,0 +1,145 @@
+package splittun
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/proxy/netif"
+)
+
+// KernelRouter is implemented by platforms that can carry split connections by kernel routing instead of the
+// relay (Linux: policy routing on a packet mark, see backend/nfqueue/splitroute). Route n is 1..
+// backend.MaxSplitRoutes; the backend turns a decision's Route into the matching mark.
+type KernelRouter interface {
+	// ResetRoutes removes every route a previous run may have left.
+	ResetRoutes() error
+	// InstallRoute makes route n leave through ifc (replacing what it did before). With failClosed, packets
+	// of route n fail while ifc's route is gone instead of taking the normal route.
+	InstallRoute(n uint8, ifc *netif.Interface, failClosed bool) error
+	// RemoveRoute removes route n.
+	RemoveRoute(n uint8) error
+}
+
+// routeSlot is one interface spec's kernel route.
+type routeSlot struct {
+	n    uint8
+	spec string
+	// ifIndex is the link the route was last installed for; 0 while it must be (re)installed.
+	ifIndex int
+}
+
+// routes assigns kernel routes to interface specs and keeps them installed.
+type routes struct {
+	kr KernelRouter
+
+	mu     sync.Mutex
+	slots  map[string]*routeSlot
+	failed bool // a failure was logged; log the next only after a success
+}
+
+// RouteSplit implements the pipeline's split router (firewall.SplitRouter) in route mode: a connection split
+// via spec leaves through a kernel route while the interface is up; while it is down, on_interface_down
+// blocks or accepts it. Should a route be impossible (more than backend.MaxSplitRoutes interfaces in use, or
+// the kernel refuses), the connection goes to the relay as in proxy mode.
+func (p *Proxy) RouteSplit(proto backend.Protocol, via string, fresh bool) backend.Decision {
+	c := &p.tcp
+	if proto == backend.UDP {
+		c = &p.udp
+	}
+	spec := via
+	if spec == "" {
+		spec = p.cfg.Interface
+	}
+	st := p.res.Get(spec)
+	if !st.Up {
+		if p.cfg.OnInterfaceDown == DownDirect {
+			if fresh {
+				c.direct.Add(1)
+			}
+			return backend.Decision{Verdict: backend.Accept, Permanent: true}
+		}
+		if fresh {
+			c.refused.Add(1)
+		}
+		return backend.Decision{Verdict: backend.Block, Permanent: true}
+	}
+	if p.routes == nil {
+		return backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true}
+	}
+	n, err := p.routes.route(st, p.cfg.OnInterfaceDown != DownDirect)
+	if err != nil {
+		p.routes.mu.Lock()
+		first := !p.routes.failed
+		p.routes.failed = true
+		p.routes.mu.Unlock()
+		if first {
+			p.log.Error("split tunnel: kernel route unavailable; relaying through the proxy instead", "interface", spec, "err", err)
+		}
+		return backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true}
+	}
+	if fresh {
+		c.routed.Add(1)
+	}
+	return backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true, Route: n}
+}
+
+// route returns the kernel route of an interface that is up, assigning and installing it on first use and
+// reinstalling it when the interface changed.
+func (r *routes) route(st netif.State, failClosed bool) (uint8, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.slots[st.Spec]
+	if s == nil {
+		if len(r.slots) >= backend.MaxSplitRoutes {
+			return 0, fmt.Errorf("more than %d split interfaces in use", backend.MaxSplitRoutes)
+		}
+		s = &routeSlot{n: uint8(len(r.slots) + 1), spec: st.Spec}
+		r.slots[st.Spec] = s
+	}
+	if s.ifIndex != st.Interface.Index {
+		ifc := st.Interface
+		if err := r.kr.InstallRoute(s.n, &ifc, failClosed); err != nil {
+			s.ifIndex = 0
+			return 0, err
+		}
+		s.ifIndex = ifc.Index
+		r.failed = false
+	}
+	return s.n, nil
+}
+
+// changed follows an interface state change. The kernel deletes a link's routes when it goes down, so a
+// route whose interface is back (or changed) is installed again at once: live connections on it recover.
+func (r *routes) changed(st netif.State, failClosed bool) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.slots[st.Spec]
+	if s == nil {
+		return nil
+	}
+	if !st.Up {
+		s.ifIndex = 0
+		return nil
+	}
+	ifc := st.Interface
+	if err := r.kr.InstallRoute(s.n, &ifc, failClosed); err != nil {
+		s.ifIndex = 0
+		return err
+	}
+	s.ifIndex = ifc.Index
+	return nil
+}
+
+// close removes every installed route.
+func (r *routes) close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var errs []error
+	for _, s := range r.slots {
+		errs = append(errs, r.kr.RemoveRoute(s.n))
+	}
+	r.slots = map[string]*routeSlot{}
+	return errors.Join(errs...)
+}
