@@ -94,6 +94,8 @@ type sockInfo struct {
 	ifindex       uint32
 	uid           uint32
 	inode         uint32
+	// cookie is the kernel's socket cookie (idiag_cookie), the key of the eBPF owner map.
+	cookie uint64
 	// v6only is 1 for an IPv6-only socket, 0 for a dual-stack IPv6 socket, -1 for IPv4 or unknown.
 	v6only int8
 }
@@ -119,6 +121,8 @@ func parseDiagMsg(b []byte) (sockInfo, error) {
 		return sockInfo{}, fmt.Errorf("inet_diag_msg of address family %d", s.family)
 	}
 	s.ifindex = ne.Uint32(id[36:40])
+	// idiag_cookie is two native u32s, the low half first (sock_diag_save_cookie).
+	s.cookie = uint64(ne.Uint32(id[40:44])) | uint64(ne.Uint32(id[44:48]))<<32
 	tail := b[4+sizeofSockID:]
 	// tail: expires, rqueue, wqueue, uid, inode.
 	s.uid = ne.Uint32(tail[12:16])

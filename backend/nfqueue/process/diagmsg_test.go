@@ -70,10 +70,11 @@ func diagMsgBytes(s sockInfo, attrs ...[]byte) []byte {
 	b = appendDiagAddr(b, s.local.Addr())
 	b = appendDiagAddr(b, s.remote.Addr())
 	b = ne.AppendUint32(b, s.ifindex)
-	b = append(b, 1, 2, 3, 4, 5, 6, 7, 8) // cookie
-	b = ne.AppendUint32(b, 0)             // expires
-	b = ne.AppendUint32(b, 0)             // rqueue
-	b = ne.AppendUint32(b, 0)             // wqueue
+	b = ne.AppendUint32(b, uint32(s.cookie))     // idiag_cookie[0]: low half
+	b = ne.AppendUint32(b, uint32(s.cookie>>32)) // idiag_cookie[1]: high half
+	b = ne.AppendUint32(b, 0)                    // expires
+	b = ne.AppendUint32(b, 0)                    // rqueue
+	b = ne.AppendUint32(b, 0)                    // wqueue
 	b = ne.AppendUint32(b, s.uid)
 	b = ne.AppendUint32(b, s.inode)
 	for _, a := range attrs {
@@ -93,8 +94,8 @@ func attr(typ uint16, data ...byte) []byte {
 }
 
 func TestParseDiagMsg(t *testing.T) {
-	v4 := sockInfo{family: afInet, state: 1, local: netip.MustParseAddrPort("127.0.0.1:5000"), remote: netip.MustParseAddrPort("10.1.2.3:443"), ifindex: 2, uid: 1000, inode: 424242, v6only: -1}
-	v6 := sockInfo{family: afInet6, state: tcpListen, local: netip.MustParseAddrPort("[::]:22"), remote: netip.MustParseAddrPort("[::]:0"), uid: 0, inode: 7, v6only: 0}
+	v4 := sockInfo{family: afInet, state: 1, local: netip.MustParseAddrPort("127.0.0.1:5000"), remote: netip.MustParseAddrPort("10.1.2.3:443"), ifindex: 2, uid: 1000, inode: 424242, cookie: 0x0000000100000002, v6only: -1}
+	v6 := sockInfo{family: afInet6, state: tcpListen, local: netip.MustParseAddrPort("[::]:22"), remote: netip.MustParseAddrPort("[::]:0"), uid: 0, inode: 7, cookie: 0xfedcba9876543210, v6only: 0}
 	v6only := v6
 	v6only.v6only = 1
 	tests := []struct {
@@ -190,4 +191,20 @@ func FuzzDiagAnswer(f *testing.F) {
 			b = rest
 		}
 	})
+}
+
+// TestParseDiagCookie pins the order of idiag_cookie's halves: sock_diag_save_cookie stores the low 32 bits in
+// the first u32 and the high 32 bits in the second, each in host order.
+func TestParseDiagCookie(t *testing.T) {
+	b := diagMsgBytes(sockInfo{family: afInet, local: netip.MustParseAddrPort("127.0.0.1:1"), remote: netip.MustParseAddrPort("127.0.0.1:2")})
+	const off = 4 + 40 // the family/state/timer/retrans header, then sport..ifindex of the socket ID
+	binary.NativeEndian.PutUint32(b[off:], 0x11223344)
+	binary.NativeEndian.PutUint32(b[off+4:], 0x55667788)
+	s, err := parseDiagMsg(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := uint64(0x5566778811223344); s.cookie != want {
+		t.Errorf("cookie %#x, want %#x", s.cookie, want)
+	}
 }

@@ -3,6 +3,7 @@ package process
 import (
 	"errors"
 	"log/slog"
+	"math"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -42,6 +43,8 @@ type Resolver struct {
 	now     func() time.Duration
 	diag    *diagPool    // nil in unit tests
 	watcher *exitWatcher // nil in unit tests: records are then checked with alive
+	bpf     *bpfOwners   // nil when eBPF is off or unavailable: every lookup uses /proc
+	bpfErr  error        // why bpf is nil, when it was wanted
 	// exitHook, when set, is called with the PID of each watched process that exits (tests wait on it).
 	exitHook atomic.Pointer[func(pid int32)]
 
@@ -53,6 +56,11 @@ type Resolver struct {
 	isClosed  atomic.Bool
 	lastLog   atomic.Int64 // time.Duration of the last logged lookup error, for rate limiting
 	scans     atomic.Uint64
+
+	mapAnswers  atomic.Uint64
+	procAnswers atomic.Uint64
+	mapMisses   atomic.Uint64
+	mapStale    atomic.Uint64
 
 	tupleMu sync.RWMutex // guards tuples
 	tuples  map[backend.ConnKey]tupleEntry
@@ -109,8 +117,14 @@ type foundSocket struct {
 }
 
 // New opens a sock_diag netlink socket in the calling thread's network namespace (the daemon's) and returns a
-// resolver using it. The caller must Close it.
+// resolver using it, with the eBPF socket owner map when the system allows it. The caller must Close it.
 func New(logger *slog.Logger) (*Resolver, error) {
+	return NewWithOptions(logger, Options{})
+}
+
+// NewWithOptions is New with options. When the eBPF programs cannot be loaded or attached, it logs why once at
+// info level and returns a resolver that uses /proc alone.
+func NewWithOptions(logger *slog.Logger, opts Options) (*Resolver, error) {
 	pool, err := newDiagPool()
 	if err != nil {
 		return nil, err
@@ -120,6 +134,11 @@ func New(logger *slog.Logger) (*Resolver, error) {
 	if r.watcher, err = newExitWatcher(r.recordExited); err != nil {
 		pool.close()
 		return nil, err
+	}
+	if !opts.DisableEBPF {
+		if r.bpf, r.bpfErr = newBPFOwners(); r.bpfErr != nil {
+			r.log.Info("process attribution runs on /proc alone: eBPF socket owner map unavailable", "reason", r.bpfErr)
+		}
 	}
 	return r, nil
 }
@@ -163,8 +182,22 @@ func (r *Resolver) Close() error {
 		if r.watcher != nil {
 			r.watcher.close()
 		}
+		if r.bpf != nil {
+			r.bpf.close()
+		}
 	})
 	return nil
+}
+
+// Stats returns how lookups have been answered so far.
+func (r *Resolver) Stats() Stats {
+	return Stats{
+		EBPF:        r.bpf != nil,
+		MapAnswers:  r.mapAnswers.Load(),
+		ProcAnswers: r.procAnswers.Load(),
+		MapMisses:   r.mapMisses.Load(),
+		MapStale:    r.mapStale.Load(),
+	}
 }
 
 // processAlive reports whether a process with this PID exists (a zombie counts as alive).
@@ -259,6 +292,11 @@ func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex i
 		}
 		return nil, 0, false
 	}
+	if r.bpf != nil && s.cookie != 0 {
+		if rec, ok := r.ownerFromMap(s.cookie); ok {
+			return rec, int32(s.uid), true
+		}
+	}
 	pid, ok := r.ownerOf(s.inode)
 	if !ok {
 		return nil, 0, false
@@ -267,7 +305,26 @@ func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex i
 	if !ok {
 		return nil, 0, false
 	}
+	r.procAnswers.Add(1)
 	return rec, int32(s.uid), true
+}
+
+// ownerFromMap returns the record of the process the eBPF map names as the socket's user, if that process
+// still exists and had started when the map entry was written (else the PID was reused since).
+func (r *Resolver) ownerFromMap(cookie uint64) (*procRecord, bool) {
+	e, ok := r.bpf.lookup(cookie)
+	if !ok {
+		r.mapMisses.Add(1) // created before the programs were attached, accepted from a listener, or evicted
+		return nil, false
+	}
+	rec, ok := r.recordStartedBy(e.tgid, bootTicks(e.seenNs))
+	if !ok {
+		r.mapStale.Add(1) // the recorded process is gone: whoever holds the socket now is found in /proc
+		return nil, false
+	}
+	r.noteHot(rec.pid)
+	r.mapAnswers.Add(1)
+	return rec, true
 }
 
 // logError logs at most one lookup error per ten seconds; a broken netlink socket would otherwise flood the log.
@@ -338,13 +395,18 @@ func (r *Resolver) validOwner(inode uint32) (int32, bool) {
 	if !ok || !r.proc.holdsSocket(o.pid, o.fd, inode) {
 		return 0, false
 	}
+	r.noteHot(o.pid)
+	return o.pid, true
+}
+
+// noteHot makes pid the most recent socket owner, so a /proc walk visits it first.
+func (r *Resolver) noteHot(pid int32) {
 	r.ownerMu.Lock()
-	if r.hot[(r.hotNext+hotPIDs-1)%hotPIDs] != o.pid {
-		r.hot[r.hotNext] = o.pid
+	if r.hot[(r.hotNext+hotPIDs-1)%hotPIDs] != pid {
+		r.hot[r.hotNext] = pid
 		r.hotNext = (r.hotNext + 1) % hotPIDs
 	}
 	r.ownerMu.Unlock()
-	return o.pid, true
 }
 
 // awaitScan returns after a /proc walk that started after the call and looked for inode has finished. Walks
@@ -513,10 +575,15 @@ func (r *Resolver) scan(wanted map[uint32]struct{}) {
 // record returns the record of the process running as pid, from the cache while the PID still names the same
 // process (same start time, so not a reused PID; same name, so (almost certainly) no exec since).
 func (r *Resolver) record(pid int32) (*procRecord, bool) {
+	return r.recordStartedBy(pid, math.MaxUint64)
+}
+
+// recordStartedBy is record for a process that must have started by maxStart (in /proc's clock ticks).
+func (r *Resolver) recordStartedBy(pid int32, maxStart uint64) (*procRecord, bool) {
 	var sb [statBufSize]byte
 	comm, start, err := r.proc.readStat(pid, &sb)
-	if err != nil {
-		return nil, false // gone
+	if err != nil || start > maxStart {
+		return nil, false // gone, or a newer process under a reused PID
 	}
 	r.exeMu.Lock()
 	rec := r.exes[pid]

@@ -2,6 +2,7 @@ package process
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -32,6 +33,13 @@ const (
 )
 
 func TestMain(m *testing.M) {
+	if ran, err := runEBPFHelper(); ran {
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "helper:", err)
+			os.Exit(2)
+		}
+		os.Exit(0)
+	}
 	if outside := os.Getenv(netnsChildEnv); outside != "" {
 		if err := runNetnsChild(outside); err != nil {
 			fmt.Fprintln(os.Stderr, "netns child:", err)
@@ -69,7 +77,11 @@ func runChild(fam string) error {
 		tcpNet, udpNet = "tcp4", "udp4"
 	}
 	var a childAddrs
-	ln, err := net.Listen(tcpNet, net.JoinHostPort(lo, "0"))
+	// The loopback listener is plain TCP; the wildcard one below is whatever Go makes by default (MPTCP since
+	// Go 1.24 where the kernel has it).
+	var plain net.ListenConfig
+	plain.SetMultipathTCP(false)
+	ln, err := plain.Listen(context.Background(), tcpNet, net.JoinHostPort(lo, "0"))
 	if err != nil {
 		return err
 	}
@@ -176,47 +188,11 @@ func childBinary(t *testing.T) string {
 	return path
 }
 
-type lookupCase struct {
-	name string
-	info backend.Info
-	want backend.Process
-}
-
-func TestResolveRealSockets(t *testing.T) {
-	requireRoot(t)
-	bin := childBinary(t)
-	for _, fam := range []string{"4", "6"} {
-		t.Run("ipv"+fam, func(t *testing.T) { testRealSockets(t, fam, bin) })
-	}
-}
-
-func testRealSockets(t *testing.T, fam, bin string) {
-	lo := netip.MustParseAddr("127.0.0.1")
-	tcpNet, udpNet := "tcp4", "udp4"
-	if fam == "6" {
-		lo = netip.IPv6Loopback()
-		tcpNet, udpNet = "tcp6", "udp6"
-	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	parent := backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
-
-	// The parent's own sockets: a listener the child dials, a UDP socket the child connects to.
-	ln, err := net.Listen(tcpNet, netip.AddrPortFrom(lo, 0).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	parentUDP, err := net.ListenUDP(udpNet, net.UDPAddrFromAddrPort(netip.AddrPortFrom(lo, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer parentUDP.Close()
-	lnAddr := ln.Addr().(*net.TCPAddr).AddrPort()
-	udpAddr := parentUDP.LocalAddr().(*net.UDPAddr).AddrPort()
-
+// startSocketChild starts runChild as user nobody from bin, with the parent's TCP listener and UDP socket to
+// connect to, and returns it with its socket addresses and a function that closes its stdin (it then exits)
+// and waits for it.
+func startSocketChild(t *testing.T, bin, fam string, lnAddr, udpAddr netip.AddrPort) (*exec.Cmd, childAddrs, func() error) {
+	t.Helper()
 	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+fam, childPeerTCP+"="+lnAddr.String(), childPeerUDP+"="+udpAddr.String())
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobodyUID, Gid: nobodyUID}, Pdeathsig: syscall.SIGKILL}
@@ -258,6 +234,51 @@ func testRealSockets(t *testing.T, fam, bin string) {
 	case <-time.After(childStartWait):
 		t.Fatal("child did not report its sockets in time")
 	}
+	return cmd, a, wait
+}
+
+type lookupCase struct {
+	name string
+	info backend.Info
+	want backend.Process
+}
+
+func TestResolveRealSockets(t *testing.T) {
+	requireRoot(t)
+	bin := childBinary(t)
+	for _, fam := range []string{"4", "6"} {
+		t.Run("ipv"+fam, func(t *testing.T) { testRealSockets(t, fam, bin) })
+	}
+}
+
+func testRealSockets(t *testing.T, fam, bin string) {
+	lo := netip.MustParseAddr("127.0.0.1")
+	tcpNet, udpNet := "tcp4", "udp4"
+	if fam == "6" {
+		lo = netip.IPv6Loopback()
+		tcpNet, udpNet = "tcp6", "udp6"
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	parent := backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
+
+	// The parent's own sockets: a listener the child dials, a UDP socket the child connects to.
+	ln, err := net.Listen(tcpNet, netip.AddrPortFrom(lo, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	parentUDP, err := net.ListenUDP(udpNet, net.UDPAddrFromAddrPort(netip.AddrPortFrom(lo, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer parentUDP.Close()
+	lnAddr := ln.Addr().(*net.TCPAddr).AddrPort()
+	udpAddr := parentUDP.LocalAddr().(*net.UDPAddr).AddrPort()
+
+	cmd, a, wait := startSocketChild(t, bin, fam, lnAddr, udpAddr)
 	// The child's connection to our listener, accepted here: its local end is the listener's address.
 	accepted, err := ln.Accept()
 	if err != nil {

@@ -19,6 +19,14 @@ func New(*slog.Logger) (*Resolver, error) {
 	return nil, fmt.Errorf("process attribution by sock_diag: %w", backend.ErrUnsupported)
 }
 
+// NewWithOptions is New: it always fails here.
+func NewWithOptions(logger *slog.Logger, _ Options) (*Resolver, error) {
+	return New(logger)
+}
+
+// Stats returns zero counts.
+func (*Resolver) Stats() Stats { return Stats{} }
+
 // ResolveProcess reports that the owner is unknown.
 func (*Resolver) ResolveProcess(*backend.Info) (backend.Process, bool) {
 	return backend.Process{}, false

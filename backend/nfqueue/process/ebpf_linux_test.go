@@ -1,0 +1,641 @@
+package process
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
+
+	"github.com/warden-fw/warden/backend"
+)
+
+// Helper processes of the eBPF tests, re-executions of the test binary selected by environment variables.
+const (
+	// inNetnsEnv names the test a re-executed binary runs inside the test's network namespace.
+	inNetnsEnv = "WARDEN_PROCESS_TEST_IN_NETNS"
+	// forkerEnv runs runForker; its value is "tcp-peer,udp-peer".
+	forkerEnv = "WARDEN_PROCESS_TEST_FORKER"
+	// holderEnv runs runHolder; its value is the UDP peer to send to.
+	holderEnv = "WARDEN_PROCESS_TEST_HOLDER"
+	// bpfHolderEnv runs runBPFHolder.
+	bpfHolderEnv = "WARDEN_PROCESS_TEST_BPF_HOLDER"
+)
+
+// runEBPFHelper runs the helper the environment asks for, if any, and reports whether it did.
+func runEBPFHelper() (bool, error) {
+	if peer := os.Getenv(holderEnv); peer != "" {
+		return true, runHolder(peer)
+	}
+	if peers := os.Getenv(forkerEnv); peers != "" {
+		return true, runForker(peers)
+	}
+	if os.Getenv(bpfHolderEnv) != "" {
+		return true, runBPFHolder()
+	}
+	return false, nil
+}
+
+// forkerReport is what runForker prints.
+type forkerReport struct {
+	TCP, UDP netip.AddrPort // local ends of the sockets handed to the holder
+	Holder   int
+}
+
+// runForker opens a TCP connection and a UDP socket, starts runHolder with both, tells where they are and
+// exits, leaving the holder as the sockets' only owner.
+func runForker(peers string) error {
+	tcpPeer, udpPeer, ok := strings.Cut(peers, ",")
+	if !ok {
+		return fmt.Errorf("bad peers %q", peers)
+	}
+	c, err := net.Dial("tcp4", tcpPeer)
+	if err != nil {
+		return err
+	}
+	u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		return err
+	}
+	cf, err := c.(*net.TCPConn).File()
+	if err != nil {
+		return err
+	}
+	uf, err := u.File()
+	if err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(self, "-test.run=^$")
+	cmd.Env = append(envWithout(forkerEnv), holderEnv+"="+udpPeer)
+	cmd.ExtraFiles = []*os.File{cf, uf} // descriptors 3 and 4
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	rep := forkerReport{TCP: c.LocalAddr().(*net.TCPAddr).AddrPort(), UDP: u.LocalAddr().(*net.UDPAddr).AddrPort(), Holder: cmd.Process.Pid}
+	return json.NewEncoder(os.Stdout).Encode(rep)
+}
+
+// runHolder holds the forker's sockets (descriptors 3 and 4) until its stdin closes; it sends one datagram from
+// the UDP socket first, so the eBPF map learns it uses that socket.
+func runHolder(udpPeer string) error {
+	tcp := os.NewFile(3, "tcp")
+	u, err := net.FilePacketConn(os.NewFile(4, "udp"))
+	if err != nil {
+		return err
+	}
+	peer, err := net.ResolveUDPAddr("udp4", udpPeer)
+	if err != nil {
+		return err
+	}
+	if _, err := u.WriteTo([]byte("x"), peer); err != nil {
+		return err
+	}
+	fmt.Println("ready")
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	runtime.KeepAlive([]any{tcp, u})
+	return nil
+}
+
+// bpfHolderReport is what runBPFHolder prints.
+type bpfHolderReport struct {
+	Progs       []ebpf.ProgramID
+	Err         string
+	Unavailable bool
+}
+
+// runBPFHolder creates a resolver, prints its program IDs and waits to be killed.
+func runBPFHolder() error {
+	r, err := New(nil)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	var rep bpfHolderReport
+	if r.bpf == nil {
+		rep.Err, rep.Unavailable = r.bpfErr.Error(), errors.Is(r.bpfErr, errBPFUnavailable)
+	} else {
+		rep.Progs = progIDs(r.bpf)
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(rep); err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	return nil
+}
+
+func envWithout(name string) []string {
+	return slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, name+"=") })
+}
+
+func progIDs(b *bpfOwners) []ebpf.ProgramID {
+	var ids []ebpf.ProgramID
+	for _, p := range b.progs {
+		info, err := p.Info()
+		if err != nil {
+			continue
+		}
+		if id, ok := info.ID(); ok {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// newEBPFResolver returns a resolver with the eBPF map active. It skips when the system lacks what the map
+// needs, and fails when the programs are broken.
+func newEBPFResolver(t *testing.T) *Resolver {
+	t.Helper()
+	requireRoot(t)
+	r := newTestResolver(t)
+	if r.bpf == nil {
+		if errors.Is(r.bpfErr, errBPFUnavailable) {
+			t.Skipf("eBPF socket owner map unavailable here: %v", r.bpfErr)
+		}
+		t.Fatalf("eBPF socket owner map failed to load: %v", r.bpfErr)
+	}
+	if !r.Stats().EBPF {
+		t.Fatal("Stats().EBPF is false with the map loaded")
+	}
+	return r
+}
+
+// newTestNetns creates a network namespace with loopback up, removed when the test ends.
+func newTestNetns(t *testing.T) string {
+	t.Helper()
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Fatalf("ip(8) is needed: %v", err)
+	}
+	var suffix [4]byte
+	rand.Read(suffix[:])
+	ns := "warden-proc-" + hex.EncodeToString(suffix[:])
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", ns, err, out)
+		}
+	})
+	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("lo up: %v: %s", err, out)
+	}
+	return ns
+}
+
+// runInNetns reports true when the test already runs inside its own network namespace; otherwise it runs the
+// test there (re-executing the test binary under `ip netns exec`), reports its outcome and returns false.
+func runInNetns(t *testing.T) bool {
+	if os.Getenv(inNetnsEnv) == t.Name() {
+		return true
+	}
+	requireRoot(t)
+	ns := newTestNetns(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, self, "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), inNetnsEnv+"="+t.Name())
+	out, err := cmd.CombinedOutput()
+	t.Logf("inside namespace %s:\n%s", ns, out)
+	switch {
+	case err != nil:
+		t.Fatalf("test in namespace: %v", err)
+	case strings.Contains(string(out), "--- SKIP: "+t.Name()):
+		t.Skip("skipped inside the namespace")
+	case !strings.Contains(string(out), "--- PASS: "+t.Name()):
+		t.Fatal("test in namespace did not pass")
+	}
+	return false
+}
+
+const tcpEstablished = 1
+
+// statsDelta is how much each answer counter moved.
+type statsDelta struct{ Map, Proc, Miss, Stale uint64 }
+
+func delta(before, after Stats) statsDelta {
+	return statsDelta{after.MapAnswers - before.MapAnswers, after.ProcAnswers - before.ProcAnswers, after.MapMisses - before.MapMisses, after.MapStale - before.MapStale}
+}
+
+var (
+	byMap       = statsDelta{Map: 1}
+	byProcMiss  = statsDelta{Proc: 1, Miss: 1}
+	byProcStale = statsDelta{Proc: 1, Stale: 1}
+)
+
+// TestEBPFAttributionInNetns runs a child that opens TCP and UDP sockets in a fresh network namespace, and
+// checks every lookup gives the right process and is answered by the path expected: the map for sockets opened
+// by a process after the resolver started, /proc for sockets older than it and for sockets the kernel created
+// (accepted connections).
+func TestEBPFAttributionInNetns(t *testing.T) {
+	if !runInNetns(t) {
+		return
+	}
+	// Older than the resolver: the programs never saw it.
+	old, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	r := newEBPFResolver(t)
+	if r.Stats() != (Stats{EBPF: true}) {
+		t.Fatalf("fresh resolver stats %+v", r.Stats())
+	}
+
+	bin := childBinary(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lo := netip.MustParseAddr("127.0.0.1")
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	parentUDP, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer parentUDP.Close()
+	lnAddr := ln.Addr().(*net.TCPAddr).AddrPort()
+	udpAddr := parentUDP.LocalAddr().(*net.UDPAddr).AddrPort()
+	cmd, a, _ := startSocketChild(t, bin, "4", lnAddr, udpAddr)
+	accepted, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer accepted.Close()
+	toChild, err := net.Dial("tcp4", a.TCPListen.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer toChild.Close()
+	toChildLocal := toChild.LocalAddr().(*net.TCPAddr).AddrPort()
+	// Until the child's side has seen our ACK it is a request socket, which the resolver answers for through
+	// the listener (in the map); wait, bounded, for the established socket the kernel created at accept.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		s, err := r.find(backend.TCP, backend.Inbound, a.TCPListen, toChildLocal, 0)
+		if err == nil && s.state == tcpEstablished {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the child's side of our connection is not established: %+v, %v", s, err)
+		}
+	}
+
+	// An MPTCP listener appears in sock_diag as its in-kernel TCP subflow, which no program saw being created:
+	// /proc answers for it. Go makes one by default where the kernel allows.
+	dualPath := byMap
+	if defaultListenerIsMPTCP(t) {
+		dualPath = byProcMiss
+	}
+
+	child := backend.Process{PID: int32(cmd.Process.Pid), Path: bin, UID: nobodyUID}
+	parent := backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
+	stranger := netip.AddrPortFrom(lo, 9)
+	tests := []struct {
+		name string
+		info backend.Info
+		want backend.Process
+		path statsDelta
+	}{
+		{"child tcp outbound", backend.Info{Protocol: backend.TCP, Direction: backend.Outbound, Local: a.TCPClient, Remote: lnAddr}, child, byMap},
+		{"child tcp listener (syn)", backend.Info{Protocol: backend.TCP, Direction: backend.Inbound, Local: a.TCPListen, Remote: stranger}, child, byMap},
+		{"child tcp accepted", backend.Info{Protocol: backend.TCP, Direction: backend.Inbound, Local: a.TCPListen, Remote: toChildLocal}, child, byProcMiss},
+		{"child tcp wildcard listener", backend.Info{Protocol: backend.TCP, Direction: backend.Inbound, Local: a.TCPDualListen, Remote: stranger}, child, dualPath},
+		{"child udp unconnected", backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: a.UDPUnconn, Remote: stranger}, child, byMap},
+		{"child udp wildcard", backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: a.UDPWildcard, Remote: stranger}, child, byMap},
+		{"child udp connected", backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: a.UDPConn, Remote: udpAddr}, child, byMap},
+		{"parent tcp accepted", backend.Info{Protocol: backend.TCP, Direction: backend.Inbound, Local: lnAddr, Remote: a.TCPClient}, parent, byProcMiss},
+		{"parent tcp outbound", backend.Info{Protocol: backend.TCP, Direction: backend.Outbound, Local: toChildLocal, Remote: a.TCPListen}, parent, byMap},
+		{"parent udp inbound", backend.Info{Protocol: backend.UDP, Direction: backend.Inbound, Local: udpAddr, Remote: a.UDPConn}, parent, byMap},
+		{"parent udp older than the resolver", backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: old.LocalAddr().(*net.UDPAddr).AddrPort(), Remote: stranger}, parent, byProcMiss},
+	}
+	for _, tt := range tests {
+		before := r.Stats()
+		got, ok := r.ResolveProcess(&tt.info)
+		if !ok {
+			t.Errorf("%s (%v): not found", tt.name, &tt.info)
+			continue
+		}
+		if diff := cmp.Diff(tt.want, got); diff != "" {
+			t.Errorf("%s (%v): -want +got\n%s", tt.name, &tt.info, diff)
+		}
+		if diff := cmp.Diff(tt.path, delta(before, r.Stats())); diff != "" {
+			t.Errorf("%s: answer counters moved -want +got\n%s", tt.name, diff)
+		}
+	}
+
+	// The programs only observe: a connection to a closed port is still refused by the peer, not denied by
+	// the hook (EPERM).
+	free, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closedPort := free.LocalAddr().(*net.UDPAddr).Port
+	free.Close()
+	if _, err := net.Dial("tcp4", fmt.Sprintf("127.0.0.1:%d", closedPort)); !errors.Is(err, unix.ECONNREFUSED) {
+		t.Errorf("dial to a closed port: %v, want connection refused", err)
+	}
+	if _, err := parentUDP.WriteToUDPAddrPort([]byte("x"), stranger); err != nil {
+		t.Errorf("sendmsg with the hooks attached: %v", err)
+	}
+}
+
+// defaultListenerIsMPTCP reports whether net.Listen makes MPTCP sockets here.
+func defaultListenerIsMPTCP(t *testing.T) bool {
+	ln, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	raw, err := ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var proto int
+	var serr error
+	if err := raw.Control(func(fd uintptr) { proto, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL) }); err != nil {
+		t.Fatal(err)
+	}
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	return proto == unix.IPPROTO_MPTCP
+}
+
+// TestEBPFSocketOutlivesCreator hands a TCP connection and a UDP socket from a process to its child and lets
+// the creator exit: the connection, whose map entry still names the dead creator, is found through /proc in
+// the child; the UDP socket, which the child sent from, is found in the map under the child.
+func TestEBPFSocketOutlivesCreator(t *testing.T) {
+	r := newEBPFResolver(t)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	sink, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self, "-test.run=^$")
+	cmd.Env = append(os.Environ(), forkerEnv+"="+ln.Addr().String()+","+sink.LocalAddr().String())
+	cmd.Stderr = os.Stderr
+	// Not cmd.StdinPipe: Wait would close it when the forker exits, and the holder exits at EOF.
+	stdinR, stdinW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdinW.Close()
+	cmd.Stdin = stdinR
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = cmd.Start()
+	stdinR.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 4)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	var rep forkerReport
+	ready := false
+	deadline := time.After(childStartWait)
+	for rep.Holder == 0 || !ready {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				t.Fatal("forker and holder stopped before reporting")
+			}
+			if l == "ready" {
+				ready = true
+			} else if err := json.Unmarshal([]byte(l), &rep); err != nil {
+				t.Fatalf("forker said %q: %v", l, err)
+			}
+		case <-deadline:
+			t.Fatal("forker or holder did not report in time")
+		}
+	}
+	t.Cleanup(func() { syscall.Kill(rep.Holder, syscall.SIGKILL) })
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("forker: %v", err)
+	}
+	accepted, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer accepted.Close()
+
+	holder := backend.Process{PID: int32(rep.Holder), Path: self, UID: int32(os.Getuid())}
+	tests := []struct {
+		name string
+		info backend.Info
+		path statsDelta
+	}{
+		{"tcp connected by the dead creator", backend.Info{Protocol: backend.TCP, Direction: backend.Outbound, Local: rep.TCP, Remote: ln.Addr().(*net.TCPAddr).AddrPort()}, byProcStale},
+		{"udp sent from by the holder", backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: rep.UDP, Remote: sink.LocalAddr().(*net.UDPAddr).AddrPort()}, byMap},
+	}
+	for _, tt := range tests {
+		before := r.Stats()
+		got, ok := r.ResolveProcess(&tt.info)
+		if !ok {
+			t.Errorf("%s (%v): not found", tt.name, &tt.info)
+			continue
+		}
+		if diff := cmp.Diff(holder, got); diff != "" {
+			t.Errorf("%s (%v): -want +got\n%s", tt.name, &tt.info, diff)
+		}
+		if diff := cmp.Diff(tt.path, delta(before, r.Stats())); diff != "" {
+			t.Errorf("%s: answer counters moved -want +got\n%s", tt.name, diff)
+		}
+	}
+}
+
+// attachedPrograms returns the IDs of the programs attached to the cgroup v2 root for each of the hooks.
+func attachedPrograms(t *testing.T) []ebpf.ProgramID {
+	t.Helper()
+	var ids []ebpf.ProgramID
+	err := inCgroupRoot(func(dir string) error {
+		f, err := os.Open(dir)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		for _, h := range bpfHooks {
+			res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: h.attach})
+			if err != nil {
+				return fmt.Errorf("querying %v: %w", h.attach, err)
+			}
+			for _, p := range res.Programs {
+				ids = append(ids, p.ID)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
+// checkAttached fails unless every one of ids is attached (want) or none is (!want).
+func checkAttached(t *testing.T, ids []ebpf.ProgramID, want bool) {
+	t.Helper()
+	if len(ids) != len(bpfHooks) {
+		t.Fatalf("%d program IDs, want %d", len(ids), len(bpfHooks))
+	}
+	attached := attachedPrograms(t)
+	for _, id := range ids {
+		if got := slices.Contains(attached, id); got != want {
+			t.Errorf("program %d attached = %v, want %v", id, got, want)
+		}
+	}
+}
+
+// TestEBPFCloseDetaches checks the programs are attached to the cgroup root while the resolver runs and gone
+// once it is closed.
+func TestEBPFCloseDetaches(t *testing.T) {
+	r := newEBPFResolver(t)
+	ids := progIDs(r.bpf)
+	checkAttached(t, ids, true)
+	r.Close()
+	checkAttached(t, ids, false)
+	if r.bpf.fd != -1 {
+		t.Error("map still open after Close")
+	}
+}
+
+// TestEBPFKillDetaches checks that a daemon killed with SIGKILL leaves no program behind: they are held by its
+// file descriptors only.
+func TestEBPFKillDetaches(t *testing.T) {
+	requireRoot(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self, "-test.run=^$")
+	cmd.Env = append(os.Environ(), bpfHolderEnv+"=1")
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdin.Close()
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	reps := make(chan bpfHolderReport, 1)
+	go func() {
+		var rep bpfHolderReport
+		if json.NewDecoder(stdout).Decode(&rep) == nil {
+			reps <- rep
+		}
+		close(reps)
+	}()
+	var rep bpfHolderReport
+	select {
+	case got, ok := <-reps:
+		if !ok {
+			t.Fatal("holder exited without reporting")
+		}
+		rep = got
+	case <-time.After(childStartWait):
+		t.Fatal("holder did not report in time")
+	}
+	switch {
+	case rep.Unavailable:
+		t.Skipf("eBPF socket owner map unavailable here: %s", rep.Err)
+	case rep.Err != "":
+		t.Fatalf("eBPF socket owner map failed to load in the holder: %s", rep.Err)
+	}
+	checkAttached(t, rep.Progs, true)
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// The kernel closes a dying process's descriptors before its parent can reap it.
+	if err := cmd.Wait(); err == nil {
+		t.Fatal("holder exited cleanly, want killed")
+	}
+	checkAttached(t, rep.Progs, false)
+}
+
+// TestMapLookupDoesNotAllocate checks the map read on the hot path allocates nothing, and that the kernel's
+// entry for our own socket decodes to our PID.
+func TestMapLookupDoesNotAllocate(t *testing.T) {
+	r := newEBPFResolver(t)
+	u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	s, err := r.find(backend.UDP, backend.Outbound, u.LocalAddr().(*net.UDPAddr).AddrPort(), netip.MustParseAddrPort("127.0.0.1:9"), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, ok := r.bpf.lookup(s.cookie)
+	if !ok {
+		t.Fatalf("no map entry for cookie %#x", s.cookie)
+	}
+	if e.tgid != int32(os.Getpid()) {
+		t.Errorf("map says tgid %d, want %d", e.tgid, os.Getpid())
+	}
+	var now unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &now); err != nil {
+		t.Fatal(err)
+	}
+	if e.seenNs == 0 || e.seenNs > uint64(now.Nano()) {
+		t.Errorf("map entry time %d, want in (0, %d]", e.seenNs, now.Nano())
+	}
+	if a := testing.AllocsPerRun(1000, func() { r.bpf.lookup(s.cookie) }); a != 0 {
+		t.Errorf("map lookup allocates %v times", a)
+	}
+	// The socket's release deletes its entry.
+	u.Close()
+	if _, ok := r.bpf.lookup(s.cookie); ok {
+		t.Error("map entry survived the socket's close")
+	}
+}

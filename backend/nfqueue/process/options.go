@@ -1,0 +1,23 @@
+package process
+
+// Options tunes a Resolver.
+type Options struct {
+	// DisableEBPF keeps the resolver from loading its eBPF socket owner map: every lookup then walks /proc.
+	DisableEBPF bool
+}
+
+// Stats counts how a Resolver answered lookups that missed its 5-tuple cache.
+type Stats struct {
+	// EBPF reports whether the eBPF socket owner map is in use.
+	EBPF bool
+	// MapAnswers counts lookups the eBPF map answered.
+	MapAnswers uint64
+	// ProcAnswers counts lookups answered by looking through /proc/<pid>/fd.
+	ProcAnswers uint64
+	// MapMisses counts lookups the map had no entry for: sockets created before the resolver, sockets accepted
+	// from a listener (the kernel creates those), or entries the bounded map evicted.
+	MapMisses uint64
+	// MapStale counts map entries whose process was gone (or whose PID names a newer process); /proc then
+	// finds whoever holds the socket now.
+	MapStale uint64
+}

@@ -1,0 +1,91 @@
+package process
+
+import (
+	"bytes"
+	"encoding/binary"
+)
+
+// The socket owner map the kernel programs fill (see ebpf_linux.go) and user space reads. Its layout is kept
+// OS-neutral so the encoding can be tested anywhere.
+//
+//	key:   u64 socket cookie (the kernel's sock_gen_cookie, the same number sock_diag reports)
+//	value: u32 tgid, u32 zero, u64 CLOCK_BOOTTIME nanoseconds when that tgid was recorded
+const (
+	ownerKeySize   = 8
+	ownerValueSize = 16
+)
+
+// ownerEntry is one decoded value of the owner map.
+type ownerEntry struct {
+	tgid int32
+	// seenNs is the CLOCK_BOOTTIME time the kernel recorded tgid as the socket's user.
+	seenNs uint64
+}
+
+// decodeOwnerValue decodes a map value in the kernel's (native) byte order.
+func decodeOwnerValue(v *[ownerValueSize]byte) ownerEntry {
+	ne := binary.NativeEndian
+	return ownerEntry{tgid: int32(ne.Uint32(v[0:4])), seenNs: ne.Uint64(v[8:16])}
+}
+
+// encodeOwnerValue is decodeOwnerValue's inverse (tests use it to check the layout both ways).
+func encodeOwnerValue(e ownerEntry) [ownerValueSize]byte {
+	var v [ownerValueSize]byte
+	ne := binary.NativeEndian
+	ne.PutUint32(v[0:4], uint32(e.tgid))
+	ne.PutUint64(v[8:16], e.seenNs)
+	return v
+}
+
+// userHZ is the unit of /proc/<pid>/stat's start time. The kernel reports it in USER_HZ ticks, which are
+// 100 per second on every architecture Linux ABI-fixes it for (x86, arm, arm64, riscv, ppc, s390).
+const userHZ = 100
+
+// bootTicks converts a CLOCK_BOOTTIME time to /proc/<pid>/stat's start time unit. Both clocks count from boot
+// and the kernel rounds a start time down to a tick, so a process alive at ns has a start time of at most
+// bootTicks(ns), and one with a later start time (the PID was reused after the map entry was written) started
+// after ns.
+func bootTicks(ns uint64) uint64 {
+	return ns / (1e9 / userHZ)
+}
+
+// cgroup2Mount returns the mount point of the cgroup v2 hierarchy from the contents of /proc/self/mountinfo
+// (proc(5)): the fifth field of the first line whose filesystem type, after the " - " separator, is cgroup2.
+// Mount points with spaces or other special characters are octal-escaped there (\040).
+func cgroup2Mount(mountinfo []byte) (string, bool) {
+	for line := range bytes.SplitSeq(mountinfo, []byte{'\n'}) {
+		sep := bytes.Index(line, []byte(" - "))
+		if sep < 0 {
+			continue
+		}
+		post := bytes.Fields(line[sep+3:])
+		if len(post) == 0 || string(post[0]) != "cgroup2" {
+			continue
+		}
+		pre := bytes.Fields(line[:sep])
+		if len(pre) < 5 {
+			continue
+		}
+		return unescapeMountField(pre[4]), true
+	}
+	return "", false
+}
+
+// unescapeMountField undoes the kernel's octal escaping of space, tab, newline and backslash (\ooo).
+func unescapeMountField(f []byte) string {
+	if bytes.IndexByte(f, '\\') < 0 {
+		return string(f)
+	}
+	out := make([]byte, 0, len(f))
+	for i := 0; i < len(f); i++ {
+		if f[i] == '\\' && i+3 < len(f) && isOctal(f[i+1]) && isOctal(f[i+2]) && isOctal(f[i+3]) {
+			out = append(out, (f[i+1]-'0')<<6|(f[i+2]-'0')<<3|(f[i+3]-'0'))
+			i += 3
+			continue
+		}
+		out = append(out, f[i])
+	}
+	return string(out)
+}
+
+func isOctal(c byte) bool { return c >= '0' && c <= '7' }

@@ -1,0 +1,114 @@
+package process
+
+import (
+	"bytes"
+	"encoding/binary"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestOwnerValueEncoding(t *testing.T) {
+	ne := binary.NativeEndian
+	raw := func(tgid uint32, pad uint32, ns uint64) [ownerValueSize]byte {
+		var v [ownerValueSize]byte
+		ne.PutUint32(v[0:], tgid)
+		ne.PutUint32(v[4:], pad)
+		ne.PutUint64(v[8:], ns)
+		return v
+	}
+	tests := []struct {
+		name string
+		raw  [ownerValueSize]byte
+		want ownerEntry
+	}{
+		{"zero", raw(0, 0, 0), ownerEntry{}},
+		{"typical", raw(4242, 0, 8_227_910_600_495), ownerEntry{tgid: 4242, seenNs: 8_227_910_600_495}},
+		{"largest pid", raw(1<<22, 0, 1), ownerEntry{tgid: 1 << 22, seenNs: 1}},
+		{"padding ignored", raw(7, 0xffffffff, ^uint64(0)), ownerEntry{tgid: 7, seenNs: ^uint64(0)}},
+	}
+	for _, tt := range tests {
+		got := decodeOwnerValue(&tt.raw)
+		if diff := cmp.Diff(tt.want, got, cmp.AllowUnexported(ownerEntry{})); diff != "" {
+			t.Errorf("%s: decode -want +got\n%s", tt.name, diff)
+		}
+		if tt.name == "padding ignored" {
+			continue
+		}
+		if enc := encodeOwnerValue(got); enc != tt.raw {
+			t.Errorf("%s: encode = %x, want %x", tt.name, enc, tt.raw)
+		}
+	}
+}
+
+func TestBootTicks(t *testing.T) {
+	tests := []struct {
+		ns   uint64
+		want uint64
+	}{
+		{0, 0},
+		{9_999_999, 0},
+		{10_000_000, 1},
+		{8_227_910_600_495, 822_791},
+		{^uint64(0), ^uint64(0) / 10_000_000},
+	}
+	for _, tt := range tests {
+		if got := bootTicks(tt.ns); got != tt.want {
+			t.Errorf("bootTicks(%d) = %d, want %d", tt.ns, got, tt.want)
+		}
+	}
+}
+
+func TestCgroup2Mount(t *testing.T) {
+	hybrid := `30 22 0:27 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+31 30 0:28 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+40 30 0:37 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+`
+	unified := `22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw
+29 22 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate
+`
+	tests := []struct {
+		name   string
+		in     string
+		want   string
+		wantOK bool
+	}{
+		{"hybrid", hybrid, "/sys/fs/cgroup/unified", true},
+		{"unified with optional fields", unified, "/sys/fs/cgroup", true},
+		{"escaped space", "50 1 0:40 / /run/my\\040cg rw - cgroup2 none rw\n", "/run/my cg", true},
+		{"escaped backslash", "50 1 0:40 / /a\\134b rw - cgroup2 none rw\n", `/a\b`, true},
+		{"cgroup v1 only", "31 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n", "", false},
+		{"empty", "", "", false},
+		{"no separator", "40 30 0:37 / /x rw cgroup2 cgroup2 rw\n", "", false},
+		{"too few fields", "40 30 / - cgroup2 cgroup2 rw\n", "", false},
+		{"type in the source field only", "40 30 0:37 / /x rw - tmpfs cgroup2 rw\n", "", false},
+	}
+	for _, tt := range tests {
+		got, ok := cgroup2Mount([]byte(tt.in))
+		if diff := cmp.Diff(struct {
+			Dir string
+			OK  bool
+		}{tt.want, tt.wantOK}, struct {
+			Dir string
+			OK  bool
+		}{got, ok}); diff != "" {
+			t.Errorf("%s: -want +got\n%s", tt.name, diff)
+		}
+	}
+}
+
+// FuzzCgroup2Mount checks the mountinfo parser on arbitrary text: no panic, and a found mount point comes from
+// a line that names cgroup2.
+func FuzzCgroup2Mount(f *testing.F) {
+	f.Add([]byte("40 30 0:37 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"))
+	f.Add([]byte("50 1 0:40 / /run/my\\040cg rw - cgroup2 none rw\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		dir, ok := cgroup2Mount(b)
+		if !ok && dir != "" {
+			t.Fatalf("not found but dir %q", dir)
+		}
+		if ok && !bytes.Contains(b, []byte("cgroup2")) {
+			t.Fatalf("found %q in input without cgroup2", dir)
+		}
+	})
+}
