@@ -38,6 +38,9 @@ func TestDecisionValidate(t *testing.T) {
 		{Decision{Verdict: Block, Permanent: true, Final: true}, false, "block-final"},
 		{Decision{Verdict: Accept, Final: true}, false, "accept-final"},
 		{Decision{Verdict: 99}, false, "verdict(99)"},
+		{Decision{Verdict: RerouteToSplitTun, Permanent: true, Route: 3}, true, "reroute-split-permanent"},
+		{Decision{Verdict: RerouteToSplitTun, Permanent: true, Route: MaxSplitRoutes + 1}, false, "reroute-split-permanent"},
+		{Decision{Verdict: Drop, Route: 1}, false, "drop"},
 	}
 	for _, tt := range tests {
 		err := tt.d.Validate()

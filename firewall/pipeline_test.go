@@ -2,12 +2,16 @@ package firewall
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 	"unsafe"
+
+	"github.com/google/go-cmp/cmp"
 
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/config"
@@ -515,5 +519,66 @@ rules:
 func TestShardSize(t *testing.T) {
 	if s := unsafe.Sizeof(connShard{}); s != 64 {
 		t.Errorf("connShard is %d bytes, want one 64-byte cache line", s)
+	}
+}
+
+// Every valid decision survives the connection table's packing, including a split route.
+func TestPackDecisionRoundTrip(t *testing.T) {
+	for v := backend.Verdict(0); v.Valid(); v++ {
+		for _, perm := range []bool{false, true} {
+			routes := []uint8{0}
+			if v == backend.RerouteToSplitTun {
+				routes = []uint8{0, 1, 7, backend.MaxSplitRoutes}
+			}
+			for _, r := range routes {
+				d := backend.Decision{Verdict: v, Permanent: perm, Route: r}
+				if got := unpackDecision(packDecision(d)); got != d {
+					t.Errorf("%+v packed and unpacked is %+v", d, got)
+				}
+			}
+		}
+	}
+	if got := unpackDecision(packDecision(backend.AcceptFinal)); got != backend.AcceptFinal {
+		t.Errorf("accept-final round trip: %+v", got)
+	}
+}
+
+// splitRouter is a SplitRouter that routes eth1 as route 3 and blocks everything else, recording its calls.
+type splitRouter struct {
+	splitLog
+	calls []string
+}
+
+func (s *splitRouter) RouteSplit(proto backend.Protocol, via string, fresh bool) backend.Decision {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls = append(s.calls, fmt.Sprintf("%s %s fresh=%v", proto, via, fresh))
+	if via == "eth1" {
+		return backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true, Route: 3}
+	}
+	return permBlock
+}
+
+// A split carrier that routes decides how each split connection is carried; a kernel-routed connection is not
+// recorded for the proxy; re-evaluation asks again without counting as a new connection.
+func TestSplitRouterDecides(t *testing.T) {
+	r := &splitRouter{}
+	p := newPipeline(t, basicPolicy, Options{Split: r})
+	pkt := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:40004", "192.0.2.1:443")
+	p.HandlePacket(pkt)
+	want := backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true, Route: 3}
+	if got := pkt.wait(t); got != want {
+		t.Fatalf("decision %v (route %d), want route 3", got, got.Route)
+	}
+	if len(r.entries) != 0 {
+		t.Errorf("a kernel-routed connection was recorded for the proxy: %q", r.entries)
+	}
+	// The rule now splits via eth2, which the router blocks: the live connection's decision changes.
+	changes := p.SetPolicy(mustPolicy(t, strings.Replace(basicPolicy, "via: eth1", "via: eth2", 1)))
+	if len(changes) != 1 || changes[0].New != permBlock || changes[0].Old != want {
+		t.Errorf("changes %+v", changes)
+	}
+	if diff := cmp.Diff([]string{"tcp eth1 fresh=true", "tcp eth2 fresh=false"}, r.calls); diff != "" {
+		t.Errorf("router calls (-want +got):\n%s", diff)
 	}
 }

@@ -23,16 +23,17 @@ import (
 
 // bench is one invocation: the topology, the long-running children and the samples gathered so far.
 type bench struct {
-	o      *options
-	ctx    context.Context
-	stderr io.Writer
-	exe    string
-	warden string // binary, or "builtin"
-	tmp    string
-	cfg    string // Warden's config file
-	socket string
-	topo   *topology
-	col    *collector
+	o        *options
+	ctx      context.Context
+	stderr   io.Writer
+	exe      string
+	warden   string // binary, or "builtin"
+	tmp      string
+	cfg      string // Warden's config file
+	cfgRoute string // the same with split_tunnel.mode: route
+	socket   string
+	topo     *topology
+	col      *collector
 
 	children []*child
 	tcpNext  uint64 // next run-wide connection index for TCP workloads
@@ -92,7 +93,13 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 	}()
 	b.socket = filepath.Join(b.tmp, "warden.sock")
 	b.cfg = filepath.Join(b.tmp, "warden.yaml")
-	policy := wardenConfig(policyParams{Socket: b.socket, SplitRemote: serviceAddr.String(), SplitVia: "ub", Rules: o.rules, NoApps: o.noApps})
+	pp := policyParams{Socket: b.socket, SplitRemote: serviceAddr.String(), SplitVia: "ub", Rules: o.rules, NoApps: o.noApps}
+	policy := wardenConfig(pp)
+	b.cfgRoute = filepath.Join(b.tmp, "warden-route.yaml")
+	pp.SplitMode = cfgRoute
+	if err := os.WriteFile(b.cfgRoute, []byte(wardenConfig(pp)), 0o600); err != nil {
+		return err
+	}
 	if err := os.WriteFile(b.cfg, []byte(policy), 0o600); err != nil {
 		return err
 	}
@@ -134,7 +141,10 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 func (b *bench) measure(policy string) error {
 	o := b.o
 	for rep := range o.reps {
-		for _, cfg := range []string{cfgKernel, cfgBare, cfgWarden} {
+		for _, cfg := range []string{cfgKernel, cfgBare, cfgWarden, cfgRoute} {
+			if cfg == cfgRoute && !o.has(wlProxyBulk) && !o.has(wlProxyUDP) && !o.has(wlSplitSetup) {
+				continue
+			}
 			if err := b.runConfig(cfg, rep); err != nil {
 				return fmt.Errorf("%s (repetition %d): %w", cfg, rep+1, err)
 			}
@@ -371,10 +381,14 @@ func (b *bench) startFirewall(cfg string) (*guard, error) {
 			}
 		}
 		return &guard{c: c, builtin: true}, nil
-	case cfgWarden:
-		argv := []string{b.warden, "run", "-c", b.cfg}
+	case cfgWarden, cfgRoute:
+		path := b.cfg
+		if cfg == cfgRoute {
+			path = b.cfgRoute
+		}
+		argv := []string{b.warden, "run", "-c", path}
 		if b.warden == "builtin" {
-			argv = []string{b.exe, "_warden", "-c", b.cfg}
+			argv = []string{b.exe, "_warden", "-c", path}
 		}
 		c, err := b.start(b.topo.client, "warden", argv, false)
 		if err != nil {
@@ -441,19 +455,24 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		udp      bool
 		profile  bool
 	}
-	runs := []run{
-		{wlTCPConnect, cfg, []string{"-workload=tcp_connect", dur, clients}, false, true},
-		{wlUDPFlows, cfg, []string{"-workload=udp_flows", dur, clients}, true, true},
-		{wlLatency, cfg, []string{"-workload=latency", dur, "-clients=4", "-rate=" + strconv.Itoa(o.latencyRate)}, false, false},
-		{wlBulk, cfg, []string{"-workload=bulk", dur}, false, false},
+	var runs []run
+	if cfg != cfgRoute { // the route configuration differs from Warden's only in how split traffic is carried
+		runs = []run{
+			{wlTCPConnect, cfg, []string{"-workload=tcp_connect", dur, clients}, false, true},
+			{wlUDPFlows, cfg, []string{"-workload=udp_flows", dur, clients}, true, true},
+			{wlLatency, cfg, []string{"-workload=latency", dur, "-clients=4", "-rate=" + strconv.Itoa(o.latencyRate)}, false, false},
+			{wlBulk, cfg, []string{"-workload=bulk", dur}, false, false},
+		}
 	}
-	// The proxy workloads compare the kernel's direct path with Warden's split tunnel to the same server.
-	proxyCfg := map[string]string{cfgKernel: cfgDirect, cfgWarden: cfgProxy}[cfg]
+	// The split workloads compare the kernel's direct path with Warden's split tunnel to the same server: through
+	// the proxy's relay, and by kernel routing.
+	proxyCfg := map[string]string{cfgKernel: cfgDirect, cfgWarden: cfgProxy, cfgRoute: cfgRoute}[cfg]
 	if proxyCfg != "" {
 		svc := "-dst=" + serviceAddr.String()
 		runs = append(runs,
 			run{wlProxyBulk, proxyCfg, []string{"-workload=bulk", dur, svc}, false, true},
 			run{wlProxyUDP, proxyCfg, []string{"-workload=udp_rr", dur, "-clients=4", svc}, false, true},
+			run{wlSplitSetup, proxyCfg, []string{"-workload=latency", dur, "-clients=4", "-rate=" + strconv.Itoa(o.latencyRate), svc}, false, false},
 		)
 	}
 	for _, r := range runs {
@@ -501,7 +520,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 			s.value, unit = float64(res.Ops)/secs, "conn/s"
 		case wlUDPFlows:
 			s.value, unit = float64(res.Ops)/secs, "flows/s"
-		case wlLatency:
+		case wlLatency, wlSplitSetup:
 			s.value, unit = res.P50, "us (p50)"
 		case wlBulk, wlProxyBulk:
 			s.value, unit = float64(res.Bytes)/secs/1e6, "MB/s"

@@ -12,7 +12,9 @@ type policyParams struct {
 	// SplitRemote is split through SplitVia (the proxy workloads' destination).
 	SplitRemote string
 	SplitVia    string
-	Rules       int // total rules, about 1000
+	// SplitMode is split_tunnel.mode: "proxy" measures the relay, "route" kernel routing.
+	SplitMode string
+	Rules     int // total rules, about 1000
 	// NoApps replaces the application rules by domain rules (a diagnosis: without application rules Warden
 	// never looks up the process behind a connection).
 	NoApps bool
@@ -28,7 +30,11 @@ func wardenConfig(p policyParams) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "fail_mode: open\ndefault_action: allow\ninbound_default: allow\n")
 	fmt.Fprintf(&b, "control: {socket: %q}\nlog: {level: warn}\n", p.Socket)
-	fmt.Fprintf(&b, "split_tunnel: {interface: %s, max_sessions: 4096}\nrules:\n", p.SplitVia)
+	mode := p.SplitMode
+	if mode == "" {
+		mode = "proxy"
+	}
+	fmt.Fprintf(&b, "split_tunnel: {interface: %s, mode: %s, max_sessions: 4096}\nrules:\n", p.SplitVia, mode)
 	n := 0
 	rule := func(format string, args ...any) {
 		fmt.Fprintf(&b, "  - {name: r%04d, %s}\n", n, fmt.Sprintf(format, args...))

@@ -21,6 +21,8 @@ const (
 	cfgWarden = "warden"
 	cfgDirect = "direct"
 	cfgProxy  = "proxy"
+	// cfgRoute is Warden with split_tunnel.mode: route; it runs the split workloads only.
+	cfgRoute = "route"
 )
 
 // Workloads, as they appear in the report and on the command line.
@@ -31,6 +33,7 @@ const (
 	wlBulk        = "tcp_bulk"
 	wlProxyBulk   = "proxy_tcp_bulk"
 	wlProxyUDP    = "proxy_udp_rr"
+	wlSplitSetup  = "split_connect_latency"
 	wlMemory      = "memory"
 	wlRSSIdle     = "rss_idle"
 	wlRSSTracked  = "rss_tracked"
@@ -39,7 +42,7 @@ const (
 )
 
 // allWorkloads is every workload the harness knows, in the order it runs them.
-var allWorkloads = []string{wlTCPConnect, wlUDPFlows, wlLatency, wlBulk, wlProxyBulk, wlProxyUDP, wlMemory}
+var allWorkloads = []string{wlTCPConnect, wlUDPFlows, wlLatency, wlBulk, wlProxyBulk, wlProxyUDP, wlSplitSetup, wlMemory}
 
 // Result is one line of the report: the median over the repetitions of one workload in one configuration.
 type Result struct {
@@ -217,6 +220,7 @@ var ratioSpecs = []ratioSpec{
 	{name: "warden_vs_bare_udp_flows", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, target: 0.9},
 	{name: "warden_vs_kernel_bulk", workload: wlBulk, num: cfgWarden, den: cfgKernel, target: 0.95},
 	{name: "proxy_vs_direct_bulk", workload: wlProxyBulk, num: cfgProxy, den: cfgDirect, target: 0.9},
+	{name: "route_vs_direct_bulk", workload: wlProxyBulk, num: cfgRoute, den: cfgDirect, target: 0.9},
 	{name: "warden_vs_bare_connect_p99", workload: wlLatency, num: cfgWarden, den: cfgBare, p99: true, target: 1.5, atMost: true},
 	// Informational (no target in the issue).
 	{name: "bare_vs_kernel_tcp_connect", workload: wlTCPConnect, num: cfgBare, den: cfgKernel},
@@ -225,6 +229,9 @@ var ratioSpecs = []ratioSpec{
 	{name: "warden_vs_kernel_udp_flows", workload: wlUDPFlows, num: cfgWarden, den: cfgKernel},
 	{name: "bare_vs_kernel_bulk", workload: wlBulk, num: cfgBare, den: cfgKernel},
 	{name: "proxy_vs_direct_udp_rr", workload: wlProxyUDP, num: cfgProxy, den: cfgDirect},
+	{name: "route_vs_direct_udp_rr", workload: wlProxyUDP, num: cfgRoute, den: cfgDirect},
+	{name: "proxy_vs_direct_connect_p50", workload: wlSplitSetup, num: cfgProxy, den: cfgDirect},
+	{name: "route_vs_direct_connect_p50", workload: wlSplitSetup, num: cfgRoute, den: cfgDirect},
 }
 
 // bytesPerConnTarget is the issue's memory goal: at most 1 KiB per tracked connection.
