@@ -4,6 +4,7 @@ import (
 	"context"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,7 +18,11 @@ import (
 func conntrackMarked(t *testing.T, ns string) string {
 	t.Helper()
 	var out strings.Builder
-	for _, mark := range []string{"1709", "1710", "1711", "1712", "1717", "1719", "1799"} {
+	marks := []string{"1709", "1710", "1711", "1712", "1717", "1719", "1799"}
+	for m := 1728; m <= 1743; m++ { // kernel-routed split connections
+		marks = append(marks, strconv.Itoa(m))
+	}
+	for _, mark := range marks {
 		for _, fam := range []string{"ipv4", "ipv6"} {
 			b, err := exec.Command("ip", "netns", "exec", ns, "conntrack", "-L", "-f", fam, "--mark", mark).Output()
 			if err != nil {
@@ -45,13 +50,15 @@ func firstRule(dump, table, chain string) string {
 
 // TestCleanStopAndKillRecovery: a clean stop (SIGTERM) leaves iptables-save and ip6tables-save byte-identical
 // to before the start, with third-party rules in filter, mangle and nat untouched and in order; after kill -9
-// the rules stay behind, and `warden cleanup` restores the same state and forgets the conntrack marks.
+// the rules (and the split tunnel's policy routes) stay behind, and `warden cleanup` restores the same state
+// and forgets the conntrack marks.
 func TestCleanStopAndKillRecovery(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	thirdPartyRules(t, e.top.Client)
-	e.writeConfig(noTelnet)
+	e.writeConfig(noTelnet + splitPort8080)
 	before := ipt(t, e.top.Client)
+	routesBefore := ipRules(t, e.top.Client)
 
 	d := e.startDaemon()
 	expectServer(t, "allowed", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 80))), "A")
@@ -70,14 +77,21 @@ func TestCleanStopAndKillRecovery(t *testing.T) {
 	if diff := cmp.Diff(before, ipt(t, e.top.Client)); diff != "" {
 		t.Errorf("after a clean stop the rules differ from before the start (-before +after):\n%s", diff)
 	}
+	if after := ipRules(t, e.top.Client); after != routesBefore {
+		t.Errorf("after a clean stop the split routes differ from before:\n--- before\n%s--- after\n%s", routesBefore, after)
+	}
 
 	// kill -9: nothing is cleaned up by the daemon itself.
 	d = e.startDaemon()
 	expectServer(t, "allowed", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 80))), "A")
 	expectOutcome(t, "blocked", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 23))), sandbox.Refused)
+	expectServer(t, "split", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 8080))), "B")
 	d.Kill()
 	if after := ipt(t, e.top.Client); !strings.Contains(after, "WARDEN-") {
 		t.Fatal("after kill -9 no Warden rule is left; the test would prove nothing")
+	}
+	if after := ipRules(t, e.top.Client); !strings.Contains(after, "lookup 1728") {
+		t.Fatalf("after kill -9 no split route is left; the test would prove nothing:\n%s", after)
 	}
 	if ct := conntrackMarked(t, e.top.Client); ct == "" {
 		t.Error("after kill -9 no conntrack entry carries a Warden mark; the test would prove less")
@@ -91,6 +105,9 @@ func TestCleanStopAndKillRecovery(t *testing.T) {
 	if diff := cmp.Diff(before, ipt(t, e.top.Client)); diff != "" {
 		t.Errorf("after kill -9 and warden cleanup the rules differ from before the start (-before +after):\n%s", diff)
 	}
+	if after := ipRules(t, e.top.Client); after != routesBefore {
+		t.Errorf("after kill -9 and warden cleanup the split routes differ from before:\n--- before\n%s--- after\n%s", routesBefore, after)
+	}
 	if ct := conntrackMarked(t, e.top.Client); ct != "" {
 		t.Errorf("conntrack entries with Warden marks survived cleanup:\n%s", ct)
 	}
@@ -98,6 +115,12 @@ func TestCleanStopAndKillRecovery(t *testing.T) {
 	e.startDaemon()
 	expectOutcome(t, "blocked after restart", call(t, e.client, tcpReq(hp(sandbox.ServiceV4, 23))), sandbox.Refused)
 }
+
+// splitPort8080 splits TCP and UDP port 8080 through uplink B (kernel-routed by default).
+const splitPort8080 = `
+  - {name: split-8080, action: split, ports: [8080], via: ub}
+split_tunnel: {interface: ub}
+`
 
 // TestExitCodes: `warden run` with a bad config exits 2 and touches nothing; status, conns and reload without
 // a daemon exit 1.
