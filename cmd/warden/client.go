@@ -87,7 +87,8 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if st.Interface.Err != "" {
 					detail = st.Interface.Err
 				}
-				fmt.Fprintf(tw, "split tunnel\t%s → %s (%s; when down: %s)\n", st.Interface.Spec, detail, state, st.OnInterfaceDown)
+				fmt.Fprintf(tw, "split tunnel\t%s → %s (%s; when down: %s; mode %s: %d tcp, %d udp routed, %d tcp, %d udp relayed)\n",
+					st.Interface.Spec, detail, state, st.OnInterfaceDown, st.Mode, st.TCP.Routed, st.UDP.Routed, st.TCP.Total, st.UDP.Total)
 			}
 			if ns := s.Nameserver; ns != nil {
 				fmt.Fprintf(tw, "nameserver\t%s: %d queries, %d cached, %d blocked, %d failed\n",

@@ -9,7 +9,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/warden-fw/warden/proxy/splittun"
 
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/config"
@@ -65,12 +67,13 @@ var (
 	descProxyActive = prometheus.NewDesc("warden_proxy_sessions", "Active split-tunnel proxy sessions.", []string{"protocol"}, nil)
 	descProxyTotal  = prometheus.NewDesc("warden_proxy_sessions_total", "Split-tunnel proxy sessions since start.", []string{"protocol"}, nil)
 	descProxyBytes  = prometheus.NewDesc("warden_proxy_bytes_total", "Bytes relayed by the split-tunnel proxy.", []string{"protocol", "direction"}, nil)
+	descSplitRouted = prometheus.NewDesc("warden_split_routed_total", "Split connections (tcp) and flows (udp) carried by kernel routing.", []string{"protocol"}, nil)
 	descIfaceUp     = prometheus.NewDesc("warden_split_interface_up", "Whether the split-tunnel interface is up.", nil, nil)
 )
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descPackets, descVerdicts, descFailures, descConns, descOverruns,
-		descTimeouts, descQueued, descProxyActive, descProxyTotal, descProxyBytes, descIfaceUp} {
+		descTimeouts, descQueued, descProxyActive, descProxyTotal, descProxyBytes, descIfaceUp, descSplitRouted} {
 		ch <- d
 	}
 }
@@ -91,14 +94,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.d.proxy != nil {
 		ps := c.d.proxy.Stats()
-		for proto, s := range map[string]struct {
-			active         int64
-			total, out, in uint64
-		}{"tcp": {ps.TCP.Active, ps.TCP.Total, ps.TCP.BytesOut, ps.TCP.BytesIn}, "udp": {ps.UDP.Active, ps.UDP.Total, ps.UDP.BytesOut, ps.UDP.BytesIn}} {
-			ch <- prometheus.MustNewConstMetric(descProxyActive, prometheus.GaugeValue, float64(s.active), proto)
-			ch <- prometheus.MustNewConstMetric(descProxyTotal, prometheus.CounterValue, float64(s.total), proto)
-			ch <- prometheus.MustNewConstMetric(descProxyBytes, prometheus.CounterValue, float64(s.out), proto, "out")
-			ch <- prometheus.MustNewConstMetric(descProxyBytes, prometheus.CounterValue, float64(s.in), proto, "in")
+		for proto, s := range map[string]splittun.ProtoStats{"tcp": ps.TCP, "udp": ps.UDP} {
+			ch <- prometheus.MustNewConstMetric(descProxyActive, prometheus.GaugeValue, float64(s.Active), proto)
+			ch <- prometheus.MustNewConstMetric(descProxyTotal, prometheus.CounterValue, float64(s.Total), proto)
+			ch <- prometheus.MustNewConstMetric(descProxyBytes, prometheus.CounterValue, float64(s.BytesOut), proto, "out")
+			ch <- prometheus.MustNewConstMetric(descProxyBytes, prometheus.CounterValue, float64(s.BytesIn), proto, "in")
+			ch <- prometheus.MustNewConstMetric(descSplitRouted, prometheus.CounterValue, float64(s.Routed), proto)
 		}
 		up := 0.0
 		if ps.Interface.Up {

@@ -144,7 +144,8 @@ metrics:
 	if inf := m.need(t, `warden_decision_latency_seconds_bucket{le="+Inf"}`); inf != decided {
 		t.Errorf("+Inf bucket %v, want %v", inf, decided)
 	}
-	for _, z := range []string{"warden_decision_failures_total", "warden_queue_overruns_total", "warden_verdict_timeouts_total"} {
+	for _, z := range []string{"warden_decision_failures_total", "warden_queue_overruns_total", "warden_verdict_timeouts_total",
+		`warden_split_routed_total{protocol="tcp"}`, `warden_split_routed_total{protocol="udp"}`} {
 		if v := m.need(t, z); v != 0 {
 			t.Errorf("%s = %v, want 0", z, v)
 		}
