@@ -33,12 +33,12 @@ type SplitRecorder interface {
 }
 
 // SplitRouter is implemented by split carriers that can route split connections in the kernel (Linux policy
-// routing) or must refuse them (their interface is down). RouteSplit returns the decision for a connection a
-// rule splits via the interface spec via ("" = the default): reroute-split with a Route, or what
-// on_interface_down says, or plain reroute-split (Route 0) to use the proxy. fresh is false when a live
+// routing) or must refuse them (their interface is down). RouteSplit returns the decision for a connection to
+// remote that a rule splits via the interface spec via ("" = the default): reroute-split with a Route, or
+// what on_interface_down says, or plain reroute-split (Route 0) to use the proxy. fresh is false when a live
 // connection is re-evaluated, so counters count each connection once.
 type SplitRouter interface {
-	RouteSplit(proto backend.Protocol, via string, fresh bool) backend.Decision
+	RouteSplit(proto backend.Protocol, remote netip.Addr, via string, fresh bool) backend.Decision
 }
 
 // Options configures a pipeline. Zero values are sensible defaults.
@@ -295,7 +295,7 @@ func (p *Pipeline) evaluate(info *backend.Info, c *Conn, pol *Policy, fresh bool
 		return backend.Decision{Verdict: backend.Drop, Permanent: true}, ref, ""
 	case config.Split:
 		if r, ok := p.opts.Split.(SplitRouter); ok {
-			return r.RouteSplit(c.Key.Protocol, m.Via, fresh), ref, m.Via
+			return r.RouteSplit(c.Key.Protocol, c.Key.Remote.Addr().Unmap(), m.Via, fresh), ref, m.Via
 		}
 		if p.opts.Split != nil {
 			return backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true}, ref, m.Via

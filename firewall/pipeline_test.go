@@ -549,10 +549,10 @@ type splitRouter struct {
 	calls []string
 }
 
-func (s *splitRouter) RouteSplit(proto backend.Protocol, via string, fresh bool) backend.Decision {
+func (s *splitRouter) RouteSplit(proto backend.Protocol, remote netip.Addr, via string, fresh bool) backend.Decision {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.calls = append(s.calls, fmt.Sprintf("%s %s fresh=%v", proto, via, fresh))
+	s.calls = append(s.calls, fmt.Sprintf("%s %s %s fresh=%v", proto, remote, via, fresh))
 	if via == "eth1" {
 		return backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true, Route: 3}
 	}
@@ -578,7 +578,7 @@ func TestSplitRouterDecides(t *testing.T) {
 	if len(changes) != 1 || changes[0].New != permBlock || changes[0].Old != want {
 		t.Errorf("changes %+v", changes)
 	}
-	if diff := cmp.Diff([]string{"tcp eth1 fresh=true", "tcp eth2 fresh=false"}, r.calls); diff != "" {
+	if diff := cmp.Diff([]string{"tcp 192.0.2.1 eth1 fresh=true", "tcp 192.0.2.1 eth2 fresh=false"}, r.calls); diff != "" {
 		t.Errorf("router calls (-want +got):\n%s", diff)
 	}
 }

@@ -3,6 +3,7 @@ package splittun
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"sync"
 
 	"github.com/warden-fw/warden/backend"
@@ -39,11 +40,12 @@ type routes struct {
 	failed bool // a failure was logged; log the next only after a success
 }
 
-// RouteSplit implements the pipeline's split router (firewall.SplitRouter) in route mode: a connection split
-// via spec leaves through a kernel route while the interface is up; while it is down, on_interface_down
-// blocks or accepts it. Should a route be impossible (more than backend.MaxSplitRoutes interfaces in use, or
-// the kernel refuses), the connection goes to the relay as in proxy mode.
-func (p *Proxy) RouteSplit(proto backend.Protocol, via string, fresh bool) backend.Decision {
+// RouteSplit implements the pipeline's split router (firewall.SplitRouter) in route mode: a connection to
+// remote split via spec leaves through a kernel route while the interface is up and has an address of
+// remote's family; otherwise on_interface_down blocks or accepts it. Should a route be impossible (more than
+// backend.MaxSplitRoutes interfaces in use, or the kernel refuses), the connection goes to the relay as in
+// proxy mode.
+func (p *Proxy) RouteSplit(proto backend.Protocol, remote netip.Addr, via string, fresh bool) backend.Decision {
 	c := &p.tcp
 	if proto == backend.UDP {
 		c = &p.udp
@@ -53,7 +55,9 @@ func (p *Proxy) RouteSplit(proto backend.Protocol, via string, fresh bool) backe
 		spec = p.cfg.Interface
 	}
 	st := p.res.Get(spec)
-	if !st.Up {
+	// Without an address of the destination's family the interface cannot carry the connection (MASQUERADE
+	// would have no source): as good as down for it.
+	if !st.Up || !st.Interface.Source(remote).IsValid() {
 		if p.cfg.OnInterfaceDown == DownDirect {
 			if fresh {
 				c.direct.Add(1)

@@ -16,6 +16,8 @@ import (
 	"github.com/warden-fw/warden/proxy/redirect"
 )
 
+var v4dst = netip.MustParseAddr("192.0.2.1")
+
 // routingPlatform is fakePlatform plus a kernel router that records what it was asked to do.
 type routingPlatform struct {
 	fakePlatform
@@ -99,12 +101,19 @@ func TestRouteModeDecisions(t *testing.T) {
 		{"re-evaluation is not counted", backend.TCP, "up1", false, split(2), nil},
 	}
 	for _, s := range steps {
-		if got := p.RouteSplit(s.proto, s.via, s.fresh); got != s.want {
+		if got := p.RouteSplit(s.proto, v4dst, s.via, s.fresh); got != s.want {
 			t.Errorf("%s: %v, want %v", s.what, got, s.want)
 		}
 		if diff := cmp.Diff(s.calls, plat.took()); diff != "" {
 			t.Errorf("%s: kernel calls (-want +got):\n%s", s.what, diff)
 		}
+	}
+	// up1 has no IPv6 address: an IPv6 connection split through it is refused (block), not routed.
+	if got, want := p.RouteSplit(backend.TCP, netip.MustParseAddr("2001:db8::1"), "up1", true), (backend.Decision{Verdict: backend.Block, Permanent: true}); got != want {
+		t.Errorf("IPv6 through an interface without IPv6: %v, want %v", got, want)
+	}
+	if p.Stats().TCP.Refused != 1 {
+		t.Errorf("refused counter %d, want 1", p.Stats().TCP.Refused)
 	}
 	st := p.Stats()
 	if st.TCP.Routed != 2 || st.UDP.Routed != 1 || st.TCP.Total != 0 || st.Mode != ModeRoute {
@@ -115,18 +124,18 @@ func TestRouteModeDecisions(t *testing.T) {
 	// deleted it), so live connections recover without waiting for a new one.
 	src.setDown(true)
 	res.Refresh()
-	if got, want := p.RouteSplit(backend.TCP, "", true), (backend.Decision{Verdict: backend.Block, Permanent: true}); got != want {
+	if got, want := p.RouteSplit(backend.TCP, v4dst, "", true), (backend.Decision{Verdict: backend.Block, Permanent: true}); got != want {
 		t.Errorf("interface down, block: %v, want %v", got, want)
 	}
-	if p.Stats().TCP.Refused != 1 {
-		t.Errorf("refused counter %d, want 1", p.Stats().TCP.Refused)
+	if p.Stats().TCP.Refused != 2 {
+		t.Errorf("refused counter %d, want 2 (IPv6 earlier, and now)", p.Stats().TCP.Refused)
 	}
 	src.setDown(false)
 	res.Refresh()
 	if diff := cmp.Diff([]string{"install 1 up0/7 closed=true"}, plat.took()); diff != "" {
 		t.Errorf("interface back: kernel calls (-want +got):\n%s", diff)
 	}
-	if got := p.RouteSplit(backend.TCP, "", true); got != split(1) {
+	if got := p.RouteSplit(backend.TCP, v4dst, "", true); got != split(1) {
 		t.Errorf("interface back: %v", got)
 	}
 
@@ -142,7 +151,7 @@ func TestRouteModeDecisions(t *testing.T) {
 
 func TestRouteModeDirectAndFallback(t *testing.T) {
 	p, plat, src, res := newRouteProxy(t, Config{OnInterfaceDown: DownDirect})
-	if got := p.RouteSplit(backend.UDP, "", true); got.Route != 1 {
+	if got := p.RouteSplit(backend.UDP, v4dst, "", true); got.Route != 1 {
 		t.Fatalf("up: %v", got)
 	}
 	if diff := cmp.Diff([]string{"reset", "install 1 up0/7 closed=false"}, plat.took()); diff != "" {
@@ -150,7 +159,7 @@ func TestRouteModeDirectAndFallback(t *testing.T) {
 	}
 	src.setDown(true)
 	res.Refresh()
-	if got, want := p.RouteSplit(backend.UDP, "", true), (backend.Decision{Verdict: backend.Accept, Permanent: true}); got != want {
+	if got, want := p.RouteSplit(backend.UDP, v4dst, "", true), (backend.Decision{Verdict: backend.Accept, Permanent: true}); got != want {
 		t.Errorf("down, direct: %v, want %v", got, want)
 	}
 	if p.Stats().UDP.Direct != 1 {
@@ -160,7 +169,7 @@ func TestRouteModeDirectAndFallback(t *testing.T) {
 	plat.mu.Lock()
 	plat.failing = true
 	plat.mu.Unlock()
-	if got, want := p.RouteSplit(backend.TCP, "up1", true), (backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true}); got != want {
+	if got, want := p.RouteSplit(backend.TCP, v4dst, "up1", true), (backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true}); got != want {
 		t.Errorf("kernel refuses: %v, want the relay %v", got, want)
 	}
 }

@@ -121,8 +121,8 @@ type splitRoutes struct {
 	px *splittun.Proxy
 }
 
-func (s splitRoutes) RouteSplit(proto backend.Protocol, via string, fresh bool) backend.Decision {
-	return s.px.RouteSplit(proto, via, fresh)
+func (s splitRoutes) RouteSplit(proto backend.Protocol, remote netip.Addr, via string, fresh bool) backend.Decision {
+	return s.px.RouteSplit(proto, remote, via, fresh)
 }
 
 // usesSplit reports whether any rule splits traffic, so the proxy is started only when needed.
