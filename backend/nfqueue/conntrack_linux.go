@@ -65,7 +65,7 @@ func flushMarked() error {
 	defer c.Close()
 	var errs []error
 	type markMask struct{ mark, mask uint32 }
-	all := []markMask{{marks.SplitRouteBase, marks.SplitRouteMask}}
+	all := []markMask{{marks.SplitRouteBase, marks.SplitRouteMask}, {marks.ForeignPending, 0xffffffff}}
 	for _, m := range permanentMarks {
 		all = append(all, markMask{m, 0xffffffff})
 	}

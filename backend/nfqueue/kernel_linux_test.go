@@ -234,38 +234,52 @@ func TestKernelAcceptFinal(t *testing.T) {
 	}
 }
 
-// A foreign packet mark (WireGuard-like) on a permanently accepted connection is preserved.
+// A foreign packet mark (WireGuard-like) is preserved on every packet of an accepted connection, the first
+// one included (its routing may depend on it), while Warden still decides the connection.
 func TestKernelForeignMarkPreserved(t *testing.T) {
 	t.Parallel()
 	n := newTestNet(t)
 	listenTCP(t, n.server, portAllow)
 	const foreign = 0x51820
-	// A counting rule (no target) sees the mark the packets leave with.
+	// Counting rules (no target) see the mark the packets leave with, and all packets to the port.
 	n.ipt(t, n.client, false, "-t", "mangle", "-A", "POSTROUTING", "-m", "mark", "--mark", fmt.Sprint(foreign))
-	startWarden(t, n.client, childConfig{Rules: verdictRules()})
-	setMark := func(network, address string, c syscall.RawConn) error {
-		var serr error
-		err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, foreign)
-		})
-		return errors.Join(err, serr)
-	}
-	c, err := dial(t, n.client, net.Dialer{Control: setMark}, "tcp", netip.AddrPortFrom(n.ServerV4, portAllow), 3*time.Second)
+	n.ipt(t, n.client, false, "-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "--dport", fmt.Sprint(portAllow))
+	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
+	c, err := dial(t, n.client, net.Dialer{Control: setMark(foreign)}, "tcp", netip.AddrPortFrom(n.ServerV4, portAllow), 3*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for range 20 {
 		echo(t, c)
 	}
+	c.Close()
 	out := n.ipt(t, n.client, false, "-t", "mangle", "-v", "-S", "POSTROUTING")
-	m := regexp.MustCompile(`--mark 0x51820 -c (\d+) `).FindStringSubmatch(out)
-	if m == nil {
-		t.Fatalf("no counter in\n%s", out)
+	count := func(re string) int {
+		m := regexp.MustCompile(re).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("no counter %s in\n%s", re, out)
+		}
+		n, _ := strconv.Atoi(m[1])
+		return n
 	}
-	pkts, _ := strconv.Atoi(m[1])
-	// 20 requests plus the handshake's last ACK, at least; only the SYN carries Warden's verdict mark.
-	if pkts < 20 {
-		t.Errorf("%d packets left with the foreign mark, want every packet after the SYN (>= 20)\n%s", pkts, out)
+	marked, all := count(`--mark 0x51820 -c (\d+) `), count(fmt.Sprintf(`--dport %d -c (\d+) `, portAllow))
+	// 20 requests, the handshake and the close at least, and every one of them with the foreign mark.
+	if all < 22 || marked != all {
+		t.Errorf("%d of %d packets left with the foreign mark, want all (at least 22)\n%s", marked, all, out)
+	}
+	if got := w.count(t); got != 1 {
+		t.Errorf("the policy saw %d packets, want 1 (the SYN: decided once, never looped)", got)
+	}
+}
+
+// setMark returns a dialer Control that gives the socket a mark, as a VPN client does to its own sockets.
+func setMark(mark int) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)
+		})
+		return errors.Join(err, serr)
 	}
 }
 
@@ -358,13 +372,16 @@ func TestKernelFailMode(t *testing.T) {
 			listenTCP(t, n.server, portAllow)
 			w := startWarden(t, n.client, childConfig{FailMode: mode, Rules: verdictRules()})
 			w.kill(t)
-			for _, server := range []netip.Addr{n.ServerV4, n.ServerV6} {
-				_, err := dial(t, n.client, net.Dialer{}, "tcp", netip.AddrPortFrom(server, portAllow), 1500*time.Millisecond)
-				switch {
-				case mode == "open" && err != nil:
-					t.Errorf("fail open, daemon down: connect to %s: %v, want success", server, err)
-				case mode == "closed" && err == nil:
-					t.Errorf("fail closed, daemon down: connect to %s succeeded", server)
+			// A socket carrying another program's mark takes the same decision.
+			for _, d := range []net.Dialer{{}, {Control: setMark(0x51820)}} {
+				for _, server := range []netip.Addr{n.ServerV4, n.ServerV6} {
+					_, err := dial(t, n.client, d, "tcp", netip.AddrPortFrom(server, portAllow), 1500*time.Millisecond)
+					switch {
+					case mode == "open" && err != nil:
+						t.Errorf("fail open, daemon down: connect to %s (marked %v): %v, want success", server, d.Control != nil, err)
+					case mode == "closed" && err == nil:
+						t.Errorf("fail closed, daemon down: connect to %s (marked %v) succeeded", server, d.Control != nil)
+					}
 				}
 			}
 		})

@@ -14,8 +14,13 @@ import (
 // verdicter answers the kernel for one queue: NF_ACCEPT with a packet mark. The Linux queue implements it;
 // tests use a fake.
 type verdicter interface {
+	// verdict accepts the packet with mark, or with keepForeignMark lets the queue's hook run again with the
+	// packet's own mark untouched (NF_REPEAT), which the rules take as "accepted" for a foreign-marked packet.
 	verdict(id uint32, mark uint32) error
 }
+
+// keepForeignMark is the verdict "accept, keeping the packet's foreign mark". 0 is never a verdict mark.
+const keepForeignMark = 0
 
 // Packet states. A packet moves pending → applying → done exactly once; whoever wins the first step (the
 // pipeline's Apply, the verdict timeout or Stop) answers the kernel.
@@ -53,6 +58,12 @@ func (p *packet) Apply(d backend.Decision) error {
 		return backend.ErrAlreadyApplied
 	}
 	mark, err := markFor(d, p.e.failMode)
+	if p.info.Mark != 0 && err == nil && d.Verdict == backend.Accept && !d.Final {
+		// Another program's mark (a VPN's routing mark) on a connection's first packet: replacing it would
+		// route the packet as if it had none. The hook runs again with the mark intact and records the accept
+		// in the connmark only.
+		mark = keepForeignMark
+	}
 	if verr := p.q.verdict(p.id, mark); verr != nil {
 		p.e.verdictErrors.Add(1)
 		err = errors.Join(err, fmt.Errorf("setting verdict for packet %d: %w", p.id, verr))

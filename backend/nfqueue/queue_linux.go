@@ -40,8 +40,11 @@ type queue struct {
 
 var _ verdicter = (*queue)(nil)
 
-// verdict answers NF_ACCEPT with the mark the rules enforce.
+// verdict answers NF_ACCEPT with the mark the rules enforce, or NF_REPEAT for keepForeignMark.
 func (q *queue) verdict(id, mark uint32) error {
+	if mark == keepForeignMark {
+		return q.nf.SetVerdict(id, nfq.NfRepeat)
+	}
 	return q.nf.SetVerdictWithOption(id, nfq.NfAccept, nfq.WithMark(mark))
 }
 

@@ -93,22 +93,35 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 	ingest := func(chain string, replies, rest queueRange) chainRules {
 		c := chainRules{Table: "mangle", Chain: chain}
 		add := func(r ...[]string) { c.Rules = append(c.Rules, cat(r...)) }
-		// 1. A foreign mark (a WireGuard fwmark, say) on a connection already accepted for good: leave the
-		// packet alone, so the restore below does not overwrite the mark other software routes by.
+		foreign := []string{"-m", "mark", "!", "--mark", "0"}
+		pending := []string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.ForeignPending))}
+		// 1. A foreign mark (a WireGuard fwmark, say) on a connection's first packet: the packet was queued
+		// with its mark intact (below) and Warden accepted it by letting this hook run again (NF_REPEAT) on the
+		// same, not yet confirmed, packet. Record the accept in the connmark alone: the packet keeps the mark
+		// its routing depends on. A later packet of a connection whose first one passed without a verdict
+		// (the queue was bypassed) is confirmed, so it does not qualify and is queued below.
+		add(foreign, pending, []string{"-m", "conntrack", "!", "--ctstatus", "CONFIRMED", "-j", "CONNMARK", "--set-mark",
+			strconv.Itoa(int(marks.AcceptAlways))})
+		// 2. A foreign mark on a connection already accepted for good: leave the packet alone, so the restore
+		// below does not overwrite the mark other software routes by.
 		for _, cm := range []uint32{marks.AcceptAlways, marks.AcceptFinal} {
-			add([]string{"-m", "mark", "!", "--mark", "0", "-m", "connmark", "--mark", strconv.Itoa(int(cm)), "-j", "RETURN"})
+			add(foreign, []string{"-m", "connmark", "--mark", strconv.Itoa(int(cm)), "-j", "RETURN"})
 		}
-		// 2. Warden's own sockets carry SO_MARK 1709: remember it on the connection and never queue them.
+		// 3. Warden's own sockets carry SO_MARK 1709: remember it on the connection and never queue them.
 		// Saving here is safe because the packet returns before the restore.
 		add(mark(marks.AcceptFinal), []string{"-j", "CONNMARK", "--save-mark"})
 		add(mark(marks.AcceptFinal), []string{"-j", "RETURN"})
-		// 3. Later packets of a decided connection get its permanent mark back from the connmark.
+		// 4. A foreign mark on a new connection: ask Warden without restoring (which would zero the mark).
+		add(foreign, []string{"-m", "connmark", "--mark", "0", "-j", "CONNMARK", "--set-mark", strconv.Itoa(int(marks.ForeignPending))})
+		add(foreign, pending, []string{"-m", "conntrack", "--ctdir", "REPLY"}, replies.args())
+		add(foreign, pending, rest.args())
+		// 5. Later packets of a decided connection get its permanent mark back from the connmark.
 		add([]string{"-j", "CONNMARK", "--restore-mark"})
 		// ICMP errors and the TCP resets REJECT generates are RELATED to a connection already decided; they
 		// are not queued (a queued reset would be rejected again and never leave).
 		add(mark(0), icmp, related, []string{"-j", "RETURN"})
 		add(mark(0), rst, related, []string{"-j", "RETURN"})
-		// 4. Undecided: ask Warden. Reply-direction packets belong to connections opened from the other
+		// 6. Undecided: ask Warden. Reply-direction packets belong to connections opened from the other
 		// side, so they go to that direction's queues; the queue tells the connection's direction.
 		add(mark(0), []string{"-m", "conntrack", "--ctdir", "REPLY"}, replies.args())
 		add(mark(0), rest.args())
@@ -139,8 +152,11 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 	addF(mark(marks.Drop), []string{"-j", "DROP"})
 	addF(mark(marks.DropAlways), []string{"-j", "DROP"})
 	if p.FailMode == backend.FailClosed {
-		// Mark 0 here means the queue was bypassed: nobody listens, the daemon is down.
+		// Mark 0 here means the queue was bypassed: nobody listens, the daemon is down. So does a foreign-marked
+		// packet whose connection is still pending: had Warden accepted it, rule 1 of the ingest chain would have
+		// replaced the pending connmark.
 		addF(mark(0), []string{"-j", "DROP"})
+		addF([]string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.ForeignPending)), "-j", "DROP"})
 	}
 
 	redirect := chainRules{Table: "nat", Chain: chainRedirect}

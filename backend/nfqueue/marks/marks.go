@@ -17,6 +17,9 @@ const (
 	RerouteSplit   uint32 = 1719
 	RerouteNS      uint32 = 1799
 	OwnTrafficMark        = AcceptFinal
+	// ForeignPending is a connmark only: the first packet of a connection that carries another program's
+	// mark (a VPN's routing mark) is queued with that mark intact and this connmark. See backend/nfqueue.
+	ForeignPending uint32 = 1708
 )
 
 // Split connections carried by kernel routing instead of the proxy get one mark per split interface (a
