@@ -1,11 +1,16 @@
 // Package process finds the process behind a connection on Linux, for packets whose owner the kernel did not
 // tell (NFQUEUE delivers the UID/GID, never the PID).
 //
-// A lookup asks the kernel's sock_diag netlink interface for the socket that owns the 5-tuple (its inode and
-// UID), maps the inode to a PID through a cached index of /proc/<pid>/fd, and the PID to its executable through
-// /proc/<pid>/exe, cached by PID and start time so a reused PID is never mistaken for the old process. Results
-// are also cached by 5-tuple for a short time. A socket whose process is already gone is reported as unknown.
+// A lookup asks the kernel's sock_diag netlink interface for the socket that owns the 5-tuple (its inode, UID
+// and cookie). The owner is then read, when it can be, from an eBPF map that small cgroup programs keep from
+// socket cookie to the process that created the socket or last connected or sent with it (ebpf_linux.go); the
+// PID found there is trusted only if that process still exists and had started when the entry was written.
+// Otherwise (a socket older than the resolver, an accepted connection, an evicted entry, a creator that has
+// exited, or a system without the programs) the inode is mapped to a PID through a cached index of
+// /proc/<pid>/fd. The PID is mapped to its executable through /proc/<pid>/exe, cached by PID and start time so
+// a reused PID is never mistaken for the old process. Results are also cached by 5-tuple for a short time. A
+// socket whose process is already gone is reported as unknown.
 //
-// sock_diag answers for the network namespace the resolver was created in; /proc is global, so processes of
-// every namespace are found.
+// sock_diag answers for the network namespace the resolver was created in; /proc and the eBPF programs are
+// global, so processes of every namespace are found.
 package process

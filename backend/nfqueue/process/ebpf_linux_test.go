@@ -639,3 +639,75 @@ func TestMapLookupDoesNotAllocate(t *testing.T) {
 		t.Error("map entry survived the socket's close")
 	}
 }
+
+// BenchmarkResolve measures the lookup of a socket created just before it, as for a new connection's first
+// packet, answered by the eBPF map or by /proc. The /proc path looks through the descriptors of the socket's
+// process, so it is measured with few and with many other descriptors open.
+func BenchmarkResolve(b *testing.B) {
+	for _, bc := range []struct {
+		name   string
+		useMap bool
+		extra  int
+	}{
+		{"map", true, 0},
+		{"map/256fds", true, 256},
+		{"proc", false, 0},
+		{"proc/256fds", false, 256},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			requireRoot(b)
+			for range bc.extra {
+				fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { unix.Close(fd) })
+			}
+			r, err := NewWithOptions(nil, Options{DisableEBPF: !bc.useMap})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { r.Close() })
+			if bc.useMap && r.bpf == nil {
+				if errors.Is(r.bpfErr, errBPFUnavailable) {
+					b.Skipf("eBPF socket owner map unavailable here: %v", r.bpfErr)
+				}
+				b.Fatalf("eBPF socket owner map failed to load: %v", r.bpfErr)
+			}
+			r.tupleTTL = 0
+			remote := netip.MustParseAddrPort("127.0.0.1:9")
+			b.ReportAllocs()
+			for i := 0; i < b.N; i++ {
+				b.StopTimer()
+				fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+					b.Fatal(err)
+				}
+				sa, err := unix.Getsockname(fd)
+				if err != nil {
+					b.Fatal(err)
+				}
+				info := backend.Info{Protocol: backend.UDP, Local: netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*unix.SockaddrInet4).Port)), Remote: remote}
+				b.StartTimer()
+				_, ok := r.ResolveProcess(&info)
+				b.StopTimer()
+				unix.Close(fd)
+				if !ok {
+					b.Fatal("not found")
+				}
+				b.StartTimer()
+			}
+			st := r.Stats()
+			answered := st.ProcAnswers
+			if bc.useMap {
+				answered = st.MapAnswers
+			}
+			if answered != uint64(b.N) {
+				b.Fatalf("%d of %d lookups answered by the path measured: %+v", answered, b.N, st)
+			}
+		})
+	}
+}
