@@ -96,12 +96,12 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		foreign := []string{"-m", "mark", "!", "--mark", "0"}
 		pending := []string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.ForeignPending))}
 		// 1. A foreign mark (a WireGuard fwmark, say) on a connection's first packet: the packet was queued
-		// with its mark intact (below) and Warden accepted it by letting this hook run again (NF_REPEAT) on the
-		// same, not yet confirmed, packet. Record the accept in the connmark alone: the packet keeps the mark
-		// its routing depends on. A later packet of a connection whose first one passed without a verdict
-		// (the queue was bypassed) is confirmed, so it does not qualify and is queued below.
-		add(foreign, pending, []string{"-m", "conntrack", "!", "--ctstatus", "CONFIRMED", "-j", "CONNMARK", "--set-mark",
-			strconv.Itoa(int(marks.AcceptAlways))})
+		// with its mark intact (rule 4) and Warden accepted it by letting this hook run again (NF_REPEAT).
+		// Record the accept in the connmark alone: the packet keeps the mark its routing depends on. Only a
+		// connection whose first packet passed the queue unanswered (no daemon, fail_mode: open) can otherwise
+		// reach this rule still pending, and fail open lets it through anyway; a start flushes such entries.
+		// There is deliberately no narrower condition: whatever follows a repeat must not queue it again.
+		add(foreign, pending, []string{"-j", "CONNMARK", "--set-mark", strconv.Itoa(int(marks.AcceptAlways))})
 		// 2. A foreign mark on a connection already accepted for good: leave the packet alone, so the restore
 		// below does not overwrite the mark other software routes by.
 		for _, cm := range []uint32{marks.AcceptAlways, marks.AcceptFinal} {
