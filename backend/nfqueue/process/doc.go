@@ -5,6 +5,9 @@
 // and cookie). The owner is then read, when it can be, from an eBPF map that small cgroup programs keep from
 // socket cookie to the process that created the socket or last connected or sent with it (ebpf_linux.go); the
 // PID found there is trusted only if that process still exists and had started when the entry was written.
+// The entry also holds the writing thread's name: when the resolver already has a record of that process, kept
+// live by its exit watcher, with the same name and an earlier start, the record answers without any system
+// call; otherwise /proc/<pid>/stat is read to check the PID still names that process.
 // Otherwise (a socket older than the resolver, an accepted connection, an evicted entry, a creator that has
 // exited, or a system without the programs) the inode is mapped to a PID through a cached index of
 // /proc/<pid>/fd. The PID is mapped to its executable through /proc/<pid>/exe, cached by PID and start time so

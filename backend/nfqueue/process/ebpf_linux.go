@@ -51,10 +51,11 @@ const (
 	sockAddrProtocolOff = 36 // offsetof(struct bpf_sock_addr, protocol)
 )
 
-// The frame layout shared by the programs: the key at fp-8, the value at fp-24.
+// The frame layout shared by the programs: the key at fp-8, the value (ownerValueSize bytes) below it.
 const (
 	keyOff   = -8
-	valueOff = -24
+	valueOff = keyOff - ownerValueSize
+	commOff  = valueOff + ownerCommOff // where the value's comm is built
 )
 
 // protocolFilter lets TCP and UDP sockets through to "record" and sends everything else (raw, ICMP, SCTP) to
@@ -68,13 +69,27 @@ func protocolFilter(ctxOff int16) asm.Instructions {
 	}
 }
 
-// storeOwner writes the value (tgid from R7, then the time) and updates the map at the frame's key.
-func storeOwner(mapFD int) asm.Instructions {
+// currentComm puts the calling thread's name at the frame's comm (NUL-padded, as the map value holds it).
+func currentComm() asm.Instructions {
 	return asm.Instructions{
+		asm.Mov.Reg(asm.R1, asm.RFP),
+		asm.Add.Imm(asm.R1, commOff),
+		asm.Mov.Imm(asm.R2, commSize),
+		asm.FnGetCurrentComm.Call(),
+	}
+}
+
+// storeOwner writes the value (tgid from R7, the time, the thread's name) and updates the map at the frame's
+// key.
+func storeOwner(mapFD int) asm.Instructions {
+	insns := asm.Instructions{
 		asm.StoreMem(asm.RFP, valueOff, asm.R7, asm.Word),
 		asm.StoreImm(asm.RFP, valueOff+4, 0, asm.Word),
 		asm.FnKtimeGetBootNs.Call(),
 		asm.StoreMem(asm.RFP, valueOff+8, asm.R0, asm.DWord),
+	}
+	insns = append(insns, currentComm()...)
+	return append(insns,
 		asm.LoadMapPtr(asm.R1, mapFD),
 		asm.Mov.Reg(asm.R2, asm.RFP),
 		asm.Add.Imm(asm.R2, keyOff),
@@ -82,7 +97,7 @@ func storeOwner(mapFD int) asm.Instructions {
 		asm.Add.Imm(asm.R3, valueOff),
 		asm.Mov.Imm(asm.R4, bpfAny),
 		asm.FnMapUpdateElem.Call(),
-	}
+	)
 }
 
 // allow ends a program with 1: the socket call goes ahead unchanged.
@@ -117,9 +132,11 @@ func sockCreateInsns(mapFD int) asm.Instructions {
 }
 
 // sockAddrInsns records the process that connects or sends with a socket (cgroup/connect4, connect6, sendmsg4,
-// sendmsg6) when it is not the one already recorded: a socket created by one process and used by another (a
-// forked child) is then attributed to its user. The common case, the creator using its own socket, is a map
-// read without a write.
+// sendmsg6) when it is not the one already recorded, or its thread has another name than the one recorded: a
+// socket created by one process and used by another (a forked child) is then attributed to its user, and one
+// whose process has exec'd another program since names the new program's name, which the resolver compares
+// with what it knows of the process (an exec keeps the PID). The common case, the creator using its own
+// socket, is a map read without a write.
 func sockAddrInsns(mapFD int) asm.Instructions {
 	var insns asm.Instructions
 	insns = append(insns, asm.Mov.Reg(asm.R6, asm.R1))
@@ -132,7 +149,17 @@ func sockAddrInsns(mapFD int) asm.Instructions {
 		asm.FnMapLookupElem.Call(),
 		asm.JEq.Imm(asm.R0, 0, "update"),
 		asm.LoadMem(asm.R1, asm.R0, 0, asm.Word),
-		asm.JEq.Reg(asm.R1, asm.R7, "allow"),
+		asm.JNE.Reg(asm.R1, asm.R7, "update"),
+		asm.Mov.Reg(asm.R8, asm.R0), // the value stays valid across the helper call (RCU), R0 does not
+	)
+	insns = append(insns, currentComm()...)
+	insns = append(insns,
+		asm.LoadMem(asm.R1, asm.R8, ownerCommOff, asm.DWord),
+		asm.LoadMem(asm.R2, asm.RFP, commOff, asm.DWord),
+		asm.JNE.Reg(asm.R1, asm.R2, "update"),
+		asm.LoadMem(asm.R1, asm.R8, ownerCommOff+8, asm.DWord),
+		asm.LoadMem(asm.R2, asm.RFP, commOff+8, asm.DWord),
+		asm.JEq.Reg(asm.R1, asm.R2, "allow"),
 	)
 	store := storeOwner(mapFD)
 	store[0] = store[0].WithSymbol("update")

@@ -38,6 +38,14 @@ const (
 	holderEnv = "WARDEN_PROCESS_TEST_HOLDER"
 	// bpfHolderEnv runs runBPFHolder.
 	bpfHolderEnv = "WARDEN_PROCESS_TEST_BPF_HOLDER"
+	// execFromEnv runs runExecFrom; its value is the UDP peer to send to.
+	execFromEnv = "WARDEN_PROCESS_TEST_EXEC_FROM"
+	// execTargetEnv is the program runExecFrom executes.
+	execTargetEnv = "WARDEN_PROCESS_TEST_EXEC_TARGET"
+	// execedEnv runs runExeced; its value is "fd,udp-peer".
+	execedEnv = "WARDEN_PROCESS_TEST_EXECED"
+	// idleEnv runs a process that does nothing until its stdin closes.
+	idleEnv = "WARDEN_PROCESS_TEST_IDLE"
 )
 
 // runEBPFHelper runs the helper the environment asks for, if any, and reports whether it did.
@@ -50,6 +58,16 @@ func runEBPFHelper() (bool, error) {
 	}
 	if os.Getenv(bpfHolderEnv) != "" {
 		return true, runBPFHolder()
+	}
+	if peer := os.Getenv(execFromEnv); peer != "" {
+		return true, runExecFrom(peer, os.Getenv(execTargetEnv))
+	}
+	if v := os.Getenv(execedEnv); v != "" {
+		return true, runExeced(v)
+	}
+	if os.Getenv(idleEnv) != "" {
+		_, err := io.Copy(io.Discard, os.Stdin)
+		return true, err
 	}
 	return false, nil
 }
@@ -622,6 +640,18 @@ func TestMapLookupDoesNotAllocate(t *testing.T) {
 	}
 	if e.tgid != int32(os.Getpid()) {
 		t.Errorf("map says tgid %d, want %d", e.tgid, os.Getpid())
+	}
+	// Go names no thread, so the creating thread's name is the process's.
+	stat, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	comm, _, ok := parseStat(stat)
+	if !ok {
+		t.Fatalf("unparsable /proc/self/stat %q", stat)
+	}
+	if got := string(e.commBytes()); got != string(comm) {
+		t.Errorf("map says comm %q, want %q", got, comm)
 	}
 	var now unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &now); err != nil {

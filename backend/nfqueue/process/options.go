@@ -20,4 +20,7 @@ type Stats struct {
 	// MapStale counts map entries whose process was gone (or whose PID names a newer process); /proc then
 	// finds whoever holds the socket now.
 	MapStale uint64
+	// MapFast counts the MapAnswers given from what the resolver already knew of the process, without any
+	// system call (the others read /proc/<pid>/stat to check the PID still names the process the map does).
+	MapFast uint64
 }

@@ -9,10 +9,17 @@ import (
 // OS-neutral so the encoding can be tested anywhere.
 //
 //	key:   u64 socket cookie (the kernel's sock_gen_cookie, the same number sock_diag reports)
-//	value: u32 tgid, u32 zero, u64 CLOCK_BOOTTIME nanoseconds when that tgid was recorded
+//	value: offset  0  u32 tgid of the process recorded as the socket's user
+//	       offset  4  u32 zero
+//	       offset  8  u64 CLOCK_BOOTTIME nanoseconds when that tgid was recorded
+//	       offset 16  [16]byte comm of the recording thread then (bpf_get_current_comm: NUL-padded, at most 15
+//	                  bytes of name)
 const (
 	ownerKeySize   = 8
-	ownerValueSize = 16
+	ownerValueSize = 32
+	ownerCommOff   = 16
+	// commSize is TASK_COMM_LEN, the size of the kernel's task name buffer including its NUL.
+	commSize = 16
 )
 
 // ownerEntry is one decoded value of the owner map.
@@ -20,12 +27,25 @@ type ownerEntry struct {
 	tgid int32
 	// seenNs is the CLOCK_BOOTTIME time the kernel recorded tgid as the socket's user.
 	seenNs uint64
+	// comm is the recording thread's name at seenNs, NUL-padded. It is the name of the thread that made the
+	// call, which is the process's name (what /proc/<pid>/stat shows) unless that thread was renamed.
+	comm [commSize]byte
+}
+
+// commBytes returns the name in comm, without its NUL padding (aliasing e).
+func (e *ownerEntry) commBytes() []byte {
+	if i := bytes.IndexByte(e.comm[:], 0); i >= 0 {
+		return e.comm[:i]
+	}
+	return e.comm[:]
 }
 
 // decodeOwnerValue decodes a map value in the kernel's (native) byte order.
 func decodeOwnerValue(v *[ownerValueSize]byte) ownerEntry {
 	ne := binary.NativeEndian
-	return ownerEntry{tgid: int32(ne.Uint32(v[0:4])), seenNs: ne.Uint64(v[8:16])}
+	e := ownerEntry{tgid: int32(ne.Uint32(v[0:4])), seenNs: ne.Uint64(v[8:16])}
+	copy(e.comm[:], v[ownerCommOff:])
+	return e
 }
 
 // encodeOwnerValue is decodeOwnerValue's inverse (tests use it to check the layout both ways).
@@ -34,6 +54,7 @@ func encodeOwnerValue(e ownerEntry) [ownerValueSize]byte {
 	ne := binary.NativeEndian
 	ne.PutUint32(v[0:4], uint32(e.tgid))
 	ne.PutUint64(v[8:16], e.seenNs)
+	copy(v[ownerCommOff:], e.comm[:])
 	return v
 }
 

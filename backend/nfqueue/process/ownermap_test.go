@@ -10,27 +10,40 @@ import (
 
 func TestOwnerValueEncoding(t *testing.T) {
 	ne := binary.NativeEndian
-	raw := func(tgid uint32, pad uint32, ns uint64) [ownerValueSize]byte {
+	raw := func(tgid uint32, pad uint32, ns uint64, comm string) [ownerValueSize]byte {
 		var v [ownerValueSize]byte
 		ne.PutUint32(v[0:], tgid)
 		ne.PutUint32(v[4:], pad)
 		ne.PutUint64(v[8:], ns)
+		copy(v[16:], comm)
 		return v
 	}
+	comm := func(s string) (c [commSize]byte) {
+		copy(c[:], s)
+		return c
+	}
 	tests := []struct {
-		name string
-		raw  [ownerValueSize]byte
-		want ownerEntry
+		name     string
+		raw      [ownerValueSize]byte
+		want     ownerEntry
+		wantComm string
 	}{
-		{"zero", raw(0, 0, 0), ownerEntry{}},
-		{"typical", raw(4242, 0, 8_227_910_600_495), ownerEntry{tgid: 4242, seenNs: 8_227_910_600_495}},
-		{"largest pid", raw(1<<22, 0, 1), ownerEntry{tgid: 1 << 22, seenNs: 1}},
-		{"padding ignored", raw(7, 0xffffffff, ^uint64(0)), ownerEntry{tgid: 7, seenNs: ^uint64(0)}},
+		{"zero", raw(0, 0, 0, ""), ownerEntry{}, ""},
+		{"typical", raw(4242, 0, 8_227_910_600_495, "curl"), ownerEntry{tgid: 4242, seenNs: 8_227_910_600_495, comm: comm("curl")}, "curl"},
+		{"largest pid", raw(1<<22, 0, 1, "a"), ownerEntry{tgid: 1 << 22, seenNs: 1, comm: comm("a")}, "a"},
+		{"longest name", raw(9, 0, 2, "systemd-resolve"), ownerEntry{tgid: 9, seenNs: 2, comm: comm("systemd-resolve")}, "systemd-resolve"},
+		// The kernel always ends the name with a NUL; a value without one still decodes to all 16 bytes.
+		{"name without NUL", raw(9, 0, 2, "0123456789abcdef"), ownerEntry{tgid: 9, seenNs: 2, comm: comm("0123456789abcdef")}, "0123456789abcdef"},
+		{"name with spaces and parens", raw(9, 0, 2, "a (b) c"), ownerEntry{tgid: 9, seenNs: 2, comm: comm("a (b) c")}, "a (b) c"},
+		{"padding ignored", raw(7, 0xffffffff, ^uint64(0), "x"), ownerEntry{tgid: 7, seenNs: ^uint64(0), comm: comm("x")}, "x"},
 	}
 	for _, tt := range tests {
 		got := decodeOwnerValue(&tt.raw)
 		if diff := cmp.Diff(tt.want, got, cmp.AllowUnexported(ownerEntry{})); diff != "" {
 			t.Errorf("%s: decode -want +got\n%s", tt.name, diff)
+		}
+		if c := string(got.commBytes()); c != tt.wantComm {
+			t.Errorf("%s: comm %q, want %q", tt.name, c, tt.wantComm)
 		}
 		if tt.name == "padding ignored" {
 			continue

@@ -61,6 +61,7 @@ type Resolver struct {
 	procAnswers atomic.Uint64
 	mapMisses   atomic.Uint64
 	mapStale    atomic.Uint64
+	mapFast     atomic.Uint64
 
 	tupleMu sync.RWMutex // guards tuples
 	tuples  map[backend.ConnKey]tupleEntry
@@ -197,6 +198,7 @@ func (r *Resolver) Stats() Stats {
 		ProcAnswers: r.procAnswers.Load(),
 		MapMisses:   r.mapMisses.Load(),
 		MapStale:    r.mapStale.Load(),
+		MapFast:     r.mapFast.Load(),
 	}
 }
 
@@ -317,6 +319,18 @@ func (r *Resolver) ownerFromMap(cookie uint64) (*procRecord, bool) {
 		r.mapMisses.Add(1) // created before the programs were attached, accepted from a listener, or evicted
 		return nil, false
 	}
+	return r.ownerFromEntry(&e)
+}
+
+// ownerFromEntry is ownerFromMap for a map entry already read: from the cached record without a system call
+// when the record is known to describe the entry's writer (see trustedRecord), else from /proc/<pid>/stat.
+func (r *Resolver) ownerFromEntry(e *ownerEntry) (*procRecord, bool) {
+	if rec := r.trustedRecord(e); rec != nil {
+		r.noteHot(rec.pid)
+		r.mapFast.Add(1)
+		r.mapAnswers.Add(1)
+		return rec, true
+	}
 	rec, ok := r.recordStartedBy(e.tgid, bootTicks(e.seenNs))
 	if !ok {
 		r.mapStale.Add(1) // the recorded process is gone: whoever holds the socket now is found in /proc
@@ -325,6 +339,44 @@ func (r *Resolver) ownerFromMap(cookie uint64) (*procRecord, bool) {
 	r.noteHot(rec.pid)
 	r.mapAnswers.Add(1)
 	return rec, true
+}
+
+// trustedRecord returns the cached record of the process that wrote e, when it can tell without a system call
+// that the record describes that process as it is now, and nil when /proc must be asked. It trusts a record
+// that is watched (its pidfd is in the exit watcher) and not dead, that had started by the entry's write time,
+// and whose name is the one the entry holds. What each condition rules out:
+//
+//   - The PID was reused after the record was made (the record's process exited, another got its PID and wrote
+//     the entry): the watcher marks a record dead when its process exits, which the kernel signals on the pidfd
+//     before the parent can even reap it, so before the PID is free; reuse then needs the kernel to cycle
+//     through the whole PID space as well. What is left is a watcher goroutine that has not run for all that
+//     time, and a new process of the same name; we accept that. An unwatched record (the watcher is full, or
+//     the kernel has no pidfds) has no such flag and always goes to /proc.
+//   - The PID was reused between the map write and the record's creation (the entry names a process that has
+//     exited; the record is of a later one): the later process started after the write, so its start time is
+//     past the entry's time. Both are compared in clock ticks, so a PID freed and reused within one tick (10 ms)
+//     of the write is not caught; that needs a PID-space cycle within the tick.
+//   - The record was made from an image exec'd after the write: exec changes the name to the new program's
+//     (unless both programs have the same file name), so the names differ and /proc answers, as it always did.
+//   - The process exec'd after the write, and after the record was made: the record and the entry both name
+//     the old program. The connect and sendmsg programs rewrite the entry when the calling thread's name differs
+//     from the one recorded, so once the new program connects or sends (UDP) with the socket, or makes a new
+//     one, the names differ and /proc answers. A socket the new program has not used that way since its exec
+//     (a TCP connection made before it) is still attributed to the program that made it, where /proc would
+//     name the new one.
+//   - A thread renamed by its program (prctl PR_SET_NAME) records its own name, not the process's that
+//     /proc/<pid>/stat shows: such entries never match and always go to /proc.
+//
+// A same-named exec (the same file name at another path) is missed here exactly as recordStartedBy misses it.
+func (r *Resolver) trustedRecord(e *ownerEntry) *procRecord {
+	r.exeMu.Lock()
+	rec := r.exes[e.tgid]
+	r.exeMu.Unlock()
+	// pidfd is set before the record is published and never changes after.
+	if rec == nil || rec.pidfd < 0 || rec.dead.Load() || rec.start > bootTicks(e.seenNs) || rec.comm != string(e.commBytes()) {
+		return nil
+	}
+	return rec
 }
 
 // logError logs at most one lookup error per ten seconds; a broken netlink socket would otherwise flood the log.

@@ -157,6 +157,13 @@ func newTestResolver(t testing.TB) *Resolver {
 // user under another path than the parent.
 func childBinary(t *testing.T) string {
 	t.Helper()
+	return copyTestBinary(t, "child.test")
+}
+
+// copyTestBinary copies the test binary to a new directory anyone may execute it from, under the given name
+// (which the kernel makes the name, comm, of a process running it).
+func copyTestBinary(t *testing.T, name string) string {
+	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -174,7 +181,7 @@ func childBinary(t *testing.T) string {
 		t.Fatal(err)
 	}
 	defer src.Close()
-	path := filepath.Join(dir, "child.test")
+	path := filepath.Join(dir, name)
 	dst, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o755)
 	if err != nil {
 		t.Fatal(err)
