@@ -89,6 +89,29 @@ func (p *Proxy) RouteSplit(proto backend.Protocol, remote netip.Addr, via string
 	return backend.Decision{Verdict: backend.RerouteToSplitTun, Permanent: true, Route: n}
 }
 
+// PrepareRoutes installs, in route mode, the kernel routes of the given interface specs ("" = the default)
+// that are up now, so that no new connection waits for the kernel while its route is installed. Routes are
+// still installed on first use for specs not prepared, and reinstalled when an interface comes back.
+func (p *Proxy) PrepareRoutes(specs []string) error {
+	if p.routes == nil {
+		return nil
+	}
+	var errs []error
+	for _, spec := range specs {
+		if spec == "" {
+			spec = p.cfg.Interface
+		}
+		st := p.res.Get(spec)
+		if !st.Up {
+			continue
+		}
+		if _, err := p.routes.route(st, p.cfg.OnInterfaceDown != DownDirect); err != nil {
+			errs = append(errs, fmt.Errorf("split route for %s: %w", spec, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // route returns the kernel route of an interface that is up, assigning and installing it on first use and
 // reinstalling it when the interface changed.
 func (r *routes) route(st netif.State, failClosed bool) (uint8, error) {

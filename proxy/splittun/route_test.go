@@ -149,6 +149,23 @@ func TestRouteModeDecisions(t *testing.T) {
 	}
 }
 
+// Prepared routes are installed before any connection asks, once each; a spec that is down is skipped.
+func TestPrepareRoutes(t *testing.T) {
+	p, plat, _, _ := newRouteProxy(t, Config{})
+	if err := p.PrepareRoutes([]string{"", "up1", "up0", "nosuch"}); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{"reset", "install 1 up0/7 closed=true", "install 2 up1/8 closed=true"}, plat.took()); diff != "" {
+		t.Errorf("prepare: kernel calls (-want +got):\n%s", diff)
+	}
+	if got := p.RouteSplit(backend.TCP, v4dst, "up1", true); got.Route != 2 {
+		t.Errorf("up1 after prepare: %v", got)
+	}
+	if calls := plat.took(); len(calls) != 0 {
+		t.Errorf("a prepared route was installed again: %q", calls)
+	}
+}
+
 func TestRouteModeDirectAndFallback(t *testing.T) {
 	p, plat, src, res := newRouteProxy(t, Config{OnInterfaceDown: DownDirect})
 	if got := p.RouteSplit(backend.UDP, v4dst, "", true); got.Route != 1 {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sync"
 	"time"
 
@@ -125,6 +126,17 @@ func (s splitRoutes) RouteSplit(proto backend.Protocol, remote netip.Addr, via s
 	return s.px.RouteSplit(proto, remote, via, fresh)
 }
 
+// splitSpecs lists the split interfaces the config names: the default ("") and every split rule's via.
+func splitSpecs(cfg *config.Config) []string {
+	specs := []string{""}
+	for i := range cfg.Rules {
+		if r := &cfg.Rules[i]; r.Action == config.Split && r.Via != "" && !slices.Contains(specs, r.Via) {
+			specs = append(specs, r.Via)
+		}
+	}
+	return specs
+}
+
 // usesSplit reports whether any rule splits traffic, so the proxy is started only when needed.
 func usesSplit(cfg *config.Config) bool {
 	for i := range cfg.Rules {
@@ -195,6 +207,9 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 			po.Split = splitTable{d.table}
 			if px.Mode() == splittun.ModeRoute {
 				po.Split = splitRoutes{splitTable{d.table}, px}
+				if err := px.PrepareRoutes(splitSpecs(cfg)); err != nil {
+					d.log.Warn("split tunnel: preparing kernel routes; they are retried on first use", "err", err)
+				}
 			}
 		}
 	}
@@ -290,6 +305,12 @@ func (d *Daemon) Reload() (changed int, err error) {
 		cfg.Log.Format != old.Log.Format || cfg.Log.Connections != old.Log.Connections {
 		d.log.Warn("changes to backend, fail_mode, nfqueue, split_tunnel, nameserver, control, metrics and log " +
 			"take effect after a restart; rules and defaults changed now")
+	}
+	if d.proxy != nil {
+		// Before the new policy: its split rules may name interfaces not prepared yet.
+		if err := d.proxy.PrepareRoutes(splitSpecs(cfg)); err != nil {
+			d.log.Warn("split tunnel: preparing kernel routes; they are retried on first use", "err", err)
+		}
 	}
 	changes := d.pipeline.SetPolicy(pol)
 	if d.dns != nil {
