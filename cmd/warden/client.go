@@ -90,6 +90,14 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(tw, "split tunnel\t%s → %s (%s; when down: %s; mode %s: %d tcp, %d udp routed, %d tcp, %d udp relayed)\n",
 					st.Interface.Spec, detail, state, st.OnInterfaceDown, st.Mode, st.TCP.Routed, st.UDP.Routed, st.TCP.Total, st.UDP.Total)
 			}
+			if a := s.Attribution; a != nil {
+				src := "/proc only"
+				if a.EBPF {
+					src = "eBPF owner map"
+				}
+				fmt.Fprintf(tw, "process attribution\t%s: %d from the map (%d without a system call), %d from /proc, %d map misses, %d stale\n",
+					src, a.MapAnswers, a.MapFast, a.ProcAnswers, a.MapMisses, a.MapStale)
+			}
 			if ns := s.Nameserver; ns != nil {
 				fmt.Fprintf(tw, "nameserver\t%s: %d queries, %d cached, %d blocked, %d failed\n",
 					strings.Join(ns.Listen, " "), ns.Queries, ns.CacheHits, ns.Blocked, ns.ServFails)

@@ -539,6 +539,10 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 			b.logf("  warden: %d packets, %d connections, %d process lookups (%d unknown, %d skipped), %d failures",
 				st.Pipeline.Packets, st.Pipeline.Connections, st.Pipeline.ProcessLookups, st.Pipeline.ProcessUnknown,
 				st.Pipeline.ProcessSkipped, st.Pipeline.Failures)
+			if a := st.Attribution; a != nil {
+				b.logf("  attribution: ebpf %v, %d map answers (%d without a system call), %d /proc, %d map misses, %d stale",
+					a.EBPF, a.MapAnswers, a.MapFast, a.ProcAnswers, a.MapMisses, a.MapStale)
+			}
 		}
 	}
 	return nil

@@ -49,7 +49,10 @@ func (p *linuxPlatform) InstallRoute(n uint8, ifc *netif.Interface, failClosed b
 	}
 	restore, err := splitroute.LoosenRPFilter(ifc.Name)
 	if err != nil {
-		return err
+		// Not fatal: most distributions default to loose mode, and a sandboxed service may not write /proc/sys.
+		p.log.Warn("split tunnel: could not check or loosen reverse-path filtering; with strict rp_filter the "+
+			"replies of split connections are dropped (set net.ipv4.conf."+ifc.Name+".rp_filter=2)", "err", err)
+		restore = func() error { return nil }
 	}
 	if p.rpRestore == nil {
 		p.rpRestore = make(map[string]func() error)

@@ -9,18 +9,18 @@ type Options struct {
 // Stats counts how a Resolver answered lookups that missed its 5-tuple cache.
 type Stats struct {
 	// EBPF reports whether the eBPF socket owner map is in use.
-	EBPF bool
+	EBPF bool `json:"ebpf"`
 	// MapAnswers counts lookups the eBPF map answered.
-	MapAnswers uint64
+	MapAnswers uint64 `json:"map_answers"`
 	// ProcAnswers counts lookups answered by looking through /proc/<pid>/fd.
-	ProcAnswers uint64
+	ProcAnswers uint64 `json:"proc_answers"`
 	// MapMisses counts lookups the map had no entry for: sockets created before the resolver, sockets accepted
 	// from a listener (the kernel creates those), or entries the bounded map evicted.
-	MapMisses uint64
+	MapMisses uint64 `json:"map_misses"`
 	// MapStale counts map entries whose process was gone (or whose PID names a newer process); /proc then
 	// finds whoever holds the socket now.
-	MapStale uint64
+	MapStale uint64 `json:"map_stale"`
 	// MapFast counts the MapAnswers given from what the resolver already knew of the process, without any
 	// system call (the others read /proc/<pid>/stat to check the PID still names the process the map does).
-	MapFast uint64
+	MapFast uint64 `json:"map_fast"`
 }

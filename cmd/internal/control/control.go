@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/process"
 	"github.com/warden-fw/warden/firewall"
 	"github.com/warden-fw/warden/proxy/dns"
 	"github.com/warden-fw/warden/proxy/splittun"
@@ -38,7 +39,9 @@ type Status struct {
 	BackendStats    *backend.Stats  `json:"backend_stats,omitempty"`
 	SplitTunnel     *splittun.Stats `json:"split_tunnel,omitempty"`
 	Nameserver      *dns.Stats      `json:"nameserver,omitempty"`
-	ConnLogDropped  uint64          `json:"connection_log_dropped"`
+	// Attribution tells how the Linux process attribution answered (eBPF owner map or /proc).
+	Attribution    *process.Stats `json:"attribution,omitempty"`
+	ConnLogDropped uint64         `json:"connection_log_dropped"`
 }
 
 // ExplainResult is the answer of explain, as interface.md specifies it.

@@ -12,6 +12,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/process"
 	"github.com/warden-fw/warden/cmd/internal/control"
 	"github.com/warden-fw/warden/config"
 	"github.com/warden-fw/warden/firewall"
@@ -46,6 +47,10 @@ func (d *Daemon) Status() control.Status {
 	if d.dns != nil {
 		ns := d.dns.Stats()
 		s.Nameserver = &ns
+	}
+	if ar, ok := d.procs.(interface{ Stats() process.Stats }); ok {
+		as := ar.Stats()
+		s.Attribution = &as
 	}
 	if d.connLog != nil {
 		s.ConnLogDropped = d.connLog.dropped.Load()

@@ -147,6 +147,9 @@ func testSplitTunnel(t *testing.T, mode string) {
 	if attributed != 4 {
 		t.Errorf("%d connections decided by split-app, want 4 (TCP and UDP, IPv4 and IPv6)", attributed)
 	}
+	if a := st.Attribution; a == nil || a.MapAnswers+a.ProcAnswers < 4 {
+		t.Errorf("status attribution %+v: want at least the app agent's 4 lookups answered", a)
+	}
 	// explain --online answers from the running policy.
 	for _, c := range []struct {
 		args []string
