@@ -327,6 +327,8 @@ func (p *Pipeline) isForeignDNS(c *Conn) bool {
 }
 
 func (p *Pipeline) apply(pkt backend.Packet, d backend.Decision) {
+	// Taken before Apply: once answered, the handle belongs to the backend again (it may recycle it).
+	key := pkt.Info().Key()
 	if err := pkt.Apply(d); err != nil {
 		if errors.Is(err, backend.ErrAlreadyApplied) {
 			// The backend's verdict timeout answered first; the late decision has nowhere to go.
@@ -334,7 +336,7 @@ func (p *Pipeline) apply(pkt backend.Packet, d backend.Decision) {
 			return
 		}
 		p.stats.applyErrors.Add(1)
-		p.log.Warn("applying verdict failed", "conn", pkt.Info().String(), "decision", d.String(), "err", err)
+		p.log.Warn("applying verdict failed", "conn", key.String(), "decision", d.String(), "err", err)
 		return
 	}
 	p.stats.count(d)

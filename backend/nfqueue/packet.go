@@ -30,10 +30,11 @@ const (
 	stateDone
 )
 
-// packet is the nfqueue backend's backend.Packet. It is pooled: a packet is recycled by the deadline
-// goroutine when its deadline passes and it was answered by the pipeline, so a pipeline that calls Apply a
-// second time within the verdict timeout reliably gets ErrAlreadyApplied, and one answering after the timeout
-// (the packet then got the fail-mode verdict) finds a packet that is never recycled.
+// packet is the nfqueue backend's backend.Packet. It is pooled. A packet the pipeline answered is recycled once
+// it is recycleGrace old (swept from the deadline ring as new packets arrive), so a pipeline that calls Apply a
+// second time within that grace reliably gets ErrAlreadyApplied, while the ring and the pool hold only the
+// packets of the last moments, not of the whole verdict timeout. One answered by the timeout (the pipeline may
+// still answer later) is never recycled.
 type packet struct {
 	info    backend.Info
 	hdr     headers
@@ -120,6 +121,7 @@ func newEngine(log *slog.Logger, fm backend.FailMode, timeout time.Duration, h b
 	e := &engine{log: log, failMode: fm, handler: h}
 	e.pool.New = func() any { return new(packet) }
 	e.dl = newDeadlines(timeout, e.expire)
+	e.dl.recycle = e.recycle
 	return e
 }
 
@@ -182,15 +184,24 @@ func (e *engine) stats() backend.Stats {
 	}
 }
 
+// recycleGrace is how long an answered packet stays out of the pool (see packet).
+const recycleGrace = 250 * time.Millisecond
+
 // deadlines is the one timer structure for verdict timeouts: a FIFO ring of (deadline, packet) serviced by a
 // single goroutine. Every packet gets the same timeout and deadlines are computed under the lock, so
 // insertion order is deadline order and a FIFO is as good as a heap, at O(1) per packet and no allocation once
-// the ring has grown. Answered packets are not removed early; their entries simply find them done.
+// the ring has grown. Each push also sweeps answered packets older than recycleGrace off the head of the ring
+// (decisions take well under that, so the head is almost always answered): the ring holds about
+// rate x recycleGrace packets instead of rate x timeout.
 type deadlines struct {
 	timeout time.Duration
 	expire  func(*packet)
+	// recycle, when set, takes back answered packets swept off the ring early.
+	recycle func(*packet)
 	epoch   time.Time
-	wake    chan struct{}
+	// now returns the time since epoch; tests replace it.
+	now  func() time.Duration
+	wake chan struct{}
 
 	mu     sync.Mutex
 	ring   []dlEntry
@@ -205,13 +216,15 @@ type dlEntry struct {
 }
 
 func newDeadlines(timeout time.Duration, expire func(*packet)) *deadlines {
-	return &deadlines{
+	d := &deadlines{
 		timeout: timeout,
 		expire:  expire,
 		epoch:   time.Now(),
 		wake:    make(chan struct{}, 1),
 		ring:    make([]dlEntry, 1024),
 	}
+	d.now = func() time.Duration { return time.Since(d.epoch) }
+	return d
 }
 
 // push schedules p's deadline. It reports false, scheduling nothing, after drain.
@@ -221,10 +234,14 @@ func (d *deadlines) push(p *packet) bool {
 		d.mu.Unlock()
 		return false
 	}
+	now := d.now()
+	if d.recycle != nil {
+		d.sweepLocked(now)
+	}
 	if d.n == len(d.ring) {
 		d.growLocked()
 	}
-	d.ring[(d.head+d.n)%len(d.ring)] = dlEntry{at: time.Since(d.epoch) + d.timeout, p: p}
+	d.ring[(d.head+d.n)%len(d.ring)] = dlEntry{at: now + d.timeout, p: p}
 	d.n++
 	wasEmpty := d.n == 1
 	d.mu.Unlock()
@@ -235,6 +252,22 @@ func (d *deadlines) push(p *packet) bool {
 		}
 	}
 	return true
+}
+
+// sweepLocked recycles answered packets pushed at least recycleGrace ago from the head of the ring, stopping
+// at the first that is younger or still pending. Bounded: at most a few per push in the steady state.
+func (d *deadlines) sweepLocked(now time.Duration) {
+	for d.n > 0 {
+		e := &d.ring[d.head]
+		if now-(e.at-d.timeout) < recycleGrace || e.p.state.Load() != stateDone {
+			return
+		}
+		p := e.p
+		e.p = nil
+		d.head = (d.head + 1) % len(d.ring)
+		d.n--
+		d.recycle(p)
+	}
 }
 
 func (d *deadlines) growLocked() {
@@ -268,7 +301,7 @@ func (d *deadlines) run(stop <-chan struct{}) {
 	defer timer.Stop()
 	for {
 		d.mu.Lock()
-		p, wait := d.popExpiredLocked(time.Since(d.epoch))
+		p, wait := d.popExpiredLocked(d.now())
 		d.mu.Unlock()
 		if p != nil {
 			d.expire(p)

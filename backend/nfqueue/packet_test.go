@@ -271,3 +271,59 @@ func BenchmarkReceiveApply(b *testing.B) {
 		e.expire(p)
 	}
 }
+
+// Answered packets leave the deadline ring once they are recycleGrace old, as new packets arrive, so the ring
+// (and everything it keeps alive) holds the last moments' packets, not the whole verdict timeout's; a packet
+// still pending, and every one behind it, stays until answered or expired; within the grace a second Apply
+// still reports ErrAlreadyApplied.
+func TestAnsweredPacketsRecycledAfterGrace(t *testing.T) {
+	q := &fakeQueue{}
+	var held []backend.Packet
+	e := newEngine(slog.New(slog.DiscardHandler), backend.FailOpen, time.Hour,
+		backend.HandlerFunc(func(p backend.Packet) {
+			if p.Info().Remote.Port() == 443 {
+				held = append(held, p)
+				return
+			}
+			_ = p.Apply(backend.Decision{Verdict: backend.Accept, Permanent: true})
+		}))
+	var now time.Duration
+	e.dl.now = func() time.Duration { return now }
+	var recycled int
+	e.dl.recycle = func(p *packet) { recycled++; e.recycle(p) }
+	syn := func(port uint16) []byte { return ipv4Packet(6, "10.0.0.1", "1.2.3.4", 5, 0, ports(40000, port)) }
+
+	for i := range 1000 {
+		e.receive(q, &meta{id: uint32(i), out: true}, syn(80))
+	}
+	first := e.dl.ring[e.dl.head].p
+	if err := first.Apply(backend.Decision{Verdict: backend.Drop}); !errors.Is(err, backend.ErrAlreadyApplied) {
+		t.Errorf("second Apply within the grace: %v, want ErrAlreadyApplied", err)
+	}
+	if recycled != 0 || e.dl.n != 1000 {
+		t.Fatalf("within the grace: %d recycled, %d in the ring; want 0 and 1000", recycled, e.dl.n)
+	}
+	now += recycleGrace
+	e.receive(q, &meta{id: 5000, out: true}, syn(443)) // held: pending
+	if recycled != 1000 || e.dl.n != 1 {
+		t.Errorf("after the grace: %d recycled, %d in the ring; want 1000 and 1", recycled, e.dl.n)
+	}
+	now += recycleGrace
+	e.receive(q, &meta{id: 5001, out: true}, syn(80))
+	now += recycleGrace
+	e.receive(q, &meta{id: 5002, out: true}, syn(80))
+	if recycled != 1000 || e.dl.n != 3 {
+		t.Errorf("behind a pending packet: %d recycled, %d in the ring; want 1000 and 3", recycled, e.dl.n)
+	}
+	if err := held[0].Apply(backend.Decision{Verdict: backend.Accept}); err != nil {
+		t.Fatal(err)
+	}
+	now += recycleGrace
+	e.receive(q, &meta{id: 5003, out: true}, syn(80))
+	if recycled != 1003 || e.dl.n != 1 {
+		t.Errorf("once answered: %d recycled, %d in the ring; want 1003 and 1", recycled, e.dl.n)
+	}
+	if len(q.get()) != 1004 {
+		t.Errorf("%d verdicts, want one per packet answered (1004)", len(q.get()))
+	}
+}
