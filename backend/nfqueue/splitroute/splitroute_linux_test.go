@@ -1,0 +1,207 @@
+package splitroute
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// The functions act on the calling process's network namespace (netlink and /proc/sys), so the tests re-run
+// this test binary inside a fresh namespace (`ip netns exec`) with childEnv naming what to do; the parent
+// checks the outcome with `ip` from outside.
+const childEnv = "SPLITROUTE_CHILD"
+
+func TestMain(m *testing.M) {
+	if cmd := os.Getenv(childEnv); cmd != "" {
+		os.Exit(child(cmd))
+	}
+	os.Exit(m.Run())
+}
+
+// child runs one command in the namespace it was started in and reports errors on stderr.
+func child(cmd string) int {
+	var err error
+	switch verb, arg, _ := strings.Cut(cmd, " "); verb {
+	case "install":
+		var idx int
+		if idx, err = strconv.Atoi(arg); err == nil {
+			err = Install(3, idx, true)
+		}
+	case "install-open":
+		var idx int
+		if idx, err = strconv.Atoi(arg); err == nil {
+			err = Install(3, idx, false)
+		}
+	case "remove":
+		err = Remove(3)
+	case "cleanup":
+		err = Cleanup()
+	case "rpfilter":
+		// Loosen, print what the kernel has now, then restore.
+		var restore func() error
+		if restore, err = LoosenRPFilter(arg); err == nil {
+			b, _ := os.ReadFile("/proc/sys/net/ipv4/conf/" + arg + "/rp_filter")
+			fmt.Print(strings.TrimSpace(string(b)))
+			err = restore()
+		}
+	default:
+		err = fmt.Errorf("unknown command %q", cmd)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("network namespace tests need root, and CI runs as root")
+		}
+		t.Skip("network namespace tests need root")
+	}
+}
+
+func run(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// newNS creates a namespace with link "up0" (10.9.0.2/24, 2001:db8:9::2/64) whose default route goes via
+// 10.9.0.1, and returns its name and the link's index.
+func newNS(t *testing.T) (string, int) {
+	t.Helper()
+	requireRoot(t)
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	ns := "srt-" + hex.EncodeToString(b)
+	run(t, "ip", "netns", "add", ns)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	for _, c := range [][]string{
+		{"link", "add", "up0", "type", "veth", "peer", "name", "peer0"},
+		{"link", "set", "up0", "up"}, {"link", "set", "peer0", "up"},
+		{"addr", "add", "10.9.0.2/24", "dev", "up0"},
+		{"-6", "addr", "add", "2001:db8:9::2/64", "dev", "up0", "nodad"},
+		{"route", "add", "default", "via", "10.9.0.1", "dev", "up0", "metric", "50"},
+	} {
+		run(t, append([]string{"ip", "-n", ns}, c...)...)
+	}
+	out := run(t, "ip", "-n", ns, "-o", "link", "show", "up0")
+	idx, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(out, ":", 2)[0]))
+	if err != nil {
+		t.Fatalf("link index from %q: %v", out, err)
+	}
+	return ns, idx
+}
+
+func inNS(t *testing.T, ns, cmd string) string {
+	t.Helper()
+	c := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run=^$")
+	c.Env = append(os.Environ(), childEnv+"="+cmd)
+	out, err := c.Output()
+	if err != nil {
+		stderr := ""
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = string(ee.Stderr)
+		}
+		t.Fatalf("%s in %s: %v: %s", cmd, ns, err, stderr)
+	}
+	return string(out)
+}
+
+// policy returns what Warden could own in ns: rules of priority 1728-1743 and the routes of table 1730
+// (route 3), for IPv4 and IPv6.
+func policy(t *testing.T, ns string) string {
+	t.Helper()
+	var b strings.Builder
+	for _, fam := range []string{"-4", "-6"} {
+		for _, line := range strings.Split(run(t, "ip", "-n", ns, fam, "rule", "show"), "\n") {
+			if strings.HasPrefix(line, "17") {
+				b.WriteString(fam + " rule " + strings.Join(strings.Fields(line), " ") + "\n")
+			}
+		}
+		// All tables, filtered: showing table 1730 alone fails while it does not exist.
+		for _, line := range strings.Split(run(t, "ip", "-n", ns, fam, "route", "show", "table", "all"), "\n") {
+			if !strings.Contains(line, "table 1730") {
+				continue
+			}
+			line = strings.Replace(line, " table 1730", "", 1)
+			if line = strings.Join(strings.Fields(line), " "); line != "" {
+				b.WriteString(fam + " route " + line + "\n")
+			}
+		}
+	}
+	return b.String()
+}
+
+// Install puts route 3's rule and table in place for both families (via the link's gateway where the main
+// table has one, on-link otherwise, plus the fail-closed unreachable default); it is idempotent; Remove and
+// Cleanup take everything away.
+func TestInstallRemoveCleanup(t *testing.T) {
+	t.Parallel()
+	ns, idx := newNS(t)
+	if got := policy(t, ns); got != "" {
+		t.Fatalf("a fresh namespace already has:\n%s", got)
+	}
+	inNS(t, ns, fmt.Sprintf("install %d", idx))
+	inNS(t, ns, fmt.Sprintf("install %d", idx)) // again: no duplicates
+	want := strings.Join([]string{
+		"-4 rule 1730: from all fwmark 0x6c2 lookup 1730",
+		"-4 route default via 10.9.0.1 dev up0",
+		"-4 route unreachable default metric 4294967295",
+		"-6 rule 1730: from all fwmark 0x6c2 lookup 1730",
+		"-6 route default dev up0 metric 1024 pref medium",
+		"-6 route unreachable default dev lo metric 4294967295 pref medium",
+	}, "\n") + "\n"
+	if got := policy(t, ns); got != want {
+		t.Errorf("after Install:\n%s\nwant:\n%s", got, want)
+	}
+	inNS(t, ns, fmt.Sprintf("install-open %d", idx))
+	if got := policy(t, ns); strings.Contains(got, "unreachable") {
+		t.Errorf("Install without failClosed keeps an unreachable route:\n%s", got)
+	}
+	inNS(t, ns, "remove")
+	if got := policy(t, ns); got != "" {
+		t.Errorf("after Remove:\n%s", got)
+	}
+	inNS(t, ns, fmt.Sprintf("install %d", idx))
+	inNS(t, ns, "cleanup")
+	if got := policy(t, ns); got != "" {
+		t.Errorf("after Cleanup:\n%s", got)
+	}
+	inNS(t, ns, "cleanup") // nothing left to remove: no error
+}
+
+// Strict reverse-path filtering on the link is loosened to 2 and put back; anything else is left alone.
+func TestLoosenRPFilter(t *testing.T) {
+	t.Parallel()
+	ns, _ := newNS(t)
+	for _, c := range []struct{ all, own, during string }{
+		{"1", "0", "2"}, // effective strict through "all"
+		{"0", "1", "2"},
+		{"2", "0", "0"}, // already loose: untouched
+		{"0", "0", "0"},
+	} {
+		run(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter="+c.all, "net.ipv4.conf.up0.rp_filter="+c.own)
+		if got := inNS(t, ns, "rpfilter up0"); got != c.during {
+			t.Errorf("all=%s up0=%s: up0 is %s while loosened, want %s", c.all, c.own, got, c.during)
+		}
+		if got := strings.TrimSpace(run(t, "ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.conf.up0.rp_filter")); got != c.own {
+			t.Errorf("all=%s up0=%s: up0 is %s after restore", c.all, c.own, got)
+		}
+	}
+	if _, err := LoosenRPFilter("../all"); err == nil {
+		t.Error("a path-like interface name was accepted")
+	}
+}
