@@ -37,7 +37,8 @@ func checkRoute(n uint8) error {
 // main table, or on-link when it has none) and an ip rule sends the route's mark to that table. With
 // failClosed the table also holds an unreachable default of the lowest priority, so that while the link's
 // route is gone (the link went down) the packets fail instead of falling through to the main table. Install
-// replaces whatever route n had before; it is idempotent.
+// replaces whatever route n had before, in place (a replaced route never leaves the table empty, so no packet
+// slips through to the main table meanwhile); it is idempotent.
 func Install(n uint8, ifindex int, failClosed bool) error {
 	if err := checkRoute(n); err != nil {
 		return err
@@ -45,25 +46,52 @@ func Install(n uint8, ifindex int, failClosed bool) error {
 	table := int(marks.SplitRoute(n))
 	var errs []error
 	for _, fam := range families {
-		if err := flushTable(fam, table); err != nil {
-			errs = append(errs, err)
+		if fam == netlink.FAMILY_V6 && ipv6Off() {
 			continue
 		}
 		r := netlink.Route{LinkIndex: ifindex, Table: table, Dst: defaultDst(fam), Family: fam, Scope: netlink.SCOPE_LINK}
 		if gw := gatewayOf(fam, ifindex); gw != nil {
 			r.Gw, r.Scope = gw, netlink.SCOPE_UNIVERSE
 		}
-		if err := netlink.RouteReplace(&r); err != nil && !(fam == netlink.FAMILY_V6 && ipv6Off()) {
+		if err := netlink.RouteReplace(&r); err != nil {
 			errs = append(errs, fmt.Errorf("split route %d: default route (family %d) through link %d: %w", n, fam, ifindex, err))
 		}
 		if failClosed {
 			u := netlink.Route{Table: table, Dst: defaultDst(fam), Family: fam, Type: unix.RTN_UNREACHABLE, Priority: math.MaxUint32}
-			if err := netlink.RouteReplace(&u); err != nil && !(fam == netlink.FAMILY_V6 && ipv6Off()) {
+			if err := netlink.RouteReplace(&u); err != nil {
 				errs = append(errs, fmt.Errorf("split route %d: unreachable default (family %d): %w", n, fam, err))
 			}
 		}
-		if err := addRule(fam, n); err != nil && !(fam == netlink.FAMILY_V6 && ipv6Off()) {
+		// Whatever else the table holds is from before: another link, or the unreachable route of a
+		// fail-closed install when this one is not.
+		if err := pruneTable(fam, table, ifindex, failClosed); err != nil {
 			errs = append(errs, err)
+		}
+		if err := addRule(fam, n); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// pruneTable deletes the routes of one family in table other than the default through ifindex and, with
+// keepUnreachable, the unreachable default.
+func pruneTable(fam, table, ifindex int, keepUnreachable bool) error {
+	routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return fmt.Errorf("listing routes of table %d: %w", table, err)
+	}
+	var errs []error
+	for i := range routes {
+		r := &routes[i]
+		switch {
+		case r.Type == unix.RTN_UNREACHABLE && keepUnreachable:
+			continue
+		case r.Type != unix.RTN_UNREACHABLE && r.LinkIndex == ifindex:
+			continue
+		}
+		if err := netlink.RouteDel(r); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("deleting a stale route of table %d: %w", table, err))
 		}
 	}
 	return errors.Join(errs...)

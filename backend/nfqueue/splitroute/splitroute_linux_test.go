@@ -171,6 +171,17 @@ func TestInstallRemoveCleanup(t *testing.T) {
 	if got := policy(t, ns); strings.Contains(got, "unreachable") {
 		t.Errorf("Install without failClosed keeps an unreachable route:\n%s", got)
 	}
+	// The split interface changes: the route moves to the new link (on-link: it has no gateway) in place.
+	for _, c := range [][]string{{"link", "add", "up1", "type", "veth", "peer", "name", "peer1"},
+		{"link", "set", "up1", "up"}, {"addr", "add", "10.8.0.2/24", "dev", "up1"}} {
+		run(t, append([]string{"ip", "-n", ns}, c...)...)
+	}
+	out := run(t, "ip", "-n", ns, "-o", "link", "show", "up1")
+	idx1, _ := strconv.Atoi(strings.TrimSpace(strings.SplitN(out, ":", 2)[0]))
+	inNS(t, ns, fmt.Sprintf("install %d", idx1))
+	if got := policy(t, ns); strings.Contains(got, "up0") || !strings.Contains(got, "-4 route default dev up1 scope link") {
+		t.Errorf("after moving to up1:\n%s", got)
+	}
 	inNS(t, ns, "remove")
 	if got := policy(t, ns); got != "" {
 		t.Errorf("after Remove:\n%s", got)
