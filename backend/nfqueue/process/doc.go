@@ -14,6 +14,11 @@
 // a reused PID is never mistaken for the old process. Results are also cached by 5-tuple for a short time. A
 // socket whose process is already gone is reported as unknown.
 //
+// An outbound TCP connection, or a UDP send to an address, that the programs saw skips sock_diag: a second eBPF
+// map names the socket by the connection's tuple, and the answer comes when the socket's owner entry exists
+// (the socket is still open) and is trusted as above; the UID is then the one the packet's queue reported.
+// Connected UDP sockets, inbound connections and everything else take the sock_diag path.
+//
 // sock_diag answers for the network namespace the resolver was created in; /proc and the eBPF programs are
 // global, so processes of every namespace are found.
 package process

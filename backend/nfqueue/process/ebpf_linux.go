@@ -1,10 +1,12 @@
 package process
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"unsafe"
@@ -23,6 +25,11 @@ import (
 // runs in. They never change what a socket call does: each returns "allow". They and their links are held only
 // by file descriptors (never pinned), so they detach when the resolver closes them or the daemon dies.
 //
+// A second map, keyed by an outbound connection's tuple, names its socket's cookie: a sock_ops program fills it
+// when a TCP connection is made, the sendmsg programs when a UDP socket sends to an address. The resolver then
+// finds an outbound connection's socket without a sock_diag round trip (see tupleRecordInsns for how a tuple
+// two sockets share is kept from naming either).
+//
 // bpf_get_current_pid_tgid reports the tgid in the initial pid namespace, which is what /proc shows the daemon
 // only when it runs there too; elsewhere the map is not used (see initialPidNS).
 
@@ -39,24 +46,65 @@ type bpfOwners struct {
 	mu     sync.RWMutex // held for reading by lookups, for writing by close, so no lookup uses a closed fd
 	owners *ebpf.Map
 	fd     int // owners.FD(); -1 once closed
-	progs  []*ebpf.Program
-	links  []link.Link
+	// tuples is the connection tuple map (tuple -> socket cookie) when its programs are loaded, else nil.
+	tuples  *ebpf.Map
+	tupleFD int // tuples.FD(); -1 when there is none or once closed
+	hooks   []bpfHook
+	progs   []*ebpf.Program
+	links   []link.Link
 }
 
 // Kernel constants the programs use (linux/in.h, linux/bpf.h).
 const (
 	bpfAny = 0 // BPF_ANY: create or replace
 
-	sockProtocolOff     = 12 // offsetof(struct bpf_sock, protocol)
+	bpfNoExist = 1 // BPF_NOEXIST: create only
+
+	sockProtocolOff = 12 // offsetof(struct bpf_sock, protocol)
+	sockSrcPortOff  = 44 // offsetof(struct bpf_sock, src_port): host byte order
+
+	sockAddrUserIP4Off  = 4  // offsetof(struct bpf_sock_addr, user_ip4)
+	sockAddrUserIP6Off  = 8  // offsetof(struct bpf_sock_addr, user_ip6)
+	sockAddrUserPortOff = 24 // offsetof(struct bpf_sock_addr, user_port): network byte order in the low 16 bits
 	sockAddrProtocolOff = 36 // offsetof(struct bpf_sock_addr, protocol)
+	sockAddrSkOff       = 64 // offsetof(struct bpf_sock_addr, sk): the socket, bound by now for sendmsg
+
+	sockOpsOpOff         = 0  // offsetof(struct bpf_sock_ops, op)
+	sockOpsFamilyOff     = 20 // offsetof(struct bpf_sock_ops, family)
+	sockOpsRemoteIP4Off  = 24 // offsetof(struct bpf_sock_ops, remote_ip4)
+	sockOpsLocalIP4Off   = 28 // offsetof(struct bpf_sock_ops, local_ip4)
+	sockOpsRemoteIP6Off  = 32 // offsetof(struct bpf_sock_ops, remote_ip6)
+	sockOpsLocalIP6Off   = 48 // offsetof(struct bpf_sock_ops, local_ip6)
+	sockOpsRemotePortOff = 64 // offsetof(struct bpf_sock_ops, remote_port): network byte order, see sockOpsInsns
+	sockOpsLocalPortOff  = 68 // offsetof(struct bpf_sock_ops, local_port): host byte order
+
+	// sockOpsTCPConnectCB is BPF_SOCK_OPS_TCP_CONNECT_CB: tcp_connect calls it, for every active open, right
+	// before the SYN is built, with the 4-tuple chosen. Unlike the state and RTT callbacks it needs no
+	// bpf_sock_ops_cb_flags.
+	sockOpsTCPConnectCB = 3
 )
 
-// The frame layout shared by the programs: the key at fp-8, the value (ownerValueSize bytes) below it.
+// The frame layout shared by the programs: the key at fp-8, the value (ownerValueSize bytes) below it, then a
+// tuple map key and value.
 const (
-	keyOff   = -8
-	valueOff = keyOff - ownerValueSize
-	commOff  = valueOff + ownerCommOff // where the value's comm is built
+	keyOff      = -8
+	valueOff    = keyOff - ownerValueSize
+	commOff     = valueOff + ownerCommOff // where the value's comm is built
+	tupleKeyOff = valueOff - tupleKeySize
+	tupleValOff = tupleKeyOff - tupleValueSize
 )
+
+// progMaps is what the programs are built with: the maps' descriptors and the network namespace whose
+// connections go into the tuple map.
+type progMaps struct {
+	owners int
+	tuples int // -1: no tuple map
+	netns  uint64
+}
+
+// v4MappedMarker is the third 32-bit word of an IPv4-mapped IPv6 address (bytes 00 00 ff ff) as a native-endian
+// load from memory sees it.
+var v4MappedMarker = int32(binary.NativeEndian.Uint32([]byte{0, 0, 0xff, 0xff}))
 
 // protocolFilter lets TCP and UDP sockets through to "record" and sends everything else (raw, ICMP, SCTP) to
 // "allow": the resolver only asks about TCP and UDP, and other sockets would only crowd the LRU.
@@ -122,12 +170,12 @@ func cookieAndTgid() asm.Instructions {
 }
 
 // sockCreateInsns records the creating process of every new TCP or UDP socket (cgroup/sock_create).
-func sockCreateInsns(mapFD int) asm.Instructions {
+func sockCreateInsns(m progMaps) asm.Instructions {
 	var insns asm.Instructions
 	insns = append(insns, asm.Mov.Reg(asm.R6, asm.R1))
 	insns = append(insns, protocolFilter(sockProtocolOff)...)
 	insns = append(insns, cookieAndTgid()...)
-	insns = append(insns, storeOwner(mapFD)...)
+	insns = append(insns, storeOwner(m.owners)...)
 	return append(insns, allow()...)
 }
 
@@ -136,8 +184,9 @@ func sockCreateInsns(mapFD int) asm.Instructions {
 // socket created by one process and used by another (a forked child) is then attributed to its user, and one
 // whose process has exec'd another program since names the new program's name, which the resolver compares
 // with what it knows of the process (an exec keeps the PID). The common case, the creator using its own
-// socket, is a map read without a write.
-func sockAddrInsns(mapFD int) asm.Instructions {
+// socket, is a map read without a write. tail runs after the owner is recorded (or found current); it starts at
+// the label "owned" and ends the program.
+func sockAddrInsns(mapFD int, tail asm.Instructions) asm.Instructions {
 	var insns asm.Instructions
 	insns = append(insns, asm.Mov.Reg(asm.R6, asm.R1))
 	insns = append(insns, protocolFilter(sockAddrProtocolOff)...)
@@ -159,16 +208,256 @@ func sockAddrInsns(mapFD int) asm.Instructions {
 		asm.JNE.Reg(asm.R1, asm.R2, "update"),
 		asm.LoadMem(asm.R1, asm.R8, ownerCommOff+8, asm.DWord),
 		asm.LoadMem(asm.R2, asm.RFP, commOff+8, asm.DWord),
-		asm.JEq.Reg(asm.R1, asm.R2, "allow"),
+		asm.JEq.Reg(asm.R1, asm.R2, "owned"),
 	)
 	store := storeOwner(mapFD)
 	store[0] = store[0].WithSymbol("update")
 	insns = append(insns, store...)
+	if len(tail) == 0 {
+		tail = asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()}
+	}
+	tail[0] = tail[0].WithSymbol("owned")
+	insns = append(insns, tail...)
+	return append(insns, allow()...)
+}
+
+// connectInsns is the connect4/connect6 program: the owner, and for a UDP socket already bound to a port, the
+// tuple marked ambiguous. Such a socket (bound first, typically to share a port by SO_REUSEADDR or
+// SO_REUSEPORT) sends to its peer without any hook seeing it, so the key must not name another socket that
+// shares the port. A socket connected unbound gets its port after this hook, from autobind, which picks a port
+// no other socket holds; its sends are never in the tuple map and are resolved by sock_diag.
+func connectInsns(v6 bool) func(progMaps) asm.Instructions {
+	return func(m progMaps) asm.Instructions {
+		if m.tuples < 0 {
+			return sockAddrInsns(m.owners, nil)
+		}
+		var tail asm.Instructions
+		tail = append(tail, udpTupleKey(m, v6)...)
+		tail = append(tail,
+			asm.Mov.Imm(asm.R5, tupleAmbiguous), asm.StoreMem(asm.RFP, tupleValOff, asm.R5, asm.DWord),
+			asm.LoadMapPtr(asm.R1, m.tuples),
+			asm.Mov.Reg(asm.R2, asm.RFP),
+			asm.Add.Imm(asm.R2, tupleKeyOff),
+			asm.Mov.Reg(asm.R3, asm.RFP),
+			asm.Add.Imm(asm.R3, tupleValOff),
+			asm.Mov.Imm(asm.R4, bpfAny),
+			asm.FnMapUpdateElem.Call(),
+			asm.Ja.Label("allow"),
+		)
+		return sockAddrInsns(m.owners, tail)
+	}
+}
+
+// sendmsgInsns is the sendmsg4/sendmsg6 program (UDP sends that name a destination): the owner, then the tuple
+// (local port, destination) -> cookie. The hook runs after inet_autobind, so the socket's port is known even
+// for its first send. A connected UDP socket sending without a destination passes no hook: its tuples are
+// resolved by sock_diag.
+func sendmsgInsns(v6 bool) func(progMaps) asm.Instructions {
+	return func(m progMaps) asm.Instructions {
+		if m.tuples < 0 {
+			return sockAddrInsns(m.owners, nil)
+		}
+		var tail asm.Instructions
+		tail = append(tail, udpTupleKey(m, v6)...)
+		tail = append(tail, asm.LoadMem(asm.R7, asm.RFP, keyOff, asm.DWord))
+		tail = append(tail, tupleRecordInsns(m)...)
+		return sockAddrInsns(m.owners, tail)
+	}
+}
+
+// inNetns jumps to skip unless the context's socket is in the network namespace m names: the programs see the
+// whole cgroup tree, every namespace's sockets, and a tuple only means one connection within a namespace.
+func inNetns(m progMaps, skip string) asm.Instructions {
+	return asm.Instructions{
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.FnGetNetnsCookie.Call(),
+		asm.LoadImm(asm.R1, int64(m.netns), asm.DWord),
+		asm.JNE.Reg(asm.R0, asm.R1, skip),
+	}
+}
+
+// zeroTupleKey clears the frame's tuple key. The assembler has no 64-bit store of an immediate: R5 holds the
+// zero.
+func zeroTupleKey() asm.Instructions {
+	insns := asm.Instructions{asm.Mov.Imm(asm.R5, 0)}
+	for off := int16(0); off < tupleKeySize; off += 8 {
+		insns = append(insns, asm.StoreMem(asm.RFP, tupleKeyOff+off, asm.R5, asm.DWord))
+	}
+	return insns
+}
+
+// storeMappedV4 writes the IPv4 address in src at the frame offset as ::ffff:a.b.c.d.
+func storeMappedV4(off int16, src asm.Register) asm.Instructions {
+	return asm.Instructions{
+		asm.Mov.Imm(asm.R5, 0), asm.StoreMem(asm.RFP, off, asm.R5, asm.DWord),
+		asm.StoreImm(asm.RFP, off+8, int64(v4MappedMarker), asm.Word),
+		asm.StoreMem(asm.RFP, off+12, src, asm.Word),
+	}
+}
+
+// udpTupleKey builds the frame's tuple key of a UDP socket sending to (or connecting to) the context's address,
+// and jumps to "allow" for another protocol, another namespace, or a socket not yet bound to a port. R6 holds
+// the bpf_sock_addr context.
+func udpTupleKey(m progMaps, v6 bool) asm.Instructions {
+	insns := asm.Instructions{
+		asm.LoadMem(asm.R2, asm.R6, sockAddrProtocolOff, asm.Word),
+		asm.JNE.Imm(asm.R2, ipprotoUDP, "allow"),
+	}
+	insns = append(insns, inNetns(m, "allow")...)
+	insns = append(insns, zeroTupleKey()...)
+	insns = append(insns,
+		asm.StoreImm(asm.RFP, tupleKeyOff+tupleProtoOff, ipprotoUDP, asm.Byte),
+		asm.LoadMem(asm.R1, asm.R6, sockAddrSkOff, asm.DWord),
+		asm.LoadMem(asm.R2, asm.R1, sockSrcPortOff, asm.Word),
+		asm.JEq.Imm(asm.R2, 0, "allow"),
+		asm.HostTo(asm.BE, asm.R2, asm.Half),
+		asm.StoreMem(asm.RFP, tupleKeyOff+tupleLPortOff, asm.R2, asm.Half),
+		// The low 16 bits hold the port as it is in memory, in network order: stored as they are.
+		asm.LoadMem(asm.R2, asm.R6, sockAddrUserPortOff, asm.Word),
+		asm.StoreMem(asm.RFP, tupleKeyOff+tupleRPortOff, asm.R2, asm.Half),
+	)
+	if !v6 {
+		insns = append(insns, asm.LoadMem(asm.R2, asm.R6, sockAddrUserIP4Off, asm.Word))
+		return append(insns, storeMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
+	}
+	for i := int16(0); i < 16; i += 4 {
+		insns = append(insns,
+			asm.LoadMem(asm.R2, asm.R6, sockAddrUserIP6Off+i, asm.Word),
+			asm.StoreMem(asm.RFP, tupleKeyOff+tupleRemoteOff+i, asm.R2, asm.Word),
+		)
+	}
+	return insns
+}
+
+// tupleRecordInsns points the frame's tuple key at the cookie in R7, then jumps to "allow". A key that names
+// another socket still open (its owner entry exists: sock_release deletes it) is marked ambiguous instead, and
+// stays so until the LRU evicts it: two sockets share a local port (SO_REUSEADDR, SO_REUSEPORT, or distinct
+// local addresses for UDP, whose key has none) and use it for the same peer, and the resolver must ask
+// sock_diag. Concurrent writers of one key are ordered by creating it with BPF_NOEXIST and replacing a closed
+// socket's cookie by compare-and-exchange; a writer that loses either race marks the key ambiguous.
+func tupleRecordInsns(m progMaps) asm.Instructions {
+	return asm.Instructions{
+		asm.LoadMapPtr(asm.R1, m.tuples),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, tupleKeyOff),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "t_new"),
+		asm.Mov.Reg(asm.R8, asm.R0),
+		asm.LoadMem(asm.R1, asm.R8, 0, asm.DWord),
+		asm.JEq.Reg(asm.R1, asm.R7, "allow"),
+		asm.JEq.Imm(asm.R1, tupleAmbiguous, "allow"),
+		asm.StoreMem(asm.RFP, tupleValOff, asm.R1, asm.DWord),
+		asm.LoadMapPtr(asm.R1, m.owners),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, tupleValOff),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "t_take"),
+		// Another open socket: ambiguous.
+		asm.Mov.Imm(asm.R5, tupleAmbiguous), asm.StoreMem(asm.R8, 0, asm.R5, asm.DWord),
+		asm.Ja.Label("allow"),
+		// The other socket is closed: take the key over, unless another writer changed it meanwhile.
+		asm.LoadMem(asm.R0, asm.RFP, tupleValOff, asm.DWord).WithSymbol("t_take"),
+		cmpXchg64(asm.R8, asm.R7),
+		asm.LoadMem(asm.R1, asm.RFP, tupleValOff, asm.DWord),
+		asm.JEq.Reg(asm.R0, asm.R1, "allow"),
+		asm.JEq.Reg(asm.R0, asm.R7, "allow"),
+		asm.Mov.Imm(asm.R5, tupleAmbiguous), asm.StoreMem(asm.R8, 0, asm.R5, asm.DWord),
+		asm.Ja.Label("allow"),
+		// No entry: create one, unless another writer just did.
+		asm.StoreMem(asm.RFP, tupleValOff, asm.R7, asm.DWord).WithSymbol("t_new"),
+		asm.LoadMapPtr(asm.R1, m.tuples),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, tupleKeyOff),
+		asm.Mov.Reg(asm.R3, asm.RFP),
+		asm.Add.Imm(asm.R3, tupleValOff),
+		asm.Mov.Imm(asm.R4, bpfNoExist),
+		asm.FnMapUpdateElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "allow"),
+		asm.LoadMapPtr(asm.R1, m.tuples),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, tupleKeyOff),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "allow"),
+		asm.LoadMem(asm.R1, asm.R0, 0, asm.DWord),
+		asm.JEq.Reg(asm.R1, asm.R7, "allow"),
+		asm.Mov.Imm(asm.R5, tupleAmbiguous), asm.StoreMem(asm.R0, 0, asm.R5, asm.DWord),
+		asm.Ja.Label("allow"),
+	}
+}
+
+// bpfCmpXchg is BPF_CMPXCHG, the immediate of an atomic compare-and-exchange instruction (linux/bpf.h).
+const bpfCmpXchg = 0xf0 | 0x01 // BPF_CMPXCHG is 0xf0 | BPF_FETCH
+
+// cmpXchg64 is `R0 = cmpxchg((u64 *)dst, R0, src)`. The assembler (cilium/ebpf v0.19.0) reads an atomic
+// instruction's immediate before deriving it from the opcode, so it would encode 0 (an atomic add): the
+// immediate is set here, to the value the assembler would derive.
+func cmpXchg64(dst, src asm.Register) asm.Instruction {
+	ins := asm.CmpXchg.Mem(dst, src, asm.DWord, 0)
+	ins.Constant = bpfCmpXchg
+	return ins
+}
+
+// sockOpsInsns is the sock_ops program: at BPF_SOCK_OPS_TCP_CONNECT_CB it points the connection's full
+// 4-tuple at the socket's cookie; every other callback returns at once.
+//
+// remote_port is the __be16 port loaded into a 32-bit field, shifted into the upper half on little-endian
+// kernels and not on big-endian ones; or-ing both halves gives the port either way (the other half is zero).
+// An IPv6 socket connecting to an IPv4-mapped address is an IPv4 connection (tcp_v4_connect), whose IPv6
+// local address is only filled in after this callback: its IPv4 fields are used then.
+func sockOpsInsns(m progMaps) asm.Instructions {
+	insns := asm.Instructions{
+		asm.Mov.Reg(asm.R6, asm.R1),
+		asm.LoadMem(asm.R2, asm.R6, sockOpsOpOff, asm.Word),
+		asm.JNE.Imm(asm.R2, sockOpsTCPConnectCB, "allow"),
+	}
+	insns = append(insns, inNetns(m, "allow")...)
+	insns = append(insns, zeroTupleKey()...)
+	insns = append(insns,
+		asm.StoreImm(asm.RFP, tupleKeyOff+tupleProtoOff, ipprotoTCP, asm.Byte),
+		asm.LoadMem(asm.R2, asm.R6, sockOpsLocalPortOff, asm.Word),
+		asm.HostTo(asm.BE, asm.R2, asm.Half),
+		asm.StoreMem(asm.RFP, tupleKeyOff+tupleLPortOff, asm.R2, asm.Half),
+		asm.LoadMem(asm.R2, asm.R6, sockOpsRemotePortOff, asm.Word),
+		asm.Mov.Reg(asm.R3, asm.R2),
+		asm.RSh.Imm(asm.R3, 16),
+		asm.And.Imm(asm.R2, 0xffff),
+		asm.Or.Reg(asm.R2, asm.R3),
+		asm.StoreMem(asm.RFP, tupleKeyOff+tupleRPortOff, asm.R2, asm.Half),
+		asm.LoadMem(asm.R2, asm.R6, sockOpsFamilyOff, asm.Word),
+		asm.JEq.Imm(asm.R2, afInet, "v4"),
+		asm.JNE.Imm(asm.R2, afInet6, "allow"),
+	)
+	for i := int16(0); i < 16; i += 4 {
+		insns = append(insns,
+			asm.LoadMem(asm.R2, asm.R6, sockOpsRemoteIP6Off+i, asm.Word),
+			asm.StoreMem(asm.RFP, tupleKeyOff+tupleRemoteOff+i, asm.R2, asm.Word),
+			asm.LoadMem(asm.R2, asm.R6, sockOpsLocalIP6Off+i, asm.Word),
+			asm.StoreMem(asm.RFP, tupleKeyOff+tupleLocalOff+i, asm.R2, asm.Word),
+		)
+	}
+	insns = append(insns,
+		asm.LoadMem(asm.R2, asm.RFP, tupleKeyOff+tupleRemoteOff+8, asm.Word),
+		asm.JNE.Imm32(asm.R2, v4MappedMarker, "keyed"),
+		asm.LoadMem(asm.R2, asm.RFP, tupleKeyOff+tupleRemoteOff, asm.DWord),
+		asm.JNE.Imm(asm.R2, 0, "keyed"),
+	)
+	v4 := asm.Instructions{asm.LoadMem(asm.R2, asm.R6, sockOpsRemoteIP4Off, asm.Word).WithSymbol("v4")}
+	v4 = append(v4, storeMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
+	v4 = append(v4, asm.LoadMem(asm.R2, asm.R6, sockOpsLocalIP4Off, asm.Word))
+	v4 = append(v4, storeMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)...)
+	insns = append(insns, v4...)
+	insns = append(insns,
+		asm.Mov.Reg(asm.R1, asm.R6).WithSymbol("keyed"),
+		asm.FnGetSocketCookie.Call(),
+		asm.Mov.Reg(asm.R7, asm.R0),
+	)
+	insns = append(insns, tupleRecordInsns(m)...)
 	return append(insns, allow()...)
 }
 
 // sockReleaseInsns forgets a TCP or UDP socket when its last file reference is closed (cgroup/sock_release).
-func sockReleaseInsns(mapFD int) asm.Instructions {
+func sockReleaseInsns(m progMaps) asm.Instructions {
+	mapFD := m.owners
 	var insns asm.Instructions
 	insns = append(insns, asm.Mov.Reg(asm.R6, asm.R1))
 	insns = append(insns, protocolFilter(sockProtocolOff)...)
@@ -189,21 +478,28 @@ type bpfHook struct {
 	name   string
 	typ    ebpf.ProgramType
 	attach ebpf.AttachType
-	insns  func(mapFD int) asm.Instructions
+	insns  func(m progMaps) asm.Instructions
 }
 
 var bpfHooks = []bpfHook{
 	{"warden_sk_create", ebpf.CGroupSock, ebpf.AttachCGroupInetSockCreate, sockCreateInsns},
 	{"warden_sk_release", ebpf.CGroupSock, ebpf.AttachCgroupInetSockRelease, sockReleaseInsns},
-	{"warden_connect4", ebpf.CGroupSockAddr, ebpf.AttachCGroupInet4Connect, sockAddrInsns},
-	{"warden_connect6", ebpf.CGroupSockAddr, ebpf.AttachCGroupInet6Connect, sockAddrInsns},
-	{"warden_sendmsg4", ebpf.CGroupSockAddr, ebpf.AttachCGroupUDP4Sendmsg, sockAddrInsns},
-	{"warden_sendmsg6", ebpf.CGroupSockAddr, ebpf.AttachCGroupUDP6Sendmsg, sockAddrInsns},
+	{"warden_connect4", ebpf.CGroupSockAddr, ebpf.AttachCGroupInet4Connect, connectInsns(false)},
+	{"warden_connect6", ebpf.CGroupSockAddr, ebpf.AttachCGroupInet6Connect, connectInsns(true)},
+	{"warden_sendmsg4", ebpf.CGroupSockAddr, ebpf.AttachCGroupUDP4Sendmsg, sendmsgInsns(false)},
+	{"warden_sendmsg6", ebpf.CGroupSockAddr, ebpf.AttachCGroupUDP6Sendmsg, sendmsgInsns(true)},
 }
 
-// newBPFOwners creates the owner map, loads the programs and attaches them to the cgroup v2 root. An error
-// wrapping errBPFUnavailable means the system cannot run them; any other is a bug (a rejected program).
-func newBPFOwners() (_ *bpfOwners, err error) {
+// tupleHook is the program that only the tuple map needs.
+var tupleHook = bpfHook{"warden_sock_ops", ebpf.SockOps, ebpf.AttachCGroupSockOps, sockOpsInsns}
+
+// tupleMapEntries bounds the tuple map; an evicted tuple is resolved by sock_diag.
+const tupleMapEntries = 1 << 16
+
+// newBPFOwners creates the owner map, loads the programs and attaches them to the cgroup v2 root. With
+// withTuples it also creates the tuple map, for the connections of the network namespace with cookie netns. An
+// error wrapping errBPFUnavailable means the system cannot run them; any other is a bug (a rejected program).
+func newBPFOwners(withTuples bool, netns uint64) (_ *bpfOwners, err error) {
 	if !initialPidNS() {
 		return nil, fmt.Errorf("%w: not in the initial pid namespace (the programs would record other PIDs than /proc shows)", errBPFUnavailable)
 	}
@@ -217,18 +513,34 @@ func newBPFOwners() (_ *bpfOwners, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating socket owner map: %w", classify(err))
 	}
-	b := &bpfOwners{owners: m, fd: m.FD()}
+	b := &bpfOwners{owners: m, fd: m.FD(), tupleFD: -1}
 	defer func() {
 		if err != nil {
 			b.close()
 		}
 	}()
-	for _, h := range bpfHooks {
+	pm := progMaps{owners: b.fd, tuples: -1, netns: netns}
+	b.hooks = bpfHooks
+	if withTuples {
+		if b.tuples, err = ebpf.NewMap(&ebpf.MapSpec{
+			Name:       "warden_tuples",
+			Type:       ebpf.LRUHash,
+			KeySize:    tupleKeySize,
+			ValueSize:  tupleValueSize,
+			MaxEntries: tupleMapEntries,
+		}); err != nil {
+			return nil, fmt.Errorf("creating connection tuple map: %w", classify(err))
+		}
+		b.tupleFD = b.tuples.FD()
+		pm.tuples = b.tupleFD
+		b.hooks = append(slices.Clone(bpfHooks), tupleHook)
+	}
+	for _, h := range b.hooks {
 		p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 			Name:         h.name,
 			Type:         h.typ,
 			AttachType:   h.attach,
-			Instructions: h.insns(b.fd),
+			Instructions: h.insns(pm),
 			// No GPL-only helper is used, so the programs need no particular license.
 			License: "",
 		})
@@ -237,7 +549,7 @@ func newBPFOwners() (_ *bpfOwners, err error) {
 		}
 		b.progs = append(b.progs, p)
 	}
-	if b.links, err = attachToCgroupRoot(b.progs); err != nil {
+	if b.links, err = attachToCgroupRoot(b.hooks, b.progs); err != nil {
 		return nil, err
 	}
 	return b, nil
@@ -271,9 +583,9 @@ func initialPidNS() bool {
 }
 
 // attachToCgroupRoot attaches progs to the root of the cgroup v2 hierarchy.
-func attachToCgroupRoot(progs []*ebpf.Program) (links []link.Link, err error) {
+func attachToCgroupRoot(hooks []bpfHook, progs []*ebpf.Program) (links []link.Link, err error) {
 	err = inCgroupRoot(func(dir string) error {
-		links, err = attachAll(dir, progs)
+		links, err = attachAll(dir, hooks, progs)
 		return err
 	})
 	return links, err
@@ -324,15 +636,15 @@ func inPrivateCgroupMount(fn func(dir string) error) error {
 }
 
 // attachAll attaches every program to the cgroup at dir, or none.
-func attachAll(dir string, progs []*ebpf.Program) ([]link.Link, error) {
+func attachAll(dir string, hooks []bpfHook, progs []*ebpf.Program) ([]link.Link, error) {
 	links := make([]link.Link, 0, len(progs))
 	for i, p := range progs {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: dir, Attach: bpfHooks[i].attach, Program: p})
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: dir, Attach: hooks[i].attach, Program: p})
 		if err != nil {
 			for _, l := range links {
 				l.Close()
 			}
-			return nil, fmt.Errorf("attaching %s to cgroup %s: %w", bpfHooks[i].name, dir, classify(err))
+			return nil, fmt.Errorf("attaching %s to cgroup %s: %w", hooks[i].name, dir, classify(err))
 		}
 		links = append(links, l)
 	}
@@ -376,6 +688,39 @@ func (b *bpfOwners) lookup(cookie uint64) (ownerEntry, bool) {
 	return decodeOwnerValue(&v), true
 }
 
+// lookupTuple returns the cookie the tuple map holds for k (tupleAmbiguous for a shared key), without
+// allocating, like lookup.
+func (b *bpfOwners) lookupTuple(k *[tupleKeySize]byte) (uint64, bool) {
+	var cookie uint64
+	attr := mapElemAttr{
+		key:   uint64(uintptr(unsafe.Pointer(k))),
+		value: uint64(uintptr(unsafe.Pointer(&cookie))),
+	}
+	b.mu.RLock()
+	if b.tupleFD < 0 {
+		b.mu.RUnlock()
+		return 0, false
+	}
+	attr.mapFD = uint32(b.tupleFD)
+	_, _, errno := unix.Syscall(unix.SYS_BPF, bpfMapLookupElem, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
+	b.mu.RUnlock()
+	runtime.KeepAlive(k)
+	runtime.KeepAlive(&cookie)
+	return cookie, errno == 0
+}
+
+// hasTuples reports whether the tuple map is loaded.
+func (b *bpfOwners) hasTuples() bool { return b.tuples != nil }
+
+// netnsCookie returns the cookie of the network namespace the socket fd is in (SO_NETNS_COOKIE, Linux 5.14).
+func netnsCookie(fd int) (uint64, error) {
+	c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err != nil {
+		return 0, fmt.Errorf("reading the network namespace cookie: %w", err)
+	}
+	return c, nil
+}
+
 // close detaches the programs and releases the map.
 func (b *bpfOwners) close() {
 	b.mu.Lock()
@@ -391,5 +736,9 @@ func (b *bpfOwners) close() {
 		b.owners.Close()
 		b.owners = nil
 	}
-	b.fd = -1
+	if b.tuples != nil {
+		b.tuples.Close()
+		b.tuples = nil
+	}
+	b.fd, b.tupleFD = -1, -1
 }

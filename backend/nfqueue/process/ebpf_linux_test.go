@@ -50,6 +50,9 @@ const (
 
 // runEBPFHelper runs the helper the environment asks for, if any, and reports whether it did.
 func runEBPFHelper() (bool, error) {
+	if ran, err := runTupleHelper(); ran {
+		return true, err
+	}
 	if peer := os.Getenv(holderEnv); peer != "" {
 		return true, runHolder(peer)
 	}
@@ -282,7 +285,7 @@ func TestEBPFAttributionInNetns(t *testing.T) {
 	}
 	defer old.Close()
 	r := newEBPFResolver(t)
-	if r.Stats() != (Stats{EBPF: true}) {
+	if r.Stats() != (Stats{EBPF: true, TupleMap: r.bpf.hasTuples()}) {
 		t.Fatalf("fresh resolver stats %+v", r.Stats())
 	}
 
@@ -357,6 +360,7 @@ func TestEBPFAttributionInNetns(t *testing.T) {
 		{"parent udp older than the resolver", backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: old.LocalAddr().(*net.UDPAddr).AddrPort(), Remote: stranger}, parent, byProcMiss},
 	}
 	for _, tt := range tests {
+		tt.info.UID = tt.want.UID // the socket's UID, as the queue reports it with the packet
 		before := r.Stats()
 		got, ok := r.ResolveProcess(&tt.info)
 		if !ok {
@@ -493,6 +497,7 @@ func TestEBPFSocketOutlivesCreator(t *testing.T) {
 		{"udp sent from by the holder", backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: rep.UDP, Remote: sink.LocalAddr().(*net.UDPAddr).AddrPort()}, byMap},
 	}
 	for _, tt := range tests {
+		tt.info.UID = holder.UID // the socket's UID, as the queue reports it with the packet
 		before := r.Stats()
 		got, ok := r.ResolveProcess(&tt.info)
 		if !ok {
@@ -518,7 +523,7 @@ func attachedPrograms(t *testing.T) []ebpf.ProgramID {
 			return err
 		}
 		defer f.Close()
-		for _, h := range bpfHooks {
+		for _, h := range append(slices.Clone(bpfHooks), tupleHook) {
 			res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: h.attach})
 			if err != nil {
 				return fmt.Errorf("querying %v: %w", h.attach, err)
@@ -538,8 +543,9 @@ func attachedPrograms(t *testing.T) []ebpf.ProgramID {
 // checkAttached fails unless every one of ids is attached (want) or none is (!want).
 func checkAttached(t *testing.T, ids []ebpf.ProgramID, want bool) {
 	t.Helper()
-	if len(ids) != len(bpfHooks) {
-		t.Fatalf("%d program IDs, want %d", len(ids), len(bpfHooks))
+	// The tuple map's program comes on top where the kernel runs it.
+	if len(ids) != len(bpfHooks) && len(ids) != len(bpfHooks)+1 {
+		t.Fatalf("%d program IDs, want %d or %d", len(ids), len(bpfHooks), len(bpfHooks)+1)
 	}
 	attached := attachedPrograms(t)
 	for _, id := range ids {
@@ -678,11 +684,13 @@ func BenchmarkResolve(b *testing.B) {
 		name   string
 		useMap bool
 		extra  int
+		send   bool // the socket sends to the remote first: an outbound UDP flow the tuple map knows
 	}{
-		{"map", true, 0},
-		{"map/256fds", true, 256},
-		{"proc", false, 0},
-		{"proc/256fds", false, 256},
+		{"tuple", true, 0, true},
+		{"map", true, 0, false},
+		{"map/256fds", true, 256, false},
+		{"proc", false, 0, false},
+		{"proc/256fds", false, 256, false},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			requireRoot(b)
@@ -720,7 +728,15 @@ func BenchmarkResolve(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				info := backend.Info{Protocol: backend.UDP, Local: netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*unix.SockaddrInet4).Port)), Remote: remote}
+				if bc.send {
+					if err := unix.Sendto(fd, []byte("x"), 0, &unix.SockaddrInet4{Addr: remote.Addr().As4(), Port: int(remote.Port())}); err != nil {
+						b.Fatal(err)
+					}
+				}
+				info := backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*unix.SockaddrInet4).Port)), Remote: remote, UID: int32(os.Getuid())}
+				if !bc.send {
+					info.UID = backend.Unknown // the queue did not say: sock_diag is asked, as before the tuple map
+				}
 				b.StartTimer()
 				_, ok := r.ResolveProcess(&info)
 				b.StopTimer()
@@ -734,6 +750,9 @@ func BenchmarkResolve(b *testing.B) {
 			answered := st.ProcAnswers
 			if bc.useMap {
 				answered = st.MapAnswers
+			}
+			if bc.send {
+				answered = st.TupleAnswers
 			}
 			if answered != uint64(b.N) {
 				b.Fatalf("%d of %d lookups answered by the path measured: %+v", answered, b.N, st)

@@ -4,6 +4,9 @@ package process
 type Options struct {
 	// DisableEBPF keeps the resolver from loading its eBPF socket owner map: every lookup then walks /proc.
 	DisableEBPF bool
+	// DisableTupleMap keeps the eBPF programs from recording outbound connections' tuples: every lookup then
+	// asks sock_diag for the socket first.
+	DisableTupleMap bool
 }
 
 // Stats counts how a Resolver answered lookups that missed its 5-tuple cache.
@@ -23,4 +26,11 @@ type Stats struct {
 	// MapFast counts the MapAnswers given from what the resolver already knew of the process, without any
 	// system call (the others read /proc/<pid>/stat to check the PID still names the process the map does).
 	MapFast uint64 `json:"map_fast"`
+	// TupleMap reports whether the eBPF connection tuple map is in use.
+	TupleMap bool `json:"tuple_map"`
+	// TupleAnswers counts the MapAnswers given for outbound connections from the tuple map, without asking
+	// sock_diag for the socket.
+	TupleAnswers uint64 `json:"tuple_answers"`
+	// DiagLookups counts sock_diag socket lookups.
+	DiagLookups uint64 `json:"diag_lookups"`
 }

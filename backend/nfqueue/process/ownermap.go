@@ -3,6 +3,7 @@ package process
 import (
 	"bytes"
 	"encoding/binary"
+	"net/netip"
 )
 
 // The socket owner map the kernel programs fill (see ebpf_linux.go) and user space reads. Its layout is kept
@@ -110,3 +111,54 @@ func unescapeMountField(f []byte) string {
 }
 
 func isOctal(c byte) bool { return c >= '0' && c <= '7' }
+
+// The connection tuple map the kernel programs fill for outbound connections (see ebpf_linux.go): it names the
+// socket (by cookie) behind a connection's tuple, so the resolver can skip the sock_diag round trip.
+//
+//	key:   offset  0  u8  IP protocol (6 TCP, 17 UDP)
+//	       offset  1  u8  zero
+//	       offset  2  be16 local port
+//	       offset  4  be16 remote port
+//	       offset  6  u16 zero
+//	       offset  8  [16]byte remote address (IPv6, or IPv4 as ::ffff:a.b.c.d, so a dual-stack socket's IPv4
+//	                  peer and an IPv4 socket's give the same key)
+//	       offset 24  [16]byte local address for TCP (known when the connect callback runs); zero for UDP, whose
+//	                  sendmsg hook sees only the bound address, which is the wildcard for most sockets
+//	value: u64 socket cookie, or tupleAmbiguous
+//
+// Without the local address a UDP key is unambiguous only while one socket at a time uses its local port for
+// that peer; the programs detect a second live socket writing the key and mark it ambiguous (see
+// tupleRecordInsns).
+const (
+	tupleKeySize   = 40
+	tupleValueSize = 8
+	// tupleAmbiguous is the value of a key two live sockets have used; sock_gen_cookie never gives 0.
+	tupleAmbiguous = 0
+)
+
+const (
+	tupleProtoOff  = 0
+	tupleLPortOff  = 2
+	tupleRPortOff  = 4
+	tupleRemoteOff = 8
+	tupleLocalOff  = 24
+)
+
+// encodeTupleKey returns the tuple map key of an outbound connection, and false for a protocol or address the
+// programs never record (not TCP or UDP, an invalid address).
+func encodeTupleKey(proto uint8, local, remote netip.AddrPort) (k [tupleKeySize]byte, ok bool) {
+	if proto != ipprotoTCP && proto != ipprotoUDP || !remote.Addr().IsValid() || proto == ipprotoTCP && !local.Addr().IsValid() {
+		return k, false
+	}
+	k[tupleProtoOff] = proto
+	binary.BigEndian.PutUint16(k[tupleLPortOff:], local.Port())
+	binary.BigEndian.PutUint16(k[tupleRPortOff:], remote.Port())
+	// As16 maps an IPv4 address to ::ffff:a.b.c.d, as the programs store it.
+	ra := remote.Addr().As16()
+	copy(k[tupleRemoteOff:], ra[:])
+	if proto == ipprotoTCP {
+		la := local.Addr().As16()
+		copy(k[tupleLocalOff:], la[:])
+	}
+	return k, true
+}

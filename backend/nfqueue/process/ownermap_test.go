@@ -3,6 +3,7 @@ package process
 import (
 	"bytes"
 	"encoding/binary"
+	"net/netip"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -124,4 +125,54 @@ func FuzzCgroup2Mount(f *testing.F) {
 			t.Fatalf("found %q in input without cgroup2", dir)
 		}
 	})
+}
+
+func TestTupleKeyEncoding(t *testing.T) {
+	key := func(proto byte, lport, rport uint16, remote, local string) *[tupleKeySize]byte {
+		var k [tupleKeySize]byte
+		k[0] = proto
+		binary.BigEndian.PutUint16(k[2:], lport)
+		binary.BigEndian.PutUint16(k[4:], rport)
+		r := netip.MustParseAddr(remote).As16()
+		copy(k[8:], r[:])
+		if local != "" {
+			l := netip.MustParseAddr(local).As16()
+			copy(k[24:], l[:])
+		}
+		return &k
+	}
+	ap := netip.MustParseAddrPort
+	tests := []struct {
+		name          string
+		proto         uint8
+		local, remote netip.AddrPort
+		want          *[tupleKeySize]byte // nil: not encodable
+	}{
+		{"tcp ipv4 with its local address", ipprotoTCP, ap("10.0.0.2:40000"), ap("93.184.216.34:443"), key(6, 40000, 443, "::ffff:93.184.216.34", "::ffff:10.0.0.2")},
+		{"tcp ipv6", ipprotoTCP, ap("[2001:db8::2]:51000"), ap("[2001:db8::1]:22"), key(6, 51000, 22, "2001:db8::1", "2001:db8::2")},
+		{"tcp ipv4-mapped is ipv4", ipprotoTCP, ap("[::ffff:10.0.0.2]:1"), ap("[::ffff:10.0.0.1]:2"), key(6, 1, 2, "::ffff:10.0.0.1", "::ffff:10.0.0.2")},
+		{"udp leaves the local address out", ipprotoUDP, ap("10.0.0.2:5353"), ap("224.0.0.251:5353"), key(17, 5353, 5353, "::ffff:224.0.0.251", "")},
+		{"udp ipv6", ipprotoUDP, ap("[fe80::1]:546"), ap("[ff02::1:2]:547"), key(17, 546, 547, "ff02::1:2", "")},
+		{"udp without a local address", ipprotoUDP, netip.AddrPortFrom(netip.Addr{}, 9), ap("127.0.0.1:53"), key(17, 9, 53, "::ffff:127.0.0.1", "")},
+		{"highest ports", ipprotoUDP, ap("127.0.0.1:65535"), ap("127.0.0.1:65535"), key(17, 65535, 65535, "::ffff:127.0.0.1", "")},
+		{"tcp without a local address", ipprotoTCP, netip.AddrPortFrom(netip.Addr{}, 9), ap("127.0.0.1:53"), nil},
+		{"no remote address", ipprotoUDP, ap("127.0.0.1:9"), netip.AddrPort{}, nil},
+		{"icmp", 1, ap("127.0.0.1:0"), ap("127.0.0.1:0"), nil},
+	}
+	for _, tt := range tests {
+		got, ok := encodeTupleKey(tt.proto, tt.local, tt.remote)
+		if tt.want == nil {
+			if ok {
+				t.Errorf("%s: encoded %x, want no key", tt.name, got)
+			}
+			continue
+		}
+		if !ok {
+			t.Errorf("%s: no key", tt.name)
+			continue
+		}
+		if diff := cmp.Diff(*tt.want, got); diff != "" {
+			t.Errorf("%s: -want +got\n%s", tt.name, diff)
+		}
+	}
 }

@@ -62,6 +62,8 @@ type Resolver struct {
 	mapMisses   atomic.Uint64
 	mapStale    atomic.Uint64
 	mapFast     atomic.Uint64
+	tupleHits   atomic.Uint64
+	diagLookups atomic.Uint64
 
 	tupleMu sync.RWMutex // guards tuples
 	tuples  map[backend.ConnKey]tupleEntry
@@ -137,11 +139,30 @@ func NewWithOptions(logger *slog.Logger, opts Options) (*Resolver, error) {
 		return nil, err
 	}
 	if !opts.DisableEBPF {
-		if r.bpf, r.bpfErr = newBPFOwners(); r.bpfErr != nil {
+		r.bpf, r.bpfErr = r.loadBPF(pool.slots[0].c.fd, !opts.DisableTupleMap)
+		if r.bpfErr != nil {
 			r.log.Info("process attribution runs on /proc alone: eBPF socket owner map unavailable", "reason", r.bpfErr)
 		}
 	}
 	return r, nil
+}
+
+// loadBPF loads the eBPF programs, with the tuple map for the namespace of the socket fd when wanted and
+// possible; when the tuple map's part cannot be loaded (a kernel without SO_NETNS_COOKIE, atomics or
+// bpf_get_netns_cookie for sock_ops), it logs why and loads the rest.
+func (r *Resolver) loadBPF(fd int, withTuples bool) (*bpfOwners, error) {
+	if !withTuples {
+		return newBPFOwners(false, 0)
+	}
+	netns, err := netnsCookie(fd)
+	if err == nil {
+		var b *bpfOwners
+		if b, err = newBPFOwners(true, netns); err == nil {
+			return b, nil
+		}
+	}
+	r.log.Info("outbound connections are resolved through sock_diag: eBPF connection tuple map unavailable", "reason", err)
+	return newBPFOwners(false, 0)
 }
 
 func newResolver(logger *slog.Logger, proc procFS, find socketFinder, alive func(int32) bool) *Resolver {
@@ -193,12 +214,15 @@ func (r *Resolver) Close() error {
 // Stats returns how lookups have been answered so far.
 func (r *Resolver) Stats() Stats {
 	return Stats{
-		EBPF:        r.bpf != nil,
-		MapAnswers:  r.mapAnswers.Load(),
-		ProcAnswers: r.procAnswers.Load(),
-		MapMisses:   r.mapMisses.Load(),
-		MapStale:    r.mapStale.Load(),
-		MapFast:     r.mapFast.Load(),
+		EBPF:         r.bpf != nil,
+		MapAnswers:   r.mapAnswers.Load(),
+		ProcAnswers:  r.procAnswers.Load(),
+		MapMisses:    r.mapMisses.Load(),
+		MapStale:     r.mapStale.Load(),
+		MapFast:      r.mapFast.Load(),
+		TupleMap:     r.bpf != nil && r.bpf.hasTuples(),
+		TupleAnswers: r.tupleHits.Load(),
+		DiagLookups:  r.diagLookups.Load(),
 	}
 }
 
@@ -227,7 +251,7 @@ func (r *Resolver) ResolveProcess(info *backend.Info) (backend.Process, bool) {
 	if e, ok := r.cachedTuple(key); ok {
 		return backend.Process{PID: e.rec.pid, Path: e.rec.path, UID: e.uid}, true
 	}
-	rec, uid, ok := r.resolve(info.Direction, key, info.IfIndex)
+	rec, uid, ok := r.resolve(info.Direction, key, info.IfIndex, info.UID)
 	if !ok {
 		return backend.Process{}, false
 	}
@@ -286,7 +310,17 @@ func (r *Resolver) storeTuple(key backend.ConnKey, e tupleEntry) {
 }
 
 // resolve finds the socket, its owner and the owner's record, and returns the record and the socket's UID.
-func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex int) (*procRecord, int32, bool) {
+// queueUID is the socket's UID as the packet's queue reported it, backend.Unknown when it did not.
+func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex int, queueUID int32) (*procRecord, int32, bool) {
+	// An outbound connection the programs saw needs no sock_diag round trip: its tuple names the socket. The
+	// UID sock_diag would report is the socket's sk_uid, which the queue reported with the packet; without
+	// it, sock_diag is asked so the answer stays complete.
+	if dir == backend.Outbound && queueUID >= 0 && r.bpf != nil {
+		if rec, ok := r.ownerFromTuple(key); ok {
+			return rec, queueUID, true
+		}
+	}
+	r.diagLookups.Add(1)
 	s, err := r.find(key.Protocol, dir, key.Local, key.Remote, ifindex)
 	if err != nil {
 		if err != errNotFound && err != errClosed {
@@ -309,6 +343,36 @@ func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex i
 	}
 	r.procAnswers.Add(1)
 	return rec, int32(s.uid), true
+}
+
+// ownerFromTuple returns the record of the process behind an outbound connection from the tuple map: the
+// tuple names a socket cookie, and the cookie's owner entry must exist (sock_release deletes it, so a cookie of
+// a closed socket, whose port another socket may have taken since, has none) and be trusted by the same rules
+// as ownerFromEntry's. Anything else (no entry, a shared key, an untrusted owner) reports false, without
+// touching the map counters: sock_diag then answers as before.
+func (r *Resolver) ownerFromTuple(key backend.ConnKey) (*procRecord, bool) {
+	k, ok := encodeTupleKey(uint8(key.Protocol), key.Local, key.Remote)
+	if !ok {
+		return nil, false
+	}
+	cookie, ok := r.bpf.lookupTuple(&k)
+	if !ok || cookie == tupleAmbiguous {
+		return nil, false
+	}
+	e, ok := r.bpf.lookup(cookie)
+	if !ok {
+		return nil, false
+	}
+	rec := r.trustedRecord(&e)
+	if rec != nil {
+		r.mapFast.Add(1)
+	} else if rec, ok = r.recordStartedBy(e.tgid, bootTicks(e.seenNs)); !ok {
+		return nil, false
+	}
+	r.noteHot(rec.pid)
+	r.mapAnswers.Add(1)
+	r.tupleHits.Add(1)
+	return rec, true
 }
 
 // ownerFromMap returns the record of the process the eBPF map names as the socket's user, if that process

@@ -1,0 +1,587 @@
+package process
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf/asm"
+	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
+
+	"github.com/warden-fw/warden/backend"
+)
+
+// Helper processes of the tuple map tests (see runTupleHelper).
+const (
+	// tupleHelperEnv selects the helper: "conns", "closer" or "reuseport".
+	tupleHelperEnv = "WARDEN_PROCESS_TEST_TUPLE_HELPER"
+	// tupleArgsEnv holds the helper's tupleArgs as JSON.
+	tupleArgsEnv = "WARDEN_PROCESS_TEST_TUPLE_ARGS"
+)
+
+// tupleArgs tells a tuple helper what to do.
+type tupleArgs struct {
+	Fam            string         // "4" or "6" (conns)
+	TCPPeer        netip.AddrPort // conns: dial; closer: dial when Proto is "tcp"
+	UDPPeer        netip.AddrPort // conns: send to; closer: send to when Proto is "udp"
+	Proto          string         // closer: "tcp" or "udp"
+	Port           uint16         // reuseport: the port to share
+	Peer1, Peer2   netip.AddrPort // reuseport: send to Peer1 unconnected, and to Peer2 from a connected socket
+	DualStackPeer4 bool           // conns: also send to UDPPeer (IPv4) from a dual-stack socket
+}
+
+// tupleReport is what a tuple helper prints (one JSON line per step).
+type tupleReport struct {
+	TCP, UDP, UDPConn, UDPDual netip.AddrPort // conns: the local ends
+	Port                       uint16         // closer: the socket's port
+	Closed                     bool           // closer: the socket is closed
+	Ready                      bool           // reuseport: both sockets have sent
+}
+
+// runTupleHelper runs the tuple helper the environment asks for, if any, and reports whether it did.
+func runTupleHelper() (bool, error) {
+	mode := os.Getenv(tupleHelperEnv)
+	if mode == "" {
+		return false, nil
+	}
+	var a tupleArgs
+	if err := json.Unmarshal([]byte(os.Getenv(tupleArgsEnv)), &a); err != nil {
+		return true, err
+	}
+	switch mode {
+	case "conns":
+		return true, runTupleConns(a)
+	case "closer":
+		return true, runTupleCloser(a)
+	case "reuseport":
+		return true, runTupleReuseport(a)
+	}
+	return true, fmt.Errorf("unknown tuple helper %q", mode)
+}
+
+// runTupleConns opens a TCP connection, sends from an unconnected UDP socket and from a connected one (and from
+// a dual-stack socket to an IPv4 peer), reports their local ends and holds them until stdin closes.
+func runTupleConns(a tupleArgs) error {
+	tcpNet, udpNet, lo := "tcp4", "udp4", "127.0.0.1"
+	if a.Fam == "6" {
+		tcpNet, udpNet, lo = "tcp6", "udp6", "::1"
+	}
+	var rep tupleReport
+	c, err := net.Dial(tcpNet, a.TCPPeer.String())
+	if err != nil {
+		return err
+	}
+	rep.TCP = c.LocalAddr().(*net.TCPAddr).AddrPort()
+	u, err := net.ListenUDP(udpNet, &net.UDPAddr{IP: net.ParseIP(lo)})
+	if err != nil {
+		return err
+	}
+	if _, err := u.WriteToUDPAddrPort([]byte("u"), a.UDPPeer); err != nil {
+		return err
+	}
+	rep.UDP = u.LocalAddr().(*net.UDPAddr).AddrPort()
+	uc, err := net.Dial(udpNet, a.UDPPeer.String())
+	if err != nil {
+		return err
+	}
+	if _, err := uc.Write([]byte("c")); err != nil {
+		return err
+	}
+	rep.UDPConn = uc.LocalAddr().(*net.UDPAddr).AddrPort()
+	held := []any{c, u, uc}
+	if a.DualStackPeer4 {
+		ud, err := net.ListenUDP("udp", &net.UDPAddr{}) // [::]:port, dual-stack
+		if err != nil {
+			return err
+		}
+		if _, err := ud.WriteToUDPAddrPort([]byte("d"), a.UDPPeer); err != nil {
+			return err
+		}
+		rep.UDPDual = netip.AddrPortFrom(netip.MustParseAddr(lo), uint16(ud.LocalAddr().(*net.UDPAddr).Port))
+		held = append(held, ud)
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(rep); err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	_ = held
+	return nil
+}
+
+// runTupleCloser makes one socket (a TCP connection, or a UDP socket that sends once), reports its port, closes
+// it on a line from stdin (a TCP connection with a reset, so its port is free at once), reports that, and
+// lives on until stdin closes: its PID stays valid while its socket is gone.
+func runTupleCloser(a tupleArgs) error {
+	var closeFn func() error
+	var port uint16
+	switch a.Proto {
+	case "tcp":
+		c, err := net.Dial("tcp4", a.TCPPeer.String())
+		if err != nil {
+			return err
+		}
+		if err := c.(*net.TCPConn).SetLinger(0); err != nil {
+			return err
+		}
+		port, closeFn = c.LocalAddr().(*net.TCPAddr).AddrPort().Port(), c.Close
+	case "udp":
+		u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			return err
+		}
+		if _, err := u.WriteToUDPAddrPort([]byte("x"), a.UDPPeer); err != nil {
+			return err
+		}
+		port, closeFn = u.LocalAddr().(*net.UDPAddr).AddrPort().Port(), u.Close
+	default:
+		return fmt.Errorf("bad proto %q", a.Proto)
+	}
+	enc := json.NewEncoder(os.Stdout)
+	if err := enc.Encode(tupleReport{Port: port}); err != nil {
+		return err
+	}
+	in := bufio.NewReader(os.Stdin)
+	if _, err := in.ReadString('\n'); err != nil {
+		return err
+	}
+	if err := closeFn(); err != nil {
+		return err
+	}
+	if err := enc.Encode(tupleReport{Closed: true}); err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, in)
+	return nil
+}
+
+// reusePort is a Control function setting SO_REUSEPORT before bind.
+func reusePort(_, _ string, c syscall.RawConn) error {
+	var serr error
+	if err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+// runTupleReuseport binds two sockets to a port another process holds with SO_REUSEPORT: one sends to Peer1
+// unconnected, the other connects to Peer2 and sends. It reports and holds them until stdin closes.
+func runTupleReuseport(a tupleArgs) error {
+	local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), a.Port)
+	lc := net.ListenConfig{Control: reusePort}
+	pc, err := lc.ListenPacket(context.Background(), "udp4", local.String())
+	if err != nil {
+		return err
+	}
+	if _, err := pc.(*net.UDPConn).WriteToUDPAddrPort([]byte("1"), a.Peer1); err != nil {
+		return err
+	}
+	d := net.Dialer{LocalAddr: net.UDPAddrFromAddrPort(local), Control: reusePort}
+	uc, err := d.Dial("udp4", a.Peer2.String())
+	if err != nil {
+		return err
+	}
+	if _, err := uc.Write([]byte("2")); err != nil {
+		return err
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(tupleReport{Ready: true}); err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	_ = []any{pc, uc}
+	return nil
+}
+
+// tupleHelper is a running tuple helper.
+type tupleHelper struct {
+	cmd     *exec.Cmd
+	stdin   io.WriteCloser
+	reports chan tupleReport
+}
+
+// startTupleHelper runs a tuple helper, killed when the test ends.
+func startTupleHelper(t *testing.T, mode string, a tupleArgs) *tupleHelper {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	args, err := json.Marshal(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self, "-test.run=^$")
+	cmd.Env = append(envWithout(inNetnsEnv), tupleHelperEnv+"="+mode, tupleArgsEnv+"="+string(args))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.Stderr = os.Stderr
+	h := &tupleHelper{cmd: cmd, reports: make(chan tupleReport, 4)}
+	if h.stdin, err = cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	go func() {
+		dec := json.NewDecoder(stdout)
+		for {
+			var rep tupleReport
+			if dec.Decode(&rep) != nil {
+				close(h.reports)
+				return
+			}
+			h.reports <- rep
+		}
+	}()
+	return h
+}
+
+// next returns the helper's next report, failing the test when it exits or takes too long.
+func (h *tupleHelper) next(t *testing.T) tupleReport {
+	t.Helper()
+	select {
+	case rep, ok := <-h.reports:
+		if !ok {
+			t.Fatal("tuple helper exited without reporting")
+		}
+		return rep
+	case <-time.After(childStartWait):
+		t.Fatal("tuple helper did not report in time")
+	}
+	panic("unreachable")
+}
+
+// newTupleResolver returns a resolver with the tuple map active and its 5-tuple cache off, so every lookup
+// takes the path measured. It fails when the kernel should run the tuple programs and does not.
+func newTupleResolver(t *testing.T) *Resolver {
+	t.Helper()
+	r := newEBPFResolver(t)
+	if !r.Stats().TupleMap {
+		t.Fatal("eBPF connection tuple map not loaded (see the resolver's log)")
+	}
+	r.tupleTTL = 0
+	return r
+}
+
+// tuplePath is how a lookup was answered.
+type tuplePath struct {
+	Tuple, Diag, Map uint64
+}
+
+var (
+	byTuple     = tuplePath{Tuple: 1, Map: 1}
+	byDiagMap   = tuplePath{Diag: 1, Map: 1}
+	byDiagOther = tuplePath{Diag: 1}
+)
+
+func tupleDelta(before, after Stats) tuplePath {
+	return tuplePath{after.TupleAnswers - before.TupleAnswers, after.DiagLookups - before.DiagLookups, after.MapAnswers - before.MapAnswers}
+}
+
+// checkTupleLookup resolves info and compares the answer (nil: none) and the path taken with the wanted ones.
+func checkTupleLookup(t *testing.T, r *Resolver, name string, info backend.Info, want *backend.Process, path tuplePath) {
+	t.Helper()
+	before := r.Stats()
+	got, ok := r.ResolveProcess(&info)
+	switch {
+	case want == nil && ok:
+		t.Errorf("%s (%v): answered %+v, want no answer", name, &info, got)
+	case want != nil && !ok:
+		t.Errorf("%s (%v): not found", name, &info)
+	case want != nil:
+		if diff := cmp.Diff(*want, got); diff != "" {
+			t.Errorf("%s (%v): -want +got\n%s", name, &info, diff)
+		}
+	}
+	if diff := cmp.Diff(path, tupleDelta(before, r.Stats())); diff != "" {
+		t.Errorf("%s: answer path -want +got\n%s", name, diff)
+	}
+}
+
+// TestCmpXchgEncoding checks the compare-and-exchange the tuple programs use is encoded as one (imm
+// BPF_CMPXCHG), not as the atomic add the assembler would otherwise emit.
+func TestCmpXchgEncoding(t *testing.T) {
+	var buf bytes.Buffer
+	if _, err := cmpXchg64(asm.R8, asm.R7).Marshal(&buf, binary.LittleEndian); err != nil {
+		t.Fatal(err)
+	}
+	want := []byte{0xdb, 0x78, 0, 0, bpfCmpXchg, 0, 0, 0} // BPF_STX|BPF_ATOMIC|BPF_DW, src r7, dst r8
+	if diff := cmp.Diff(want, buf.Bytes()); diff != "" {
+		t.Errorf("-want +got\n%s", diff)
+	}
+}
+
+// TestTupleMapAnswersOutbound runs a child that makes a TCP connection, sends from an unconnected and from a
+// connected UDP socket, and checks the first two (and a dual-stack socket's send to an IPv4 peer) are answered
+// from the tuple map without asking sock_diag, while the connected UDP socket, an inbound connection with the
+// same tuple and a packet whose UID the queue did not report go through sock_diag.
+func TestTupleMapAnswersOutbound(t *testing.T) {
+	if !runInNetns(t) {
+		return
+	}
+	r := newTupleResolver(t)
+	uid := int32(os.Getuid())
+	for _, fam := range []string{"4", "6"} {
+		t.Run("ipv"+fam, func(t *testing.T) {
+			lo := "127.0.0.1"
+			if fam == "6" {
+				lo = "::1"
+			}
+			ln, err := net.Listen("tcp"+fam, net.JoinHostPort(lo, "0"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			sink, err := net.ListenUDP("udp"+fam, &net.UDPAddr{IP: net.ParseIP(lo)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sink.Close()
+			lnAddr, sinkAddr := ln.Addr().(*net.TCPAddr).AddrPort(), sink.LocalAddr().(*net.UDPAddr).AddrPort()
+			h := startTupleHelper(t, "conns", tupleArgs{Fam: fam, TCPPeer: lnAddr, UDPPeer: sinkAddr, DualStackPeer4: fam == "4"})
+			rep := h.next(t)
+			child := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
+			out := func(p backend.Protocol, local, remote netip.AddrPort) backend.Info {
+				return backend.Info{Protocol: p, Direction: backend.Outbound, Local: local, Remote: remote, UID: uid}
+			}
+			checkTupleLookup(t, r, "tcp connect", out(backend.TCP, rep.TCP, lnAddr), child, byTuple)
+			checkTupleLookup(t, r, "tcp connect again", out(backend.TCP, rep.TCP, lnAddr), child, byTuple)
+			checkTupleLookup(t, r, "udp unconnected sendto", out(backend.UDP, rep.UDP, sinkAddr), child, byTuple)
+			checkTupleLookup(t, r, "udp connected send", out(backend.UDP, rep.UDPConn, sinkAddr), child, byDiagMap)
+			if fam == "4" {
+				checkTupleLookup(t, r, "udp dual-stack socket to an ipv4 peer", out(backend.UDP, rep.UDPDual, sinkAddr), child, byTuple)
+			}
+			in := out(backend.UDP, rep.UDP, sinkAddr)
+			in.Direction = backend.Inbound
+			checkTupleLookup(t, r, "inbound with an outbound tuple", in, child, byDiagMap)
+			noUID := out(backend.TCP, rep.TCP, lnAddr)
+			noUID.UID = backend.Unknown
+			checkTupleLookup(t, r, "queue without the uid", noUID, child, byDiagMap)
+			other := out(backend.UDP, rep.UDP, netip.AddrPortFrom(sinkAddr.Addr(), sinkAddr.Port()+1))
+			checkTupleLookup(t, r, "udp to a peer the socket never sent to", other, child, byDiagMap)
+
+			info := out(backend.UDP, rep.UDP, sinkAddr)
+			if a := testing.AllocsPerRun(100, func() { r.ResolveProcess(&info) }); a != 0 {
+				t.Errorf("a tuple map answer allocates %v times", a)
+			}
+		})
+	}
+}
+
+// TestTupleClosedSocketPortReused checks that a tuple whose socket was closed, in a process that still runs, is
+// never attributed to that process: the lookup falls back to sock_diag (which finds no socket, then this
+// process's socket that took the port over), and once the new socket sends or connects, the tuple names it.
+func TestTupleClosedSocketPortReused(t *testing.T) {
+	if !runInNetns(t) {
+		return
+	}
+	r := newTupleResolver(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid := int32(os.Getuid())
+	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: uid}
+	lo := netip.MustParseAddr("127.0.0.1")
+
+	t.Run("udp", func(t *testing.T) {
+		sink, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sink.Close()
+		sinkAddr := sink.LocalAddr().(*net.UDPAddr).AddrPort()
+		h := startTupleHelper(t, "closer", tupleArgs{Proto: "udp", UDPPeer: sinkAddr})
+		local := netip.AddrPortFrom(lo, h.next(t).Port)
+		info := backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: local, Remote: sinkAddr, UID: uid}
+		closer := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
+		checkTupleLookup(t, r, "before the close", info, closer, byTuple)
+		fmt.Fprintln(h.stdin, "close")
+		if !h.next(t).Closed {
+			t.Fatal("closer did not close")
+		}
+		checkTupleLookup(t, r, "closed, port free", info, nil, byDiagOther)
+		u, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(local))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer u.Close()
+		checkTupleLookup(t, r, "port taken by another process's socket", info, me, byDiagMap)
+		if _, err := u.WriteToUDPAddrPort([]byte("x"), sinkAddr); err != nil {
+			t.Fatal(err)
+		}
+		checkTupleLookup(t, r, "the new socket sent", info, me, byTuple)
+	})
+
+	t.Run("tcp", func(t *testing.T) {
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		lnAddr := ln.Addr().(*net.TCPAddr).AddrPort()
+		h := startTupleHelper(t, "closer", tupleArgs{Proto: "tcp", TCPPeer: lnAddr})
+		local := netip.AddrPortFrom(lo, h.next(t).Port)
+		info := backend.Info{Protocol: backend.TCP, Direction: backend.Outbound, Local: local, Remote: lnAddr, UID: uid}
+		closer := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
+		checkTupleLookup(t, r, "before the close", info, closer, byTuple)
+		fmt.Fprintln(h.stdin, "close")
+		if !h.next(t).Closed {
+			t.Fatal("closer did not close")
+		}
+		checkTupleLookup(t, r, "closed", info, nil, byDiagOther)
+		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(local)}
+		c, err := d.Dial("tcp4", lnAddr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		checkTupleLookup(t, r, "the port connected again by another process", info, me, byTuple)
+	})
+}
+
+// TestTupleReusePortShared shares a UDP port between this process and a child with SO_REUSEPORT: a peer both
+// send to, and a peer the child's connected socket sends to, are never answered from the tuple map (which
+// could name either process), while a peer only this process sends to still is.
+func TestTupleReusePortShared(t *testing.T) {
+	if !runInNetns(t) {
+		return
+	}
+	r := newTupleResolver(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid := int32(os.Getuid())
+	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: uid}
+	var peers [3]netip.AddrPort
+	for i := range peers {
+		s, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		peers[i] = s.LocalAddr().(*net.UDPAddr).AddrPort()
+	}
+	lc := net.ListenConfig{Control: reusePort}
+	pc, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	u := pc.(*net.UDPConn)
+	local := u.LocalAddr().(*net.UDPAddr).AddrPort()
+	send := func(to netip.AddrPort) {
+		t.Helper()
+		if _, err := u.WriteToUDPAddrPort([]byte("p"), to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range peers {
+		send(p)
+	}
+	info := func(to netip.AddrPort) backend.Info {
+		return backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: local, Remote: to, UID: uid}
+	}
+	checkTupleLookup(t, r, "before sharing", info(peers[0]), me, byTuple)
+
+	h := startTupleHelper(t, "reuseport", tupleArgs{Port: local.Port(), Peer1: peers[0], Peer2: peers[1]})
+	if !h.next(t).Ready {
+		t.Fatal("reuseport helper not ready")
+	}
+	// sock_diag answers for one of the sockets sharing the tuple; which one is the kernel's choice.
+	for _, tc := range []struct {
+		name string
+		to   netip.AddrPort
+	}{
+		{"both sent unconnected", peers[0]},
+		{"the child's connected socket", peers[1]},
+	} {
+		before := r.Stats()
+		r.ResolveProcess(&backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: local, Remote: tc.to, UID: uid})
+		if d := tupleDelta(before, r.Stats()); d.Tuple != 0 || d.Diag != 1 {
+			t.Errorf("%s: answered by %+v, want by sock_diag", tc.name, d)
+		}
+	}
+	send(peers[1])
+	send(peers[0])
+	before := r.Stats()
+	r.ResolveProcess(&backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: local, Remote: peers[1], UID: uid})
+	if d := tupleDelta(before, r.Stats()); d.Tuple != 0 {
+		t.Errorf("shared tuple answered from the tuple map after this process sent again: %+v", d)
+	}
+	checkTupleLookup(t, r, "a peer only this process sends to", info(peers[2]), me, byTuple)
+}
+
+// BenchmarkResolveOutbound measures the lookup of outbound UDP flows whose sockets have sent, with the 5-tuple
+// cache off: answered from the tuple map when the queue reported the UID, and through sock_diag and the owner
+// map when it did not (the path every outbound lookup took before the tuple map).
+func BenchmarkResolveOutbound(b *testing.B) {
+	requireRoot(b)
+	r, err := New(nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { r.Close() })
+	if r.bpf == nil || !r.bpf.hasTuples() {
+		b.Skipf("eBPF connection tuple map not loaded: %v", r.bpfErr)
+	}
+	r.tupleTTL = 0
+	remote := netip.MustParseAddrPort("127.0.0.1:9")
+	infos := make([]backend.Info, 256)
+	for i := range infos {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { unix.Close(fd) })
+		if err := unix.Sendto(fd, []byte("x"), 0, &unix.SockaddrInet4{Addr: remote.Addr().As4(), Port: int(remote.Port())}); err != nil {
+			b.Fatal(err)
+		}
+		sa, err := unix.Getsockname(fd)
+		if err != nil {
+			b.Fatal(err)
+		}
+		infos[i] = backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: netip.AddrPortFrom(remote.Addr(), uint16(sa.(*unix.SockaddrInet4).Port)), Remote: remote}
+	}
+	for _, bc := range []struct {
+		name string
+		uid  int32
+	}{
+		{"tuple", int32(os.Getuid())},
+		{"diag", backend.Unknown},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			for i := range infos {
+				infos[i].UID = bc.uid
+			}
+			before := r.Stats()
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				if _, ok := r.ResolveProcess(&infos[i%len(infos)]); !ok {
+					b.Fatal("not found")
+				}
+				i++
+			}
+			d := tupleDelta(before, r.Stats())
+			b.ReportMetric(float64(d.Diag)/float64(i), "diag/op")
+			b.ReportMetric(float64(d.Tuple)/float64(i), "tuple/op")
+		})
+	}
+}
