@@ -233,17 +233,7 @@ func connectInsns(v6 bool) func(progMaps) asm.Instructions {
 		}
 		var tail asm.Instructions
 		tail = append(tail, udpTupleKey(m, v6)...)
-		tail = append(tail,
-			asm.Mov.Imm(asm.R5, tupleAmbiguous), asm.StoreMem(asm.RFP, tupleValOff, asm.R5, asm.DWord),
-			asm.LoadMapPtr(asm.R1, m.tuples),
-			asm.Mov.Reg(asm.R2, asm.RFP),
-			asm.Add.Imm(asm.R2, tupleKeyOff),
-			asm.Mov.Reg(asm.R3, asm.RFP),
-			asm.Add.Imm(asm.R3, tupleValOff),
-			asm.Mov.Imm(asm.R4, bpfAny),
-			asm.FnMapUpdateElem.Call(),
-			asm.Ja.Label("allow"),
-		)
+		tail = append(tail, markAmbiguousInsns(m)...)
 		return sockAddrInsns(m.owners, tail)
 	}
 }
@@ -259,10 +249,63 @@ func sendmsgInsns(v6 bool) func(progMaps) asm.Instructions {
 		}
 		var tail asm.Instructions
 		tail = append(tail, udpTupleKey(m, v6)...)
+		tail = append(tail, reuseCheckInsns("t_shared")...)
 		tail = append(tail, asm.LoadMem(asm.R7, asm.RFP, keyOff, asm.DWord))
 		tail = append(tail, tupleRecordInsns(m)...)
+		shared := markAmbiguousInsns(m)
+		shared[0] = shared[0].WithSymbol("t_shared")
+		tail = append(tail, shared...)
 		return sockAddrInsns(m.owners, tail)
 	}
+}
+
+// markAmbiguousInsns marks the frame's tuple key ambiguous, then jumps to "allow".
+func markAmbiguousInsns(m progMaps) asm.Instructions {
+	return asm.Instructions{
+		asm.Mov.Imm(asm.R5, tupleAmbiguous),
+		asm.StoreMem(asm.RFP, tupleValOff, asm.R5, asm.DWord),
+		asm.LoadMapPtr(asm.R1, m.tuples),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, tupleKeyOff),
+		asm.Mov.Reg(asm.R3, asm.RFP),
+		asm.Add.Imm(asm.R3, tupleValOff),
+		asm.Mov.Imm(asm.R4, bpfAny),
+		asm.FnMapUpdateElem.Call(),
+		asm.Ja.Label("allow"),
+	}
+}
+
+// Socket options reuseCheckInsns reads (asm-generic/socket.h).
+const (
+	solSocket   = 1
+	soReuseAddr = 2
+	soReusePort = 15
+)
+
+// reuseCheckInsns jumps to shared when the context's socket has SO_REUSEADDR or SO_REUSEPORT set, or when
+// either cannot be read. Only such a socket can share its local port with a socket bound to the same or the
+// wildcard address, one of them perhaps connected and sending without any hook seeing it (an autobound
+// socket, whose port was free when it was connected, and which this one joined later); without either, the
+// only sockets that can share the port are bound to other addresses explicitly, and the connect and sendmsg
+// hooks see those. R6 holds the context; bpf_getsockopt may be called from the sendmsg hooks, which run with
+// the socket locked.
+func reuseCheckInsns(shared string) asm.Instructions {
+	var insns asm.Instructions
+	for _, opt := range []int32{soReuseAddr, soReusePort} {
+		insns = append(insns,
+			asm.Mov.Reg(asm.R1, asm.R6),
+			asm.Mov.Imm(asm.R2, solSocket),
+			asm.Mov.Imm(asm.R3, opt),
+			asm.Mov.Reg(asm.R4, asm.RFP),
+			asm.Add.Imm(asm.R4, tupleValOff),
+			asm.Mov.Imm(asm.R5, 4),
+			asm.FnGetsockopt.Call(),
+			asm.JNE.Imm(asm.R0, 0, shared),
+			asm.LoadMem(asm.R2, asm.RFP, tupleValOff, asm.Word),
+			asm.JNE.Imm(asm.R2, 0, shared),
+		)
+	}
+	return insns
 }
 
 // inNetns jumps to skip unless the context's socket is in the network namespace m names: the programs see the

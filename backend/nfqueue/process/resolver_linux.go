@@ -45,6 +45,8 @@ type Resolver struct {
 	watcher *exitWatcher // nil in unit tests: records are then checked with alive
 	bpf     *bpfOwners   // nil when eBPF is off or unavailable: every lookup uses /proc
 	bpfErr  error        // why bpf is nil, when it was wanted
+	// tupleErr is why bpf has no tuple map, when it was wanted.
+	tupleErr error
 	// exitHook, when set, is called with the PID of each watched process that exits (tests wait on it).
 	exitHook atomic.Pointer[func(pid int32)]
 
@@ -161,6 +163,7 @@ func (r *Resolver) loadBPF(fd int, withTuples bool) (*bpfOwners, error) {
 			return b, nil
 		}
 	}
+	r.tupleErr = err
 	r.log.Info("outbound connections are resolved through sock_diag: eBPF connection tuple map unavailable", "reason", err)
 	return newBPFOwners(false, 0)
 }

@@ -25,7 +25,7 @@ import (
 
 // Helper processes of the tuple map tests (see runTupleHelper).
 const (
-	// tupleHelperEnv selects the helper: "conns", "closer" or "reuseport".
+	// tupleHelperEnv selects the helper: "conns", "closer", "sharer" or "joinable".
 	tupleHelperEnv = "WARDEN_PROCESS_TEST_TUPLE_HELPER"
 	// tupleArgsEnv holds the helper's tupleArgs as JSON.
 	tupleArgsEnv = "WARDEN_PROCESS_TEST_TUPLE_ARGS"
@@ -37,8 +37,10 @@ type tupleArgs struct {
 	TCPPeer        netip.AddrPort // conns: dial; closer: dial when Proto is "tcp"
 	UDPPeer        netip.AddrPort // conns: send to; closer: send to when Proto is "udp"
 	Proto          string         // closer: "tcp" or "udp"
-	Port           uint16         // reuseport: the port to share
-	Peer1, Peer2   netip.AddrPort // reuseport: send to Peer1 unconnected, and to Peer2 from a connected socket
+	Port           uint16         // sharer: the port to share
+	Opt            int            // sharer: the socket option to set on both sockets (SO_REUSEPORT), 0 for none
+	Addr1, Addr2   netip.Addr     // sharer: the local addresses of the two sockets
+	Peer1, Peer2   netip.AddrPort // sharer: send to Peer1 unconnected, and to Peer2 from a connected socket; joinable: Peer1
 	DualStackPeer4 bool           // conns: also send to UDPPeer (IPv4) from a dual-stack socket
 }
 
@@ -47,7 +49,7 @@ type tupleReport struct {
 	TCP, UDP, UDPConn, UDPDual netip.AddrPort // conns: the local ends
 	Port                       uint16         // closer: the socket's port
 	Closed                     bool           // closer: the socket is closed
-	Ready                      bool           // reuseport: both sockets have sent
+	Ready                      bool           // sharer: both sockets have sent
 }
 
 // runTupleHelper runs the tuple helper the environment asks for, if any, and reports whether it did.
@@ -65,8 +67,10 @@ func runTupleHelper() (bool, error) {
 		return true, runTupleConns(a)
 	case "closer":
 		return true, runTupleCloser(a)
-	case "reuseport":
-		return true, runTupleReuseport(a)
+	case "sharer":
+		return true, runTupleSharer(a)
+	case "joinable":
+		return true, runTupleJoinable(a)
 	}
 	return true, fmt.Errorf("unknown tuple helper %q", mode)
 }
@@ -166,28 +170,33 @@ func runTupleCloser(a tupleArgs) error {
 	return nil
 }
 
-// reusePort is a Control function setting SO_REUSEPORT before bind.
-func reusePort(_, _ string, c syscall.RawConn) error {
-	var serr error
-	if err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) }); err != nil {
-		return err
+// withOpt returns a Control function setting the socket option opt (SOL_SOCKET) before bind; none for 0.
+func withOpt(opt int) func(_, _ string, c syscall.RawConn) error {
+	if opt == 0 {
+		return nil
 	}
-	return serr
+	return func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt, 1) }); err != nil {
+			return err
+		}
+		return serr
+	}
 }
 
-// runTupleReuseport binds two sockets to a port another process holds with SO_REUSEPORT: one sends to Peer1
-// unconnected, the other connects to Peer2 and sends. It reports and holds them until stdin closes.
-func runTupleReuseport(a tupleArgs) error {
-	local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), a.Port)
-	lc := net.ListenConfig{Control: reusePort}
-	pc, err := lc.ListenPacket(context.Background(), "udp4", local.String())
+// runTupleSharer binds two UDP sockets to a port another process holds (with option Opt, or on other local
+// addresses): the first, on Addr1, sends to Peer1 unconnected; the second, on Addr2, connects to Peer2 and
+// sends. It reports and holds them until stdin closes.
+func runTupleSharer(a tupleArgs) error {
+	lc := net.ListenConfig{Control: withOpt(a.Opt)}
+	pc, err := lc.ListenPacket(context.Background(), "udp4", netip.AddrPortFrom(a.Addr1, a.Port).String())
 	if err != nil {
 		return err
 	}
 	if _, err := pc.(*net.UDPConn).WriteToUDPAddrPort([]byte("1"), a.Peer1); err != nil {
 		return err
 	}
-	d := net.Dialer{LocalAddr: net.UDPAddrFromAddrPort(local), Control: reusePort}
+	d := net.Dialer{LocalAddr: net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.Addr2, a.Port)), Control: withOpt(a.Opt)}
 	uc, err := d.Dial("udp4", a.Peer2.String())
 	if err != nil {
 		return err
@@ -200,6 +209,26 @@ func runTupleReuseport(a tupleArgs) error {
 	}
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	_ = []any{pc, uc}
+	return nil
+}
+
+// runTupleJoinable connects a UDP socket with SO_REUSEADDR, unbound, to Peer1 (autobind gives it a port no
+// other socket holds) and sends; it reports the port and holds the socket until stdin closes. Another socket
+// with SO_REUSEADDR may then bind the same port.
+func runTupleJoinable(a tupleArgs) error {
+	d := net.Dialer{Control: withOpt(unix.SO_REUSEADDR)}
+	uc, err := d.Dial("udp4", a.Peer1.String())
+	if err != nil {
+		return err
+	}
+	if _, err := uc.Write([]byte("j")); err != nil {
+		return err
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(tupleReport{Port: uc.LocalAddr().(*net.UDPAddr).AddrPort().Port()}); err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	_ = uc
 	return nil
 }
 
@@ -272,7 +301,7 @@ func newTupleResolver(t *testing.T) *Resolver {
 	t.Helper()
 	r := newEBPFResolver(t)
 	if !r.Stats().TupleMap {
-		t.Fatal("eBPF connection tuple map not loaded (see the resolver's log)")
+		t.Fatalf("eBPF connection tuple map not loaded: %v", r.tupleErr)
 	}
 	r.tupleTTL = 0
 	return r
@@ -455,10 +484,11 @@ func TestTupleClosedSocketPortReused(t *testing.T) {
 	})
 }
 
-// TestTupleReusePortShared shares a UDP port between this process and a child with SO_REUSEPORT: a peer both
-// send to, and a peer the child's connected socket sends to, are never answered from the tuple map (which
-// could name either process), while a peer only this process sends to still is.
-func TestTupleReusePortShared(t *testing.T) {
+// TestTupleSharedPort checks that a UDP tuple two sockets can share is never answered from the tuple map,
+// which could name either: sockets sharing a port with SO_REUSEPORT, a socket with SO_REUSEADDR joining the
+// port of a connected one, and sockets bound to the same port on different local addresses (the tuple map's
+// UDP key has no local address).
+func TestTupleSharedPort(t *testing.T) {
 	if !runInNetns(t) {
 		return
 	}
@@ -469,63 +499,101 @@ func TestTupleReusePortShared(t *testing.T) {
 	}
 	uid := int32(os.Getuid())
 	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: uid}
-	var peers [3]netip.AddrPort
-	for i := range peers {
-		s, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	lo := netip.MustParseAddr("127.0.0.1")
+	newPeers := func(t *testing.T) (peers [3]netip.AddrPort) {
+		for i := range peers {
+			s, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { s.Close() })
+			peers[i] = s.LocalAddr().(*net.UDPAddr).AddrPort()
+		}
+		return peers
+	}
+	listen := func(t *testing.T, opt int, at netip.AddrPort) *net.UDPConn {
+		lc := net.ListenConfig{Control: withOpt(opt)}
+		pc, err := lc.ListenPacket(context.Background(), "udp4", at.String())
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer s.Close()
-		peers[i] = s.LocalAddr().(*net.UDPAddr).AddrPort()
+		t.Cleanup(func() { pc.Close() })
+		return pc.(*net.UDPConn)
 	}
-	lc := net.ListenConfig{Control: reusePort}
-	pc, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	u := pc.(*net.UDPConn)
-	local := u.LocalAddr().(*net.UDPAddr).AddrPort()
-	send := func(to netip.AddrPort) {
+	send := func(t *testing.T, u *net.UDPConn, to netip.AddrPort) {
 		t.Helper()
 		if _, err := u.WriteToUDPAddrPort([]byte("p"), to); err != nil {
 			t.Fatal(err)
 		}
 	}
-	for _, p := range peers {
-		send(p)
-	}
-	info := func(to netip.AddrPort) backend.Info {
+	out := func(local, to netip.AddrPort) backend.Info {
 		return backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: local, Remote: to, UID: uid}
 	}
-	checkTupleLookup(t, r, "before sharing", info(peers[0]), me, byTuple)
-
-	h := startTupleHelper(t, "reuseport", tupleArgs{Port: local.Port(), Peer1: peers[0], Peer2: peers[1]})
-	if !h.next(t).Ready {
-		t.Fatal("reuseport helper not ready")
-	}
-	// sock_diag answers for one of the sockets sharing the tuple; which one is the kernel's choice.
-	for _, tc := range []struct {
-		name string
-		to   netip.AddrPort
-	}{
-		{"both sent unconnected", peers[0]},
-		{"the child's connected socket", peers[1]},
-	} {
+	// notFromTuples checks a lookup goes to sock_diag, and, when want is set, that it answers want.
+	notFromTuples := func(t *testing.T, name string, info backend.Info, want *backend.Process) {
+		t.Helper()
 		before := r.Stats()
-		r.ResolveProcess(&backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: local, Remote: tc.to, UID: uid})
+		got, ok := r.ResolveProcess(&info)
 		if d := tupleDelta(before, r.Stats()); d.Tuple != 0 || d.Diag != 1 {
-			t.Errorf("%s: answered by %+v, want by sock_diag", tc.name, d)
+			t.Errorf("%s: answered by %+v, want by sock_diag", name, d)
+		}
+		if want != nil {
+			if !ok {
+				t.Errorf("%s: not found", name)
+			} else if diff := cmp.Diff(*want, got); diff != "" {
+				t.Errorf("%s: -want +got\n%s", name, diff)
+			}
 		}
 	}
-	send(peers[1])
-	send(peers[0])
-	before := r.Stats()
-	r.ResolveProcess(&backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: local, Remote: peers[1], UID: uid})
-	if d := tupleDelta(before, r.Stats()); d.Tuple != 0 {
-		t.Errorf("shared tuple answered from the tuple map after this process sent again: %+v", d)
-	}
-	checkTupleLookup(t, r, "a peer only this process sends to", info(peers[2]), me, byTuple)
+
+	t.Run("reuseport", func(t *testing.T) {
+		peers := newPeers(t)
+		u := listen(t, unix.SO_REUSEPORT, netip.AddrPortFrom(lo, 0))
+		local := u.LocalAddr().(*net.UDPAddr).AddrPort()
+		send(t, u, peers[0])
+		// Another socket may join the port at any time: its sends are never in the tuple map.
+		notFromTuples(t, "before sharing", out(local, peers[0]), me)
+		h := startTupleHelper(t, "sharer", tupleArgs{Port: local.Port(), Opt: unix.SO_REUSEPORT, Addr1: lo, Addr2: lo, Peer1: peers[0], Peer2: peers[1]})
+		if !h.next(t).Ready {
+			t.Fatal("sharer not ready")
+		}
+		send(t, u, peers[1])
+		// sock_diag answers for one of the sockets sharing the tuple; which one is the kernel's choice.
+		notFromTuples(t, "both sent unconnected", out(local, peers[0]), nil)
+		notFromTuples(t, "the other's connected socket", out(local, peers[1]), nil)
+	})
+
+	t.Run("reuseaddr joins a connected socket", func(t *testing.T) {
+		peers := newPeers(t)
+		h := startTupleHelper(t, "joinable", tupleArgs{Peer1: peers[0]})
+		local := netip.AddrPortFrom(lo, h.next(t).Port)
+		joinable := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
+		checkTupleLookup(t, r, "connected socket alone", out(local, peers[0]), joinable, byDiagMap)
+		u := listen(t, unix.SO_REUSEADDR, local)
+		send(t, u, peers[0])
+		// The packet may be the connected socket's, which no hook saw sending.
+		notFromTuples(t, "after this process joined and sent", out(local, peers[0]), nil)
+	})
+
+	t.Run("distinct local addresses", func(t *testing.T) {
+		peers := newPeers(t)
+		u := listen(t, 0, netip.AddrPortFrom(lo, 0))
+		local := u.LocalAddr().(*net.UDPAddr).AddrPort()
+		for _, p := range peers {
+			send(t, u, p)
+		}
+		checkTupleLookup(t, r, "alone on the port", out(local, peers[0]), me, byTuple)
+		h := startTupleHelper(t, "sharer", tupleArgs{Port: local.Port(), Addr1: netip.MustParseAddr("127.0.0.2"), Addr2: netip.MustParseAddr("127.0.0.3"), Peer1: peers[0], Peer2: peers[1]})
+		if !h.next(t).Ready {
+			t.Fatal("sharer not ready")
+		}
+		send(t, u, peers[0])
+		send(t, u, peers[1])
+		// sock_diag matches the local address too, so it finds this process's socket.
+		notFromTuples(t, "both sent unconnected", out(local, peers[0]), me)
+		notFromTuples(t, "the other's connected socket", out(local, peers[1]), me)
+		checkTupleLookup(t, r, "a peer only this process sends to", out(local, peers[2]), me, byTuple)
+	})
 }
 
 // BenchmarkResolveOutbound measures the lookup of outbound UDP flows whose sockets have sent, with the 5-tuple
