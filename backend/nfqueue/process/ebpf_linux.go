@@ -60,13 +60,18 @@ const (
 
 	bpfNoExist = 1 // BPF_NOEXIST: create only
 
+	sockBoundDevOff = 0  // offsetof(struct bpf_sock, bound_dev_if)
 	sockProtocolOff = 12 // offsetof(struct bpf_sock, protocol)
+	sockSrcIP4Off   = 24 // offsetof(struct bpf_sock, src_ip4): the bound address
+	sockSrcIP6Off   = 28 // offsetof(struct bpf_sock, src_ip6)
 	sockSrcPortOff  = 44 // offsetof(struct bpf_sock, src_port): host byte order
 
 	sockAddrUserIP4Off  = 4  // offsetof(struct bpf_sock_addr, user_ip4)
 	sockAddrUserIP6Off  = 8  // offsetof(struct bpf_sock_addr, user_ip6)
 	sockAddrUserPortOff = 24 // offsetof(struct bpf_sock_addr, user_port): network byte order in the low 16 bits
 	sockAddrProtocolOff = 36 // offsetof(struct bpf_sock_addr, protocol)
+	sockAddrMsgSrc4Off  = 40 // offsetof(struct bpf_sock_addr, msg_src_ip4): the source a send asked for (sendmsg4)
+	sockAddrMsgSrc6Off  = 44 // offsetof(struct bpf_sock_addr, msg_src_ip6) (sendmsg6)
 	sockAddrSkOff       = 64 // offsetof(struct bpf_sock_addr, sk): the socket, bound by now for sendmsg
 
 	sockOpsOpOff         = 0  // offsetof(struct bpf_sock_ops, op)
@@ -231,10 +236,7 @@ func connectInsns(v6 bool) func(progMaps) asm.Instructions {
 		if m.tuples < 0 {
 			return sockAddrInsns(m.owners, nil)
 		}
-		var tail asm.Instructions
-		tail = append(tail, udpTupleKey(m, v6)...)
-		tail = append(tail, markAmbiguousInsns(m)...)
-		return sockAddrInsns(m.owners, tail)
+		return sockAddrInsns(m.owners, udpTupleKey(m, v6, false, markAmbiguousInsns(m)))
 	}
 }
 
@@ -247,15 +249,14 @@ func sendmsgInsns(v6 bool) func(progMaps) asm.Instructions {
 		if m.tuples < 0 {
 			return sockAddrInsns(m.owners, nil)
 		}
-		var tail asm.Instructions
-		tail = append(tail, udpTupleKey(m, v6)...)
-		tail = append(tail, reuseCheckInsns("t_shared")...)
-		tail = append(tail, asm.LoadMem(asm.R7, asm.RFP, keyOff, asm.DWord))
-		tail = append(tail, tupleRecordInsns(m)...)
+		var then asm.Instructions
+		then = append(then, reuseCheckInsns("t_shared")...)
+		then = append(then, asm.LoadMem(asm.R7, asm.RFP, keyOff, asm.DWord))
+		then = append(then, tupleRecordInsns(m)...)
 		shared := markAmbiguousInsns(m)
 		shared[0] = shared[0].WithSymbol("t_shared")
-		tail = append(tail, shared...)
-		return sockAddrInsns(m.owners, tail)
+		then = append(then, shared...)
+		return sockAddrInsns(m.owners, udpTupleKey(m, v6, true, then))
 	}
 }
 
@@ -282,15 +283,19 @@ const (
 	soReusePort = 15
 )
 
-// reuseCheckInsns jumps to shared when the context's socket has SO_REUSEADDR or SO_REUSEPORT set, or when
-// either cannot be read. Only such a socket can share its local port with a socket bound to the same or the
-// wildcard address, one of them perhaps connected and sending without any hook seeing it (an autobound
-// socket, whose port was free when it was connected, and which this one joined later); without either, the
-// only sockets that can share the port are bound to other addresses explicitly, and the connect and sendmsg
-// hooks see those. R6 holds the context; bpf_getsockopt may be called from the sendmsg hooks, which run with
-// the socket locked.
+// reuseCheckInsns jumps to shared when the context's socket has SO_REUSEADDR or SO_REUSEPORT set (or either
+// cannot be read), or is bound to a device. Only such a socket can share its local port with a socket bound to
+// the same or the wildcard address, that one perhaps connected and sending without any hook seeing it (an
+// autobound socket, whose port was free when it was connected, which this one joined later). Without any of
+// them, a socket bound to the wildcard address holds its port alone, and one bound to an address shares it only
+// with sockets bound to other addresses, whose tuples have their own keys. R6 holds the context; bpf_getsockopt
+// may be called from the sendmsg hooks, which run with the socket locked.
 func reuseCheckInsns(shared string) asm.Instructions {
-	var insns asm.Instructions
+	insns := asm.Instructions{
+		asm.LoadMem(asm.R1, asm.R6, sockAddrSkOff, asm.DWord),
+		asm.LoadMem(asm.R2, asm.R1, sockBoundDevOff, asm.Word),
+		asm.JNE.Imm(asm.R2, 0, shared),
+	}
 	for _, opt := range []int32{soReuseAddr, soReusePort} {
 		insns = append(insns,
 			asm.Mov.Reg(asm.R1, asm.R6),
@@ -339,9 +344,10 @@ func storeMappedV4(off int16, src asm.Register) asm.Instructions {
 }
 
 // udpTupleKey builds the frame's tuple key of a UDP socket sending to (or connecting to) the context's address,
-// and jumps to "allow" for another protocol, another namespace, or a socket not yet bound to a port. R6 holds
-// the bpf_sock_addr context.
-func udpTupleKey(m progMaps, v6 bool) asm.Instructions {
+// then runs then; it jumps to "allow" for another protocol, another namespace, or a socket not yet bound to a
+// port. The local address is the source a send asked for (sendmsg: IP_PKTINFO, or the bound address), else the
+// address the socket is bound to, else none (the wildcard). R6 holds the bpf_sock_addr context.
+func udpTupleKey(m progMaps, v6, sendmsg bool, then asm.Instructions) asm.Instructions {
 	insns := asm.Instructions{
 		asm.LoadMem(asm.R2, asm.R6, sockAddrProtocolOff, asm.Word),
 		asm.JNE.Imm(asm.R2, ipprotoUDP, "allow"),
@@ -350,6 +356,7 @@ func udpTupleKey(m progMaps, v6 bool) asm.Instructions {
 	insns = append(insns, zeroTupleKey()...)
 	insns = append(insns,
 		asm.StoreImm(asm.RFP, tupleKeyOff+tupleProtoOff, ipprotoUDP, asm.Byte),
+		// R1 holds the socket from here on: no helper is called until then.
 		asm.LoadMem(asm.R1, asm.R6, sockAddrSkOff, asm.DWord),
 		asm.LoadMem(asm.R2, asm.R1, sockSrcPortOff, asm.Word),
 		asm.JEq.Imm(asm.R2, 0, "allow"),
@@ -361,23 +368,58 @@ func udpTupleKey(m progMaps, v6 bool) asm.Instructions {
 	)
 	if !v6 {
 		insns = append(insns, asm.LoadMem(asm.R2, asm.R6, sockAddrUserIP4Off, asm.Word))
-		return append(insns, storeMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
-	}
-	for i := int16(0); i < 16; i += 4 {
+		insns = append(insns, storeMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
+		if sendmsg {
+			insns = append(insns,
+				asm.LoadMem(asm.R2, asm.R6, sockAddrMsgSrc4Off, asm.Word),
+				asm.JNE.Imm(asm.R2, 0, "t_local"),
+			)
+		}
 		insns = append(insns,
-			asm.LoadMem(asm.R2, asm.R6, sockAddrUserIP6Off+i, asm.Word),
-			asm.StoreMem(asm.RFP, tupleKeyOff+tupleRemoteOff+i, asm.R2, asm.Word),
+			asm.LoadMem(asm.R2, asm.R1, sockSrcIP4Off, asm.Word),
+			asm.JEq.Imm(asm.R2, 0, "t_keyed"),
 		)
+		local := storeMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)
+		local[0] = local[0].WithSymbol("t_local")
+		insns = append(insns, local...)
+	} else {
+		for i := int16(0); i < 16; i += 4 {
+			insns = append(insns,
+				asm.LoadMem(asm.R2, asm.R6, sockAddrUserIP6Off+i, asm.Word),
+				asm.StoreMem(asm.RFP, tupleKeyOff+tupleRemoteOff+i, asm.R2, asm.Word),
+			)
+		}
+		// copyLocal copies the 16 bytes at base+off to the key's local address if they are not all zero.
+		copyLocal := func(base asm.Register, off int16, label, done string) asm.Instructions {
+			insns := asm.Instructions{asm.LoadMem(asm.R3, base, off, asm.Word).WithSymbol(label)}
+			for i := int16(4); i < 16; i += 4 {
+				insns = append(insns, asm.LoadMem(asm.R2, base, off+i, asm.Word), asm.Or.Reg(asm.R3, asm.R2))
+			}
+			insns = append(insns, asm.JEq.Imm(asm.R3, 0, done))
+			for i := int16(0); i < 16; i += 4 {
+				insns = append(insns,
+					asm.LoadMem(asm.R2, base, off+i, asm.Word),
+					asm.StoreMem(asm.RFP, tupleKeyOff+tupleLocalOff+i, asm.R2, asm.Word),
+				)
+			}
+			return append(insns, asm.Ja.Label("t_keyed"))
+		}
+		if sendmsg {
+			insns = append(insns, copyLocal(asm.R6, sockAddrMsgSrc6Off, "t_msgsrc", "t_bound")...)
+		}
+		bound := copyLocal(asm.R1, sockSrcIP6Off, "t_bound", "t_keyed")
+		insns = append(insns, bound[:len(bound)-1]...) // falls through to then
 	}
-	return insns
+	then[0] = then[0].WithSymbol("t_keyed")
+	return append(insns, then...)
 }
 
 // tupleRecordInsns points the frame's tuple key at the cookie in R7, then jumps to "allow". A key that names
 // another socket still open (its owner entry exists: sock_release deletes it) is marked ambiguous instead, and
-// stays so until the LRU evicts it: two sockets share a local port (SO_REUSEADDR, SO_REUSEPORT, or distinct
-// local addresses for UDP, whose key has none) and use it for the same peer, and the resolver must ask
-// sock_diag. Concurrent writers of one key are ordered by creating it with BPF_NOEXIST and replacing a closed
-// socket's cookie by compare-and-exchange; a writer that loses either race marks the key ambiguous.
+// stays so until the LRU evicts it: the rules that keep two sockets off one key (a full 4-tuple for TCP; see
+// reuseCheckInsns for UDP) should make that impossible, and if they do not, the resolver must ask sock_diag.
+// Concurrent writers of one key are ordered by creating it with BPF_NOEXIST and replacing a closed socket's
+// cookie by compare-and-exchange; a writer that loses either race marks the key ambiguous.
 func tupleRecordInsns(m progMaps) asm.Instructions {
 	return asm.Instructions{
 		asm.LoadMapPtr(asm.R1, m.tuples),

@@ -122,17 +122,17 @@ func isOctal(c byte) bool { return c >= '0' && c <= '7' }
 //	       offset  6  u16 zero
 //	       offset  8  [16]byte remote address (IPv6, or IPv4 as ::ffff:a.b.c.d, so a dual-stack socket's IPv4
 //	                  peer and an IPv4 socket's give the same key)
-//	       offset 24  [16]byte local address for TCP (known when the connect callback runs); zero for UDP, whose
-//	                  sendmsg hook sees only the bound address, which is the wildcard for most sockets
+//	       offset 24  [16]byte local address, in the same form: always for TCP (known when the connect callback
+//	                  runs); for UDP the source the send asked for or the socket is bound to, and zero for a
+//	                  socket bound to the wildcard address that lets routing choose the source
 //	value: u64 socket cookie, or tupleAmbiguous
 //
-// Without the local address a UDP key is unambiguous only while one socket at a time uses its local port for
-// that peer; the programs detect a second live socket writing the key and mark it ambiguous (see
-// tupleRecordInsns).
+// A UDP key without a local address stands for every source address; the programs record one only for a
+// socket that holds its port alone (see reuseCheckInsns), so it cannot name the socket of another packet.
 const (
 	tupleKeySize   = 40
 	tupleValueSize = 8
-	// tupleAmbiguous is the value of a key two live sockets have used; sock_gen_cookie never gives 0.
+	// tupleAmbiguous is the value of a key two open sockets may share; sock_gen_cookie never gives 0.
 	tupleAmbiguous = 0
 )
 
@@ -144,10 +144,13 @@ const (
 	tupleLocalOff  = 24
 )
 
-// encodeTupleKey returns the tuple map key of an outbound connection, and false for a protocol or address the
-// programs never record (not TCP or UDP, an invalid address).
-func encodeTupleKey(proto uint8, local, remote netip.AddrPort) (k [tupleKeySize]byte, ok bool) {
-	if proto != ipprotoTCP && proto != ipprotoUDP || !remote.Addr().IsValid() || proto == ipprotoTCP && !local.Addr().IsValid() {
+// encodeTupleKey returns the tuple map key of an outbound connection, with its local address or (withLocal
+// false, UDP only) without, and false for a protocol or address the programs never record (not TCP or UDP, an
+// invalid address, TCP without its local address).
+func encodeTupleKey(proto uint8, local, remote netip.AddrPort, withLocal bool) (k [tupleKeySize]byte, ok bool) {
+	switch {
+	case proto != ipprotoTCP && proto != ipprotoUDP, !remote.Addr().IsValid(),
+		withLocal && !local.Addr().IsValid(), proto == ipprotoTCP && !withLocal:
 		return k, false
 	}
 	k[tupleProtoOff] = proto
@@ -156,7 +159,7 @@ func encodeTupleKey(proto uint8, local, remote netip.AddrPort) (k [tupleKeySize]
 	// As16 maps an IPv4 address to ::ffff:a.b.c.d, as the programs store it.
 	ra := remote.Addr().As16()
 	copy(k[tupleRemoteOff:], ra[:])
-	if proto == ipprotoTCP {
+	if withLocal {
 		la := local.Addr().As16()
 		copy(k[tupleLocalOff:], la[:])
 	}

@@ -146,21 +146,25 @@ func TestTupleKeyEncoding(t *testing.T) {
 		name          string
 		proto         uint8
 		local, remote netip.AddrPort
+		withLocal     bool
 		want          *[tupleKeySize]byte // nil: not encodable
 	}{
-		{"tcp ipv4 with its local address", ipprotoTCP, ap("10.0.0.2:40000"), ap("93.184.216.34:443"), key(6, 40000, 443, "::ffff:93.184.216.34", "::ffff:10.0.0.2")},
-		{"tcp ipv6", ipprotoTCP, ap("[2001:db8::2]:51000"), ap("[2001:db8::1]:22"), key(6, 51000, 22, "2001:db8::1", "2001:db8::2")},
-		{"tcp ipv4-mapped is ipv4", ipprotoTCP, ap("[::ffff:10.0.0.2]:1"), ap("[::ffff:10.0.0.1]:2"), key(6, 1, 2, "::ffff:10.0.0.1", "::ffff:10.0.0.2")},
-		{"udp leaves the local address out", ipprotoUDP, ap("10.0.0.2:5353"), ap("224.0.0.251:5353"), key(17, 5353, 5353, "::ffff:224.0.0.251", "")},
-		{"udp ipv6", ipprotoUDP, ap("[fe80::1]:546"), ap("[ff02::1:2]:547"), key(17, 546, 547, "ff02::1:2", "")},
-		{"udp without a local address", ipprotoUDP, netip.AddrPortFrom(netip.Addr{}, 9), ap("127.0.0.1:53"), key(17, 9, 53, "::ffff:127.0.0.1", "")},
-		{"highest ports", ipprotoUDP, ap("127.0.0.1:65535"), ap("127.0.0.1:65535"), key(17, 65535, 65535, "::ffff:127.0.0.1", "")},
-		{"tcp without a local address", ipprotoTCP, netip.AddrPortFrom(netip.Addr{}, 9), ap("127.0.0.1:53"), nil},
-		{"no remote address", ipprotoUDP, ap("127.0.0.1:9"), netip.AddrPort{}, nil},
-		{"icmp", 1, ap("127.0.0.1:0"), ap("127.0.0.1:0"), nil},
+		{"tcp ipv4", ipprotoTCP, ap("10.0.0.2:40000"), ap("93.184.216.34:443"), true, key(6, 40000, 443, "::ffff:93.184.216.34", "::ffff:10.0.0.2")},
+		{"tcp ipv6", ipprotoTCP, ap("[2001:db8::2]:51000"), ap("[2001:db8::1]:22"), true, key(6, 51000, 22, "2001:db8::1", "2001:db8::2")},
+		{"tcp ipv4-mapped is ipv4", ipprotoTCP, ap("[::ffff:10.0.0.2]:1"), ap("[::ffff:10.0.0.1]:2"), true, key(6, 1, 2, "::ffff:10.0.0.1", "::ffff:10.0.0.2")},
+		{"udp with its local address", ipprotoUDP, ap("10.0.0.2:5353"), ap("224.0.0.251:5353"), true, key(17, 5353, 5353, "::ffff:224.0.0.251", "::ffff:10.0.0.2")},
+		{"udp without", ipprotoUDP, ap("10.0.0.2:5353"), ap("224.0.0.251:5353"), false, key(17, 5353, 5353, "::ffff:224.0.0.251", "")},
+		{"udp ipv6 without", ipprotoUDP, ap("[fe80::1]:546"), ap("[ff02::1:2]:547"), false, key(17, 546, 547, "ff02::1:2", "")},
+		{"udp ipv6 with", ipprotoUDP, ap("[fe80::1]:546"), ap("[ff02::1:2]:547"), true, key(17, 546, 547, "ff02::1:2", "fe80::1")},
+		{"udp without, no local address", ipprotoUDP, netip.AddrPortFrom(netip.Addr{}, 9), ap("127.0.0.1:53"), false, key(17, 9, 53, "::ffff:127.0.0.1", "")},
+		{"highest ports", ipprotoUDP, ap("127.0.0.1:65535"), ap("127.0.0.1:65535"), false, key(17, 65535, 65535, "::ffff:127.0.0.1", "")},
+		{"udp with, no local address", ipprotoUDP, netip.AddrPortFrom(netip.Addr{}, 9), ap("127.0.0.1:53"), true, nil},
+		{"tcp without its local address", ipprotoTCP, ap("127.0.0.1:9"), ap("127.0.0.1:53"), false, nil},
+		{"no remote address", ipprotoUDP, ap("127.0.0.1:9"), netip.AddrPort{}, false, nil},
+		{"icmp", 1, ap("127.0.0.1:0"), ap("127.0.0.1:0"), true, nil},
 	}
 	for _, tt := range tests {
-		got, ok := encodeTupleKey(tt.proto, tt.local, tt.remote)
+		got, ok := encodeTupleKey(tt.proto, tt.local, tt.remote, tt.withLocal)
 		if tt.want == nil {
 			if ok {
 				t.Errorf("%s: encoded %x, want no key", tt.name, got)

@@ -353,29 +353,52 @@ func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex i
 // a closed socket, whose port another socket may have taken since, has none) and be trusted by the same rules
 // as ownerFromEntry's. Anything else (no entry, a shared key, an untrusted owner) reports false, without
 // touching the map counters: sock_diag then answers as before.
+//
+// A UDP tuple is looked up without its local address first: such an entry is written only by a socket that
+// holds its port alone, for every address. When there is none, or its socket is closed, the tuple with the
+// packet's source address is looked up.
 func (r *Resolver) ownerFromTuple(key backend.ConnKey) (*procRecord, bool) {
-	k, ok := encodeTupleKey(uint8(key.Protocol), key.Local, key.Remote)
+	if key.Protocol == backend.UDP {
+		k, ok := encodeTupleKey(ipprotoUDP, key.Local, key.Remote, false)
+		if !ok {
+			return nil, false
+		}
+		rec, found, ok := r.ownerFromTupleKey(&k)
+		if ok || found {
+			return rec, ok
+		}
+	}
+	k, ok := encodeTupleKey(uint8(key.Protocol), key.Local, key.Remote, true)
 	if !ok {
 		return nil, false
 	}
-	cookie, ok := r.bpf.lookupTuple(&k)
-	if !ok || cookie == tupleAmbiguous {
-		return nil, false
+	rec, _, ok := r.ownerFromTupleKey(&k)
+	return rec, ok
+}
+
+// ownerFromTupleKey is ownerFromTuple for one key. found reports whether the key named an open socket or was
+// ambiguous: another key must not be tried then.
+func (r *Resolver) ownerFromTupleKey(k *[tupleKeySize]byte) (rec *procRecord, found, ok bool) {
+	cookie, ok := r.bpf.lookupTuple(k)
+	if !ok {
+		return nil, false, false
+	}
+	if cookie == tupleAmbiguous {
+		return nil, true, false
 	}
 	e, ok := r.bpf.lookup(cookie)
 	if !ok {
-		return nil, false
+		return nil, false, false // closed
 	}
-	rec := r.trustedRecord(&e)
-	if rec != nil {
+	if rec = r.trustedRecord(&e); rec != nil {
 		r.mapFast.Add(1)
 	} else if rec, ok = r.recordStartedBy(e.tgid, bootTicks(e.seenNs)); !ok {
-		return nil, false
+		return nil, true, false
 	}
 	r.noteHot(rec.pid)
 	r.mapAnswers.Add(1)
 	r.tupleHits.Add(1)
-	return rec, true
+	return rec, true, true
 }
 
 // ownerFromMap returns the record of the process the eBPF map names as the socket's user, if that process

@@ -38,7 +38,7 @@ type tupleArgs struct {
 	UDPPeer        netip.AddrPort // conns: send to; closer: send to when Proto is "udp"
 	Proto          string         // closer: "tcp" or "udp"
 	Port           uint16         // sharer: the port to share
-	Opt            int            // sharer: the socket option to set on both sockets (SO_REUSEPORT), 0 for none
+	Opt            int            // sharer, joinable: the socket option to set (SO_REUSEPORT, SO_REUSEADDR), 0 for none
 	Addr1, Addr2   netip.Addr     // sharer: the local addresses of the two sockets
 	Peer1, Peer2   netip.AddrPort // sharer: send to Peer1 unconnected, and to Peer2 from a connected socket; joinable: Peer1
 	DualStackPeer4 bool           // conns: also send to UDPPeer (IPv4) from a dual-stack socket
@@ -212,11 +212,12 @@ func runTupleSharer(a tupleArgs) error {
 	return nil
 }
 
-// runTupleJoinable connects a UDP socket with SO_REUSEADDR, unbound, to Peer1 (autobind gives it a port no
-// other socket holds) and sends; it reports the port and holds the socket until stdin closes. Another socket
-// with SO_REUSEADDR may then bind the same port.
+// runTupleJoinable connects a UDP socket with option Opt (if any), unbound, to Peer1 (autobind gives it a port
+// no other socket holds, and the connect its local address) and sends; it reports the port and holds the socket
+// until stdin closes. Another socket may then bind the same port: with SO_REUSEADDR on both, or on another
+// local address.
 func runTupleJoinable(a tupleArgs) error {
-	d := net.Dialer{Control: withOpt(unix.SO_REUSEADDR)}
+	d := net.Dialer{Control: withOpt(a.Opt)}
 	uc, err := d.Dial("udp4", a.Peer1.String())
 	if err != nil {
 		return err
@@ -486,8 +487,8 @@ func TestTupleClosedSocketPortReused(t *testing.T) {
 
 // TestTupleSharedPort checks that a UDP tuple two sockets can share is never answered from the tuple map,
 // which could name either: sockets sharing a port with SO_REUSEPORT, a socket with SO_REUSEADDR joining the
-// port of a connected one, and sockets bound to the same port on different local addresses (the tuple map's
-// UDP key has no local address).
+// port of a connected one; and that sockets bound to the same port on different local addresses are each
+// answered for their own address, and a connected socket no hook saw sending never for another's.
 func TestTupleSharedPort(t *testing.T) {
 	if !runInNetns(t) {
 		return
@@ -565,7 +566,7 @@ func TestTupleSharedPort(t *testing.T) {
 
 	t.Run("reuseaddr joins a connected socket", func(t *testing.T) {
 		peers := newPeers(t)
-		h := startTupleHelper(t, "joinable", tupleArgs{Peer1: peers[0]})
+		h := startTupleHelper(t, "joinable", tupleArgs{Opt: unix.SO_REUSEADDR, Peer1: peers[0]})
 		local := netip.AddrPortFrom(lo, h.next(t).Port)
 		joinable := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
 		checkTupleLookup(t, r, "connected socket alone", out(local, peers[0]), joinable, byDiagMap)
@@ -583,16 +584,34 @@ func TestTupleSharedPort(t *testing.T) {
 			send(t, u, p)
 		}
 		checkTupleLookup(t, r, "alone on the port", out(local, peers[0]), me, byTuple)
-		h := startTupleHelper(t, "sharer", tupleArgs{Port: local.Port(), Addr1: netip.MustParseAddr("127.0.0.2"), Addr2: netip.MustParseAddr("127.0.0.3"), Peer1: peers[0], Peer2: peers[1]})
+		a2, a3 := netip.MustParseAddr("127.0.0.2"), netip.MustParseAddr("127.0.0.3")
+		h := startTupleHelper(t, "sharer", tupleArgs{Port: local.Port(), Addr1: a2, Addr2: a3, Peer1: peers[0], Peer2: peers[1]})
 		if !h.next(t).Ready {
 			t.Fatal("sharer not ready")
 		}
+		sharer := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
 		send(t, u, peers[0])
 		send(t, u, peers[1])
-		// sock_diag matches the local address too, so it finds this process's socket.
-		notFromTuples(t, "both sent unconnected", out(local, peers[0]), me)
-		notFromTuples(t, "the other's connected socket", out(local, peers[1]), me)
+		// Each address's tuple has its own key.
+		checkTupleLookup(t, r, "a peer both send to, from here", out(local, peers[0]), me, byTuple)
+		checkTupleLookup(t, r, "a peer both send to, from the other", out(netip.AddrPortFrom(a2, local.Port()), peers[0]), sharer, byTuple)
+		checkTupleLookup(t, r, "a peer the other's connected socket sends to, from here", out(local, peers[1]), me, byTuple)
+		checkTupleLookup(t, r, "the other's connected socket", out(netip.AddrPortFrom(a3, local.Port()), peers[1]), sharer, byDiagMap)
 		checkTupleLookup(t, r, "a peer only this process sends to", out(local, peers[2]), me, byTuple)
+	})
+
+	t.Run("an address next to a connected autobound socket", func(t *testing.T) {
+		peers := newPeers(t)
+		h := startTupleHelper(t, "joinable", tupleArgs{Peer1: peers[0]})
+		local := netip.AddrPortFrom(lo, h.next(t).Port)
+		joinable := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
+		checkTupleLookup(t, r, "connected socket alone", out(local, peers[0]), joinable, byDiagMap)
+		other := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), local.Port())
+		u := listen(t, 0, other)
+		send(t, u, peers[0])
+		// No hook saw the connected socket send: its packets must not meet this process's tuple.
+		checkTupleLookup(t, r, "connected socket after this process sent from the port", out(local, peers[0]), joinable, byDiagMap)
+		checkTupleLookup(t, r, "this process's socket", out(other, peers[0]), me, byTuple)
 	})
 }
 
