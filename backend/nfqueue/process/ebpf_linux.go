@@ -487,8 +487,9 @@ func cmpXchg64(dst, src asm.Register) asm.Instruction {
 //
 // remote_port is the __be16 port loaded into a 32-bit field, shifted into the upper half on little-endian
 // kernels and not on big-endian ones; or-ing both halves gives the port either way (the other half is zero).
-// An IPv6 socket connecting to an IPv4-mapped address is an IPv4 connection (tcp_v4_connect), whose IPv6
-// local address is only filled in after this callback: its IPv4 fields are used then.
+// An IPv6 socket connecting to an IPv4-mapped address is an IPv4 connection (tcp_v4_connect): its IPv4 fields
+// are used then. (Recent kernels also fill in its mapped IPv6 local address before this callback, older ones
+// only after it.)
 func sockOpsInsns(m progMaps) asm.Instructions {
 	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),

@@ -41,12 +41,13 @@ type tupleArgs struct {
 	Opt            int            // sharer, joinable: the socket option to set (SO_REUSEPORT, SO_REUSEADDR), 0 for none
 	Addr1, Addr2   netip.Addr     // sharer: the local addresses of the two sockets
 	Peer1, Peer2   netip.AddrPort // sharer: send to Peer1 unconnected, and to Peer2 from a connected socket; joinable: Peer1
-	DualStackPeer4 bool           // conns: also send to UDPPeer (IPv4) from a dual-stack socket
+	DualStackPeer4 bool           // conns: also send to UDPPeer and connect to TCPPeer (IPv4) from IPv6 sockets
 }
 
 // tupleReport is what a tuple helper prints (one JSON line per step).
 type tupleReport struct {
 	TCP, UDP, UDPConn, UDPDual netip.AddrPort // conns: the local ends
+	TCPMapped                  netip.AddrPort // conns: an IPv6 socket's connection to the IPv4 peer
 	Port                       uint16         // closer: the socket's port
 	Closed                     bool           // closer: the socket is closed
 	Ready                      bool           // sharer: both sockets have sent
@@ -115,6 +116,20 @@ func runTupleConns(a tupleArgs) error {
 		}
 		rep.UDPDual = netip.AddrPortFrom(netip.MustParseAddr(lo), uint16(ud.LocalAddr().(*net.UDPAddr).Port))
 		held = append(held, ud)
+		// Go dials an IPv4 peer from an IPv4 socket; an IPv6 one connects to ::ffff:a.b.c.d.
+		fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		if err := unix.Connect(fd, &unix.SockaddrInet6{Port: int(a.TCPPeer.Port()), Addr: a.TCPPeer.Addr().As16()}); err != nil {
+			return err
+		}
+		sa, err := unix.Getsockname(fd)
+		if err != nil {
+			return err
+		}
+		sa6 := sa.(*unix.SockaddrInet6)
+		rep.TCPMapped = netip.AddrPortFrom(netip.AddrFrom16(sa6.Addr).Unmap(), uint16(sa6.Port))
 	}
 	if err := json.NewEncoder(os.Stdout).Encode(rep); err != nil {
 		return err
@@ -395,6 +410,7 @@ func TestTupleMapAnswersOutbound(t *testing.T) {
 			checkTupleLookup(t, r, "udp connected send", out(backend.UDP, rep.UDPConn, sinkAddr), child, byDiagMap)
 			if fam == "4" {
 				checkTupleLookup(t, r, "udp dual-stack socket to an ipv4 peer", out(backend.UDP, rep.UDPDual, sinkAddr), child, byTuple)
+				checkTupleLookup(t, r, "tcp from an ipv6 socket to an ipv4 peer", out(backend.TCP, rep.TCPMapped, lnAddr), child, byTuple)
 			}
 			in := out(backend.UDP, rep.UDP, sinkAddr)
 			in.Direction = backend.Inbound
