@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -687,4 +688,41 @@ func BenchmarkResolveOutbound(b *testing.B) {
 			b.ReportMetric(float64(d.Tuple)/float64(i), "tuple/op")
 		})
 	}
+}
+
+// TestTupleMapDisabled checks Options.DisableTupleMap leaves the tuple map out: an outbound UDP flow is then
+// resolved through sock_diag and the owner map, as before the tuple map.
+func TestTupleMapDisabled(t *testing.T) {
+	requireRoot(t)
+	r, err := NewWithOptions(nil, Options{DisableTupleMap: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if r.bpf == nil {
+		if errors.Is(r.bpfErr, errBPFUnavailable) {
+			t.Skipf("eBPF socket owner map unavailable here: %v", r.bpfErr)
+		}
+		t.Fatalf("eBPF socket owner map failed to load: %v", r.bpfErr)
+	}
+	if r.Stats().TupleMap {
+		t.Fatal("tuple map loaded though disabled")
+	}
+	r.tupleTTL = 0
+	u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	remote := netip.MustParseAddrPort("127.0.0.1:9")
+	if _, err := u.WriteToUDPAddrPort([]byte("x"), remote); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
+	info := backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: u.LocalAddr().(*net.UDPAddr).AddrPort(), Remote: remote, UID: int32(os.Getuid())}
+	checkTupleLookup(t, r, "udp sendto", info, me, byDiagMap)
 }
