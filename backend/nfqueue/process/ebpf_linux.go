@@ -230,7 +230,8 @@ func sockAddrInsns(mapFD int, tail asm.Instructions) asm.Instructions {
 // tuple marked ambiguous. Such a socket (bound first, typically to share a port by SO_REUSEADDR or
 // SO_REUSEPORT) sends to its peer without any hook seeing it, so the key must not name another socket that
 // shares the port. A socket connected unbound gets its port after this hook, from autobind, which picks a port
-// no other socket holds; its sends are never in the tuple map and are resolved by sock_diag.
+// no other socket holds (but sockets bound to other devices, which never record tuples); its sends are never
+// in the tuple map and are resolved by sock_diag.
 func connectInsns(v6 bool) func(progMaps) asm.Instructions {
 	return func(m progMaps) asm.Instructions {
 		if m.tuples < 0 {
@@ -241,7 +242,8 @@ func connectInsns(v6 bool) func(progMaps) asm.Instructions {
 }
 
 // sendmsgInsns is the sendmsg4/sendmsg6 program (UDP sends that name a destination): the owner, then the tuple
-// (local port, destination) -> cookie. The hook runs after inet_autobind, so the socket's port is known even
+// (local address and port, destination) -> cookie, or the tuple marked ambiguous for a socket that may share
+// its port (see reuseCheckInsns). The hook runs after inet_autobind, so the socket's port is known even
 // for its first send. A connected UDP socket sending without a destination passes no hook: its tuples are
 // resolved by sock_diag.
 func sendmsgInsns(v6 bool) func(progMaps) asm.Instructions {
@@ -276,13 +278,6 @@ func markAmbiguousInsns(m progMaps) asm.Instructions {
 	}
 }
 
-// Socket options reuseCheckInsns reads (asm-generic/socket.h).
-const (
-	solSocket   = 1
-	soReuseAddr = 2
-	soReusePort = 15
-)
-
 // reuseCheckInsns jumps to shared when the context's socket has SO_REUSEADDR or SO_REUSEPORT set (or either
 // cannot be read), or is bound to a device. Only such a socket can share its local port with a socket bound to
 // the same or the wildcard address, that one perhaps connected and sending without any hook seeing it (an
@@ -296,10 +291,10 @@ func reuseCheckInsns(shared string) asm.Instructions {
 		asm.LoadMem(asm.R2, asm.R1, sockBoundDevOff, asm.Word),
 		asm.JNE.Imm(asm.R2, 0, shared),
 	}
-	for _, opt := range []int32{soReuseAddr, soReusePort} {
+	for _, opt := range []int32{unix.SO_REUSEADDR, unix.SO_REUSEPORT} {
 		insns = append(insns,
 			asm.Mov.Reg(asm.R1, asm.R6),
-			asm.Mov.Imm(asm.R2, solSocket),
+			asm.Mov.Imm(asm.R2, unix.SOL_SOCKET),
 			asm.Mov.Imm(asm.R3, opt),
 			asm.Mov.Reg(asm.R4, asm.RFP),
 			asm.Add.Imm(asm.R4, tupleValOff),
