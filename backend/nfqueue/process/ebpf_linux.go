@@ -282,8 +282,10 @@ func markAmbiguousInsns(m progMaps) asm.Instructions {
 // cannot be read), or is bound to a device. Only such a socket can share its local port with a socket bound to
 // the same or the wildcard address, that one perhaps connected and sending without any hook seeing it (an
 // autobound socket, whose port was free when it was connected, which this one joined later). Without any of
-// them, a socket bound to the wildcard address holds its port alone, and one bound to an address shares it only
-// with sockets bound to other addresses, whose tuples have their own keys. R6 holds the context; bpf_getsockopt
+// them, a socket bound to the wildcard address holds its port alone (until it connects: then the kernel binds
+// it to one address, which is why the resolver never uses the address-less keys such sockets write), and one
+// bound to an address shares it only with sockets bound to other addresses, whose tuples have their own keys.
+// R6 holds the context; bpf_getsockopt
 // may be called from the sendmsg hooks, which run with the socket locked.
 func reuseCheckInsns(shared string) asm.Instructions {
 	insns := asm.Instructions{

@@ -354,20 +354,12 @@ func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex i
 // as ownerFromEntry's. Anything else (no entry, a shared key, an untrusted owner) reports false, without
 // touching the map counters: sock_diag then answers as before.
 //
-// A UDP tuple is looked up without its local address first: such an entry is written only by a socket that
-// holds its port alone, for every address. When there is none, or its socket is closed, the tuple with the
-// packet's source address is looked up.
+// Only keys with the local address are used. The programs also write address-less keys for a wildcard-bound
+// UDP socket's unconnected sends, but such an entry can outlive the socket's exclusive hold of the port: once
+// the socket connects, the kernel binds it to one address, another socket may bind the port on another address
+// and send to the same peer, and the address-less key would name the first socket's process. Those sends are
+// answered by sock_diag instead.
 func (r *Resolver) ownerFromTuple(key backend.ConnKey) (*procRecord, bool) {
-	if key.Protocol == backend.UDP {
-		k, ok := encodeTupleKey(ipprotoUDP, key.Local, key.Remote, false)
-		if !ok {
-			return nil, false
-		}
-		rec, found, ok := r.ownerFromTupleKey(&k)
-		if ok || found {
-			return rec, ok
-		}
-	}
 	k, ok := encodeTupleKey(uint8(key.Protocol), key.Local, key.Remote, true)
 	if !ok {
 		return nil, false
