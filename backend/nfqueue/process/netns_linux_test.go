@@ -1,8 +1,6 @@
 package process
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"net"
 	"net/netip"
@@ -52,23 +50,7 @@ func runNetnsChild(outside string) error {
 
 func TestResolveInNetns(t *testing.T) {
 	requireRoot(t)
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Fatalf("ip(8) is needed: %v", err)
-	}
-	var suffix [4]byte
-	rand.Read(suffix[:])
-	ns := "warden-proc-" + hex.EncodeToString(suffix[:])
-	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", ns, err, out)
-		}
-	})
-	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		t.Fatalf("lo up: %v: %s", err, out)
-	}
+	ns := newTestNetns(t)
 	// A socket here, in the test's namespace, on an address the child's loopback also has.
 	u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
