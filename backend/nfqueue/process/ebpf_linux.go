@@ -17,6 +17,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// tupleAmbiguous is the tuple map's value for a key two open sockets may share; sock_gen_cookie never gives 0.
+const tupleAmbiguous = 0
+
 // The eBPF socket owner map: small cgroup programs record, for every TCP and UDP socket a process creates (and
 // again whenever another process connects or sends with it), socket cookie -> tgid. sock_diag reports the same
 // cookie with the socket, so a lookup costs one map read instead of a walk of /proc/<pid>/fd.

@@ -128,12 +128,11 @@ func isOctal(c byte) bool { return c >= '0' && c <= '7' }
 //	value: u64 socket cookie, or tupleAmbiguous
 //
 // A UDP key without a local address stands for every source address; the programs record one only for a
-// socket that holds its port alone (see reuseCheckInsns), so it cannot name the socket of another packet.
+// socket that holds its port alone (see reuseCheckInsns), and the resolver does not use it (see
+// Resolver.ownerFromTuple): such a socket may later connect and hold the port on one address only.
 const (
 	tupleKeySize   = 40
 	tupleValueSize = 8
-	// tupleAmbiguous is the value of a key two open sockets may share; sock_gen_cookie never gives 0.
-	tupleAmbiguous = 0
 )
 
 const (
