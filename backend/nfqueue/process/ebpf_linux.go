@@ -229,18 +229,19 @@ func sockAddrInsns(mapFD int, tail asm.Instructions) asm.Instructions {
 	return append(insns, allow()...)
 }
 
-// connectInsns is the connect4/connect6 program: the owner, and for a UDP socket already bound to a port, the
-// tuple marked ambiguous. Such a socket (bound first, typically to share a port by SO_REUSEADDR or
-// SO_REUSEPORT) sends to its peer without any hook seeing it, so the key must not name another socket that
-// shares the port. A socket connected unbound gets its port after this hook, from autobind, which picks a port
-// no other socket holds (but sockets bound to other devices, which never record tuples); its sends are never
-// in the tuple map and are resolved by sock_diag.
+// connectInsns is the connect4/connect6 program: the owner, and for a UDP socket already bound to a port, its
+// tuple. Such a socket (bound first) sends to its peer without any hook seeing it, so its tuple is recorded
+// here, as a send's would be: naming the socket when it holds its address and port alone (no SO_REUSEADDR,
+// SO_REUSEPORT or bound device; see reuseCheckInsns), else marked ambiguous so that the key never names
+// another socket sharing the port. A socket connected unbound gets its port after this hook, from autobind;
+// its sends are never in the tuple map and are resolved by sock_diag. A wildcard-bound socket's key has no
+// local address, which the resolver never uses.
 func connectInsns(v6 bool) func(progMaps) asm.Instructions {
 	return func(m progMaps) asm.Instructions {
 		if m.tuples < 0 {
 			return sockAddrInsns(m.owners, nil)
 		}
-		return sockAddrInsns(m.owners, udpTupleKey(m, v6, false, markAmbiguousInsns(m)))
+		return sockAddrInsns(m.owners, udpTupleKey(m, v6, false, recordOrAmbiguousInsns(m)))
 	}
 }
 
@@ -254,15 +255,20 @@ func sendmsgInsns(v6 bool) func(progMaps) asm.Instructions {
 		if m.tuples < 0 {
 			return sockAddrInsns(m.owners, nil)
 		}
-		var then asm.Instructions
-		then = append(then, reuseCheckInsns("t_shared")...)
-		then = append(then, asm.LoadMem(asm.R7, asm.RFP, keyOff, asm.DWord))
-		then = append(then, tupleRecordInsns(m)...)
-		shared := markAmbiguousInsns(m)
-		shared[0] = shared[0].WithSymbol("t_shared")
-		then = append(then, shared...)
-		return sockAddrInsns(m.owners, udpTupleKey(m, v6, true, then))
+		return sockAddrInsns(m.owners, udpTupleKey(m, v6, true, recordOrAmbiguousInsns(m)))
 	}
+}
+
+// recordOrAmbiguousInsns records the frame's tuple key for the context's socket, or marks it ambiguous for a
+// socket that may share its port (see reuseCheckInsns).
+func recordOrAmbiguousInsns(m progMaps) asm.Instructions {
+	var then asm.Instructions
+	then = append(then, reuseCheckInsns("t_shared")...)
+	then = append(then, asm.LoadMem(asm.R7, asm.RFP, keyOff, asm.DWord))
+	then = append(then, tupleRecordInsns(m)...)
+	shared := markAmbiguousInsns(m)
+	shared[0] = shared[0].WithSymbol("t_shared")
+	return append(then, shared...)
 }
 
 // markAmbiguousInsns marks the frame's tuple key ambiguous, then jumps to "allow".
