@@ -17,6 +17,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/warden-fw/warden/cmd/internal/control"
 	"github.com/warden-fw/warden/cmd/internal/sandbox"
 )
 
@@ -246,7 +247,7 @@ func (d *demo) probes(ctx context.Context, quick bool) (failed int) {
 		{what: "in   ← A → " + hostPort(sandbox.ClientAV4, 22), from: "A", req: tcp(hostPort(sandbox.ClientAV4, 22)), rule: "(inbound default)", expect: "allow", want: "client"},
 		{what: "in   ← A → " + hostPort(sandbox.ClientAV4, 2323), from: "A", req: tcp(hostPort(sandbox.ClientAV4, 2323)), rule: "no-inbound-2323", expect: "block"},
 		{what: "tcp  → " + hostPort(v4, 8080) + ", uplink B down", from: "client", req: tcp(hostPort(v4, 8080)), rule: "via-b", expect: "split",
-			before: func(ctx context.Context) error { return d.top.SetUplink(ctx, sandbox.UplinkB, false) }},
+			before: d.uplinkBDown},
 	}
 	const row = "%-3s %-38s %-17s %-7s %-28s %9s  %s\n"
 	fmt.Fprintf(d.out, row, "#", "CONNECTION", "RULE", "POLICY", "OBSERVED", "TIME", "")
@@ -344,6 +345,30 @@ func (d *demo) daemonLog() string {
 	}
 	b, _ := os.ReadFile(d.logf.Name())
 	return "warden run said:\n" + string(b)
+}
+
+// uplinkBDown takes uplink B down and waits until the daemon has seen it: a connection decided in between
+// would still be sent to B's route (kernel routing) and be lost instead of refused.
+func (d *demo) uplinkBDown(ctx context.Context) error {
+	if err := d.top.SetUplink(ctx, sandbox.UplinkB, false); err != nil {
+		return err
+	}
+	c := control.NewClient(d.socket)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, err := c.Status(ctx)
+		if err == nil && st.SplitTunnel != nil && !st.SplitTunnel.Interface.Up {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the daemon did not see uplink B go down within 10s (last status error: %v)", err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond): // the daemon's status is polled; it has no change feed
+		}
+	}
 }
 
 // teardown stops the daemon (SIGTERM: it removes its rules), the agents, deletes the namespaces and the
