@@ -592,24 +592,7 @@ func TestEBPFKillDetaches(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	reps := make(chan bpfHolderReport, 1)
-	go func() {
-		var rep bpfHolderReport
-		if json.NewDecoder(stdout).Decode(&rep) == nil {
-			reps <- rep
-		}
-		close(reps)
-	}()
-	var rep bpfHolderReport
-	select {
-	case got, ok := <-reps:
-		if !ok {
-			t.Fatal("holder exited without reporting")
-		}
-		rep = got
-	case <-time.After(childStartWait):
-		t.Fatal("holder did not report in time")
-	}
+	rep := readReport[bpfHolderReport](t, stdout, "holder")
 	switch {
 	case rep.Unavailable:
 		t.Skipf("eBPF socket owner map unavailable here: %s", rep.Err)

@@ -1,7 +1,6 @@
 package process
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -31,6 +30,31 @@ const (
 	nobodyUID      = 65534
 	childStartWait = 20 * time.Second
 )
+
+// readReport decodes the one JSON report a child test process writes to its stdout, failing the test if the
+// child exits without it or takes longer than childStartWait.
+func readReport[T any](t *testing.T, stdout io.Reader, who string) T {
+	t.Helper()
+	reports := make(chan T, 1)
+	go func() {
+		var rep T
+		if json.NewDecoder(stdout).Decode(&rep) == nil {
+			reports <- rep
+		}
+		close(reports)
+	}()
+	select {
+	case rep, ok := <-reports:
+		if !ok {
+			t.Fatalf("%s exited without reporting", who)
+		}
+		return rep
+	case <-time.After(childStartWait):
+		t.Fatalf("%s did not report in time", who)
+	}
+	var none T // not reached: Fatalf ends the test
+	return none
+}
 
 func TestMain(m *testing.M) {
 	if ran, err := runEBPFHelper(); ran {
@@ -223,25 +247,7 @@ func startSocketChild(t *testing.T, bin, fam string, lnAddr, udpAddr netip.AddrP
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); wait() })
 
-	addrs := make(chan childAddrs, 1)
-	go func() {
-		var a childAddrs
-		if err := json.NewDecoder(bufio.NewReader(stdout)).Decode(&a); err == nil {
-			addrs <- a
-		}
-		close(addrs)
-	}()
-	var a childAddrs
-	select {
-	case got, ok := <-addrs:
-		if !ok {
-			t.Fatal("child exited without reporting its sockets")
-		}
-		a = got
-	case <-time.After(childStartWait):
-		t.Fatal("child did not report its sockets in time")
-	}
-	return cmd, a, wait
+	return cmd, readReport[childAddrs](t, stdout, "child"), wait
 }
 
 type lookupCase struct {
