@@ -126,15 +126,24 @@ func (r *routes) route(st netif.State, failClosed bool) (uint8, error) {
 		r.slots[st.Spec] = s
 	}
 	if s.ifIndex != st.Interface.Index {
-		ifc := st.Interface
-		if err := r.kr.InstallRoute(s.n, &ifc, failClosed); err != nil {
-			s.ifIndex = 0
+		if err := r.installLocked(s, st, failClosed); err != nil {
 			return 0, err
 		}
-		s.ifIndex = ifc.Index
 		r.failed = false
 	}
 	return s.n, nil
+}
+
+// installLocked (re)installs slot s for the interface st names; s remembers the link it now leads to, or that
+// it must be installed again.
+func (r *routes) installLocked(s *routeSlot, st netif.State, failClosed bool) error {
+	ifc := st.Interface
+	if err := r.kr.InstallRoute(s.n, &ifc, failClosed); err != nil {
+		s.ifIndex = 0
+		return err
+	}
+	s.ifIndex = ifc.Index
+	return nil
 }
 
 // changed follows an interface state change. The kernel deletes a link's routes when it goes down, so a
@@ -150,13 +159,7 @@ func (r *routes) changed(st netif.State, failClosed bool) error {
 		s.ifIndex = 0
 		return nil
 	}
-	ifc := st.Interface
-	if err := r.kr.InstallRoute(s.n, &ifc, failClosed); err != nil {
-		s.ifIndex = 0
-		return err
-	}
-	s.ifIndex = ifc.Index
-	return nil
+	return r.installLocked(s, st, failClosed)
 }
 
 // close removes every installed route.
