@@ -24,6 +24,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -177,7 +178,18 @@ func clientMain() {
 			st := netif.NewResolver(netif.SystemSource(), nil).Get(req.Spec)
 			resp.State = &st
 		case "tcp", "hold":
-			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(req.Src)), Timeout: timeout}
+			// SO_REUSEADDR lets two connections to different destinations share a fixed source port, as
+			// connect() lets them share an ephemeral one.
+			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(req.Src)), Timeout: timeout,
+				Control: func(_, _ string, rc syscall.RawConn) error {
+					var serr error
+					if err := rc.Control(func(fd uintptr) {
+						serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+					}); err != nil {
+						return err
+					}
+					return serr
+				}}
 			c, err := d.Dial("tcp", req.Dst)
 			if err != nil {
 				resp.Err = err.Error()
@@ -532,6 +544,30 @@ func TestNamespaceSplitTunnel(t *testing.T) {
 			}
 			// A table entry naming another interface wins over the default.
 			expectServer(t, e.tcp(hostPort(fam.src, splitPort()), dst, "ua", true), "A")
+		})
+		t.Run("tcp-shared-port-"+fam.name, func(t *testing.T) {
+			// Two split connections from one client port to different destinations at once: towards the
+			// proxy they would be the same connection, so the kernel gives the second another source port
+			// (a real case: connect() shares ephemeral ports between destinations). Conntrack finds its entry.
+			src := hostPort(fam.src, splitPort())
+			d1, d2 := hostPort(fam.dst, 80), hostPort(fam.dst2, 80)
+			c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: d1})
+			h := c.mustCall(request{Op: "hold", Src: src, Dst: d1})
+			if h.Data != "B\n" {
+				t.Fatalf("first connection's greeting %q, want B", h.Data)
+			}
+			t.Cleanup(func() { c.call(request{Op: "close", ID: h.ID}) })
+			before := c.stats().TCP
+			r := e.tcp(src, d2, "", true)
+			expectServer(t, r, "B")
+			if r.Peer != d2 {
+				t.Fatalf("client's peer %s, want %s", r.Peer, d2)
+			}
+			after := c.stats().TCP
+			if after.Remapped != before.Remapped+1 || after.Unresolved != before.Unresolved {
+				t.Fatalf("remapped %d -> %d, unresolved %d -> %d; want one remapped and none unresolved",
+					before.Remapped, after.Remapped, before.Unresolved, after.Unresolved)
+			}
 		})
 		t.Run("udp-"+fam.name, func(t *testing.T) {
 			d1, d2 := hostPort(fam.dst, 53), hostPort(fam.dst2, 53)

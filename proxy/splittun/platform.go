@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"syscall"
 
+	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/proxy/netif"
 )
 
@@ -17,10 +18,12 @@ type Platform interface {
 	// OriginalTCP returns the original destination of an accepted redirected connection. An error wrapping
 	// backend.ErrUnsupported means the OS cannot tell; the proxy then trusts the redirect table alone.
 	OriginalTCP(c *net.TCPConn) (netip.AddrPort, error)
-	// OriginalUDP maps a UDP flow as the proxy sees it (from → to) to the original client address and
-	// destination. They can differ from what the proxy sees: NAT may give a second flow of the same client
-	// socket another source port. An error wrapping backend.ErrUnsupported means the OS cannot tell.
-	OriginalUDP(from, to netip.AddrPort) (client, original netip.AddrPort, err error)
+	// OriginalFlow maps a flow as the proxy sees it (from → to) to the original client address and
+	// destination. The client can differ from what the proxy sees: when the redirected flow would clash with
+	// another one to the proxy (a second UDP flow of one client socket, or a TCP source port the kernel reused
+	// for another destination), NAT gives it another source port. An error wrapping backend.ErrUnsupported
+	// means the OS cannot tell.
+	OriginalFlow(proto backend.Protocol, from, to netip.AddrPort) (client, original netip.AddrPort, err error)
 	// ForgetUDP drops the kernel's state of a redirected UDP flow when its session ends, so the flow's next
 	// packet is decided afresh by the pipeline instead of reaching the proxy with no table entry.
 	ForgetUDP(client, original netip.AddrPort) error

@@ -126,14 +126,23 @@ func decodeSockaddr(sa *unix.RawSockaddrInet6) (netip.AddrPort, error) {
 	return netip.AddrPort{}, fmt.Errorf("original destination: unexpected address family %d", sa.Family)
 }
 
-func (p *linuxPlatform) OriginalUDP(from, to netip.AddrPort) (netip.AddrPort, netip.AddrPort, error) {
+func (p *linuxPlatform) OriginalFlow(proto backend.Protocol, from, to netip.AddrPort) (netip.AddrPort, netip.AddrPort, error) {
+	var ipProto uint8
+	switch proto {
+	case backend.TCP:
+		ipProto = unix.IPPROTO_TCP
+	case backend.UDP:
+		ipProto = unix.IPPROTO_UDP
+	default:
+		return netip.AddrPort{}, netip.AddrPort{}, fmt.Errorf("conntrack lookup of %v: %w", proto, backend.ErrUnsupported)
+	}
 	if p.ct == nil {
 		return netip.AddrPort{}, netip.AddrPort{}, fmt.Errorf("conntrack lookup: %w", backend.ErrUnsupported)
 	}
 	// The proxy sees the flow after DNAT; conntrack's reply tuple is exactly that, reversed.
 	q := conntrack.Flow{TupleReply: conntrack.Tuple{
 		IP:    conntrack.IPTuple{SourceAddress: to.Addr(), DestinationAddress: from.Addr()},
-		Proto: conntrack.ProtoTuple{Protocol: unix.IPPROTO_UDP, SourcePort: to.Port(), DestinationPort: from.Port()},
+		Proto: conntrack.ProtoTuple{Protocol: ipProto, SourcePort: to.Port(), DestinationPort: from.Port()},
 	}}
 	p.mu.Lock()
 	f, err := p.ct.Get(q)

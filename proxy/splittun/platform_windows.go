@@ -37,7 +37,7 @@ func (windowsPlatform) OriginalTCP(*net.TCPConn) (netip.AddrPort, error) {
 	return netip.AddrPort{}, fmt.Errorf("original destination on windows: %w", backend.ErrUnsupported)
 }
 
-func (windowsPlatform) OriginalUDP(from, to netip.AddrPort) (netip.AddrPort, netip.AddrPort, error) {
+func (windowsPlatform) OriginalFlow(_ backend.Protocol, from, to netip.AddrPort) (netip.AddrPort, netip.AddrPort, error) {
 	return netip.AddrPort{}, netip.AddrPort{}, fmt.Errorf("original destination on windows: %w", backend.ErrUnsupported)
 }
 

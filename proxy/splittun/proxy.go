@@ -64,7 +64,10 @@ type ProtoStats struct {
 	// Routed counts connections (TCP) or flows (UDP) carried by kernel routing instead of the relay.
 	Routed uint64 `json:"routed"`
 	// Unresolved counts those whose original destination or table entry could not be found.
-	Unresolved  uint64 `json:"unresolved"`
+	Unresolved uint64 `json:"unresolved"`
+	// Remapped counts TCP connections whose client port NAT changed on the way to the proxy (a clash with an
+	// earlier redirected connection), found through conntrack.
+	Remapped    uint64 `json:"remapped"`
 	DialErrors  uint64 `json:"dial_errors"`
 	IdleExpired uint64 `json:"idle_expired"`
 	BytesOut    uint64 `json:"bytes_out"` // client → destination
@@ -74,14 +77,14 @@ type ProtoStats struct {
 type protoCounters struct {
 	active                                                       atomic.Int64
 	total, rejected, refused, direct, unresolved, dialErrs, idle atomic.Uint64
-	routed                                                       atomic.Uint64
+	routed, remapped                                             atomic.Uint64
 	bytesOut, bytesIn                                            atomic.Uint64
 }
 
 func (c *protoCounters) snapshot() ProtoStats {
 	return ProtoStats{
 		Active: c.active.Load(), Total: c.total.Load(), Rejected: c.rejected.Load(), Refused: c.refused.Load(),
-		Direct: c.direct.Load(), Routed: c.routed.Load(), Unresolved: c.unresolved.Load(), DialErrors: c.dialErrs.Load(),
+		Direct: c.direct.Load(), Routed: c.routed.Load(), Unresolved: c.unresolved.Load(), Remapped: c.remapped.Load(), DialErrors: c.dialErrs.Load(),
 		IdleExpired: c.idle.Load(), BytesOut: c.bytesOut.Load(), BytesIn: c.bytesIn.Load(),
 	}
 }

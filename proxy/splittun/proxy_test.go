@@ -42,7 +42,10 @@ func (f *fakePlatform) OriginalTCP(c *net.TCPConn) (netip.AddrPort, error) {
 	return netip.AddrPort{}, fmt.Errorf("fake: %w", backend.ErrUnsupported)
 }
 
-func (f *fakePlatform) OriginalUDP(from, to netip.AddrPort) (netip.AddrPort, netip.AddrPort, error) {
+func (f *fakePlatform) OriginalFlow(proto backend.Protocol, from, to netip.AddrPort) (netip.AddrPort, netip.AddrPort, error) {
+	if proto != backend.UDP {
+		return netip.AddrPort{}, netip.AddrPort{}, fmt.Errorf("fake: %w", backend.ErrUnsupported)
+	}
 	if pl := f.getPipeline(); pl != nil {
 		pl(backend.UDP, from)
 	}

@@ -118,7 +118,20 @@ func (p *Proxy) resolveTCP(c *net.TCPConn, from netip.AddrPort) (redirect.Entry,
 			// Connected to the proxy directly, not redirected: relaying would loop.
 			return redirect.Entry{}, false
 		}
-		return p.table.TakeFlow(backend.TCP, from, unmap(orig))
+		orig = unmap(orig)
+		if e, ok := p.table.TakeFlow(backend.TCP, from, orig); ok {
+			return e, true
+		}
+		// The kernel may have given the connection another source port on its way to the proxy: its client
+		// port was still in use towards the proxy by an earlier connection to another destination (connect()
+		// shares an ephemeral port between destinations). Conntrack knows the port the pipeline saw.
+		local := unmap(c.LocalAddr().(*net.TCPAddr).AddrPort())
+		client, orig2, err := p.plat.OriginalFlow(backend.TCP, from, local)
+		if err != nil || client == from {
+			return redirect.Entry{}, false
+		}
+		p.tcp.remapped.Add(1)
+		return p.table.TakeFlow(backend.TCP, unmap(client), unmap(orig2))
 	case isUnsupported(err):
 		e, ok := p.table.Take(backend.TCP, from)
 		if ok && p.isSelf(e.Original) {

@@ -80,7 +80,7 @@ func (p *Proxy) readLoop(ln *udpListener) {
 
 // resolveUDP maps a flow as the proxy sees it to its original client, destination and table entry.
 func (p *Proxy) resolveUDP(ln *udpListener, from netip.AddrPort) (redirect.Entry, bool) {
-	client, orig, err := p.plat.OriginalUDP(from, ln.local)
+	client, orig, err := p.plat.OriginalFlow(backend.UDP, from, ln.local)
 	switch {
 	case err == nil:
 		client, orig = unmap(client), unmap(orig)
@@ -98,7 +98,7 @@ func (p *Proxy) resolveUDP(ln *udpListener, from netip.AddrPort) (redirect.Entry
 		return e, ok
 	case isUnsupported(err):
 		// Without kernel help the newest entry of the client is the best guess; exact unless NAT changed the
-		// client's port, which the platform's OriginalUDP exists to see through.
+		// client's port, which the platform's OriginalFlow exists to see through.
 		e, ok := p.table.Lookup(backend.UDP, from)
 		if ok && p.isSelf(e.Original) {
 			return redirect.Entry{}, false
