@@ -85,10 +85,12 @@ type Pipeline struct {
 	clock  atomic.Int64 // Unix seconds, advanced by the janitor; coarse on purpose (it is read per packet)
 	ifaces ifaceCache
 
-	jobs     chan backend.Packet
-	stop     chan struct{}
-	wg       sync.WaitGroup
-	stopOnce sync.Once
+	// immediate is Processes when it can answer some lookups at once (nil otherwise).
+	immediate backend.ImmediateProcessResolver
+	jobs      chan backend.Packet
+	stop      chan struct{}
+	wg        sync.WaitGroup
+	stopOnce  sync.Once
 }
 
 var _ backend.Handler = (*Pipeline)(nil)
@@ -116,6 +118,7 @@ func New(pol *Policy, o Options) *Pipeline {
 		stop:  make(chan struct{}),
 	}
 	p.ifaces.lookup = o.InterfaceName
+	p.immediate, _ = o.Processes.(backend.ImmediateProcessResolver)
 	p.policy.Store(pol)
 	p.clock.Store(time.Now().Unix())
 	p.wg.Add(1)
@@ -174,6 +177,13 @@ func (p *Pipeline) HandlePacket(pkt backend.Packet) {
 	}
 	pol := p.policy.Load()
 	if pol.NeedsProcess && p.opts.Processes != nil && info.PID != p.own {
+		if p.immediate != nil {
+			start := time.Now()
+			if proc, ok := p.resolveNow(info); ok {
+				p.decide(pkt, pol, proc, start)
+				return
+			}
+		}
 		select {
 		case p.jobs <- pkt:
 			return
@@ -197,6 +207,26 @@ func (p *Pipeline) processWorker() {
 			p.decide(pkt, p.policy.Load(), proc, start)
 		}
 	}
+}
+
+// resolveNow asks the immediate resolver; false sends the lookup to a worker.
+func (p *Pipeline) resolveNow(info *backend.Info) (proc backend.Process, ok bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			p.log.Error("process lookup panicked", "conn", info.String(), "panic", r)
+			ok = false
+		}
+	}()
+	got, ok := p.immediate.ResolveProcessNow(info)
+	if !ok {
+		return backend.Process{}, false
+	}
+	p.stats.lookups.Add(1)
+	p.stats.lookupsInline.Add(1)
+	if got.UID < 0 {
+		got.UID = info.UID
+	}
+	return got, true
 }
 
 func (p *Pipeline) resolve(pkt backend.Packet) (proc backend.Process) {

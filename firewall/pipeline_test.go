@@ -315,6 +315,69 @@ func TestSlowLookupDoesNotBlockOthers(t *testing.T) {
 	}
 }
 
+// immediateResolver answers the ports in now at once and leaves the rest to its slowResolver.
+type immediateResolver struct {
+	slowResolver
+	now map[uint16]backend.Process
+}
+
+func (r *immediateResolver) ResolveProcessNow(info *backend.Info) (backend.Process, bool) {
+	if info.Local.Port() == 666 {
+		panic("resolver bug")
+	}
+	p, ok := r.now[info.Local.Port()]
+	return p, ok
+}
+
+// TestImmediateLookupDecidesInline checks that a lookup the resolver answers at once is decided before
+// HandlePacket returns, while one it cannot answer still goes to a worker (which here waits for release).
+func TestImmediateLookupDecidesInline(t *testing.T) {
+	res := &immediateResolver{
+		slowResolver: slowResolver{release: make(chan struct{}), procs: map[uint16]backend.Process{
+			2000: {PID: 20, Path: "/usr/bin/curl", UID: 1000},
+			666:  {PID: 21, Path: "/usr/bin/curl", UID: 1000},
+		}},
+		now: map[uint16]backend.Process{1000: {PID: 10, Path: "/usr/bin/curl", UID: -1}},
+	}
+	p := newPipeline(t, "rules: [{name: no-curl, action: block, app: /usr/bin/curl}]", Options{Processes: res})
+	inline := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:1000", "10.0.0.2:80")
+	inline.info.UID = 1000
+	p.HandlePacket(inline)
+	select {
+	case <-inline.done:
+	default:
+		t.Fatal("an immediate answer was not decided before HandlePacket returned")
+	}
+	if got := inline.wait(t); got != permBlock {
+		t.Errorf("inline: %v, want %v", got, permBlock)
+	}
+	deferred := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:2000", "10.0.0.2:80")
+	p.HandlePacket(deferred)
+	panicky := newPacket(backend.TCP, backend.Outbound, "10.0.0.1:666", "10.0.0.2:80")
+	p.HandlePacket(panicky) // the immediate lookup panics: the worker's lookup still runs
+	select {
+	case <-deferred.done:
+		t.Fatal("a lookup the resolver could not answer at once was decided without the worker")
+	default:
+	}
+	close(res.release)
+	if got := deferred.wait(t); got != permBlock {
+		t.Errorf("deferred: %v, want %v", got, permBlock)
+	}
+	if got := panicky.wait(t); got != permAccept { // the slow resolver panics on 666 too
+		t.Errorf("after a panicking immediate lookup: %v, want %v", got, permAccept)
+	}
+	st := p.Stats()
+	if st.ProcessInline != 1 || st.ProcessLookups != 3 {
+		t.Errorf("stats: %d inline of %d lookups, want 1 of 3", st.ProcessInline, st.ProcessLookups)
+	}
+	for _, c := range p.Connections() {
+		if c.Key.Local.Port() == 1000 && (c.PID != 10 || c.UID != 1000) {
+			t.Errorf("inline connection %+v: want pid 10, the packet's uid 1000", c)
+		}
+	}
+}
+
 func TestReevaluationReportsExactlyChanged(t *testing.T) {
 	p := newPipeline(t, basicPolicy, Options{OwnPID: 4242})
 	pkts := []*testPacket{

@@ -20,6 +20,7 @@ type counters struct {
 	lookups        atomic.Uint64
 	lookupsUnknown atomic.Uint64
 	lookupsSkipped atomic.Uint64
+	lookupsInline  atomic.Uint64
 	// verdicts counts applied decisions by kind: the verdict, with accept-final and the permanent variants
 	// counted under their verdict and finals also under finalCount.
 	verdicts   [backend.NumVerdicts]atomic.Uint64
@@ -50,9 +51,11 @@ type Stats struct {
 	ProcessLookups uint64 `json:"process_lookups"`
 	ProcessUnknown uint64 `json:"process_unknown"`
 	ProcessSkipped uint64 `json:"process_lookups_skipped"`
-	Connections    int    `json:"connections"`
-	Evicted        uint64 `json:"connections_evicted"`
-	Rules          int    `json:"rules"`
+	// ProcessInline counts lookups answered at once on the packet's goroutine, without a worker.
+	ProcessInline uint64 `json:"process_lookups_inline"`
+	Connections   int    `json:"connections"`
+	Evicted       uint64 `json:"connections_evicted"`
+	Rules         int    `json:"rules"`
 }
 
 // Stats returns a snapshot of the counters.
@@ -63,7 +66,8 @@ func (p *Pipeline) Stats() Stats {
 		Failures: p.stats.failures.Load(), Panics: p.stats.panics.Load(), LateDecisions: p.stats.late.Load(),
 		ApplyErrors: p.stats.applyErrors.Load(), ProcessLookups: p.stats.lookups.Load(),
 		ProcessUnknown: p.stats.lookupsUnknown.Load(), ProcessSkipped: p.stats.lookupsSkipped.Load(),
-		Connections: p.conns.len(), Evicted: p.conns.evicted.Load(), Rules: p.policy.Load().Len(),
+		ProcessInline: p.stats.lookupsInline.Load(),
+		Connections:   p.conns.len(), Evicted: p.conns.evicted.Load(), Rules: p.policy.Load().Len(),
 	}
 	for v := range p.stats.verdicts {
 		if n := p.stats.verdicts[v].Load(); n > 0 {

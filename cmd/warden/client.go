@@ -95,8 +95,8 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if a.EBPF {
 					src = "eBPF owner map"
 				}
-				fmt.Fprintf(tw, "process attribution\t%s: %d from the map (%d without a system call, %d without sock_diag), %d from /proc, %d map misses, %d stale\n",
-					src, a.MapAnswers, a.MapFast, a.TupleAnswers, a.ProcAnswers, a.MapMisses, a.MapStale)
+				fmt.Fprintf(tw, "process attribution\t%s: %d from the map (%d without a system call, %d without sock_diag, %d on the packet's goroutine), %d from /proc, %d map misses, %d stale\n",
+					src, a.MapAnswers, a.MapFast, a.TupleAnswers, a.Immediate, a.ProcAnswers, a.MapMisses, a.MapStale)
 			}
 			if ns := s.Nameserver; ns != nil {
 				fmt.Fprintf(tw, "nameserver\t%s: %d queries, %d cached, %d blocked, %d failed\n",

@@ -536,9 +536,9 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 	}
 	if cfg == cfgWarden {
 		if st, err := control.NewClient(b.socket).Status(b.ctx); err == nil {
-			b.logf("  warden: %d packets, %d connections, %d process lookups (%d unknown, %d skipped), %d failures",
-				st.Pipeline.Packets, st.Pipeline.Connections, st.Pipeline.ProcessLookups, st.Pipeline.ProcessUnknown,
-				st.Pipeline.ProcessSkipped, st.Pipeline.Failures)
+			b.logf("  warden: %d packets, %d connections, %d process lookups (%d inline, %d unknown, %d skipped), %d failures",
+				st.Pipeline.Packets, st.Pipeline.Connections, st.Pipeline.ProcessLookups, st.Pipeline.ProcessInline,
+				st.Pipeline.ProcessUnknown, st.Pipeline.ProcessSkipped, st.Pipeline.Failures)
 			if a := st.Attribution; a != nil {
 				b.logf("  attribution: ebpf %v, %d map answers (%d without a system call, %d from the tuple map), %d sock_diag queries, %d /proc, %d map misses, %d stale",
 					a.EBPF, a.MapAnswers, a.MapFast, a.TupleAnswers, a.DiagLookups, a.ProcAnswers, a.MapMisses, a.MapStale)

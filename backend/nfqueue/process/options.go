@@ -33,4 +33,7 @@ type Stats struct {
 	TupleAnswers uint64 `json:"tuple_answers"`
 	// DiagLookups counts sock_diag socket lookups.
 	DiagLookups uint64 `json:"diag_lookups"`
+	// Immediate counts lookups answered on the packet's own goroutine (ResolveProcessNow), without handing
+	// the packet to a lookup worker.
+	Immediate uint64 `json:"immediate"`
 }

@@ -28,7 +28,7 @@ const (
 	hotPIDs = 8
 )
 
-var _ backend.ProcessResolver = (*Resolver)(nil)
+var _ backend.ImmediateProcessResolver = (*Resolver)(nil)
 
 // socketFinder looks up the socket behind a connection; it is the sock_diag pool outside unit tests.
 type socketFinder func(proto backend.Protocol, dir backend.Direction, local, remote netip.AddrPort, ifindex int) (sockInfo, error)
@@ -65,6 +65,7 @@ type Resolver struct {
 	mapStale    atomic.Uint64
 	mapFast     atomic.Uint64
 	tupleHits   atomic.Uint64
+	immediate   atomic.Uint64
 	diagLookups atomic.Uint64
 
 	tupleMu sync.RWMutex // guards tuples
@@ -226,6 +227,7 @@ func (r *Resolver) Stats() Stats {
 		TupleMap:     r.bpf != nil && r.bpf.hasTuples(),
 		TupleAnswers: r.tupleHits.Load(),
 		DiagLookups:  r.diagLookups.Load(),
+		Immediate:    r.immediate.Load(),
 	}
 }
 
@@ -240,15 +242,8 @@ func processAlive(pid int32) bool {
 // process holds the socket any more, or the socket cannot be found. It may read /proc and wait for a shared
 // /proc walk (tens of milliseconds at worst), so it must not run on a packet-reading goroutine.
 func (r *Resolver) ResolveProcess(info *backend.Info) (backend.Process, bool) {
-	if info == nil || !info.Protocol.HasPorts() || r.isClosed.Load() {
-		return backend.Process{}, false
-	}
-	key := backend.ConnKey{
-		Protocol: info.Protocol,
-		Local:    netip.AddrPortFrom(info.Local.Addr().Unmap(), info.Local.Port()),
-		Remote:   netip.AddrPortFrom(info.Remote.Addr().Unmap(), info.Remote.Port()),
-	}
-	if !key.Local.Addr().IsValid() || !key.Remote.Addr().IsValid() || key.Local.Addr().Is4() != key.Remote.Addr().Is4() {
+	key, ok := r.lookupKey(info)
+	if !ok {
 		return backend.Process{}, false
 	}
 	if e, ok := r.cachedTuple(key); ok {
@@ -262,6 +257,44 @@ func (r *Resolver) ResolveProcess(info *backend.Info) (backend.Process, bool) {
 		r.storeTuple(key, tupleEntry{rec: rec, uid: uid})
 	}
 	return backend.Process{PID: rec.pid, Path: rec.path, UID: uid}, true
+}
+
+// ResolveProcessNow answers what it can without blocking: from the answer cache, or for an outbound
+// connection from the eBPF tuple map when the owner's record is trusted as it is (two bpf(2) map lookups, no
+// sock_diag, no /proc). ok false means "ask ResolveProcess".
+func (r *Resolver) ResolveProcessNow(info *backend.Info) (backend.Process, bool) {
+	key, ok := r.lookupKey(info)
+	if !ok {
+		return backend.Process{}, false
+	}
+	if e, ok := r.cachedTuple(key); ok {
+		return backend.Process{PID: e.rec.pid, Path: e.rec.path, UID: e.uid}, true
+	}
+	if info.Direction != backend.Outbound || info.UID < 0 || r.bpf == nil {
+		return backend.Process{}, false
+	}
+	rec, ok := r.ownerFromTuple(key, false)
+	if !ok {
+		return backend.Process{}, false
+	}
+	r.immediate.Add(1)
+	return backend.Process{PID: rec.pid, Path: rec.path, UID: info.UID}, true
+}
+
+// lookupKey is the connection's key as the lookups use it, or false when info describes nothing to look up.
+func (r *Resolver) lookupKey(info *backend.Info) (backend.ConnKey, bool) {
+	if info == nil || !info.Protocol.HasPorts() || r.isClosed.Load() {
+		return backend.ConnKey{}, false
+	}
+	key := backend.ConnKey{
+		Protocol: info.Protocol,
+		Local:    netip.AddrPortFrom(info.Local.Addr().Unmap(), info.Local.Port()),
+		Remote:   netip.AddrPortFrom(info.Remote.Addr().Unmap(), info.Remote.Port()),
+	}
+	if !key.Local.Addr().IsValid() || !key.Remote.Addr().IsValid() || key.Local.Addr().Is4() != key.Remote.Addr().Is4() {
+		return backend.ConnKey{}, false
+	}
+	return key, true
 }
 
 // cachedTuple returns a fresh cached answer whose process still exists.
@@ -319,7 +352,7 @@ func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex i
 	// UID sock_diag would report is the socket's sk_uid, which the queue reported with the packet; without
 	// it, sock_diag is asked so the answer stays complete.
 	if dir == backend.Outbound && queueUID >= 0 && r.bpf != nil {
-		if rec, ok := r.ownerFromTuple(key); ok {
+		if rec, ok := r.ownerFromTuple(key, true); ok {
 			return rec, queueUID, true
 		}
 	}
@@ -359,38 +392,31 @@ func (r *Resolver) resolve(dir backend.Direction, key backend.ConnKey, ifindex i
 // the socket connects, the kernel binds it to one address, another socket may bind the port on another address
 // and send to the same peer, and the address-less key would name the first socket's process. Those sends are
 // answered by sock_diag instead.
-func (r *Resolver) ownerFromTuple(key backend.ConnKey) (*procRecord, bool) {
+func (r *Resolver) ownerFromTuple(key backend.ConnKey, mayBlock bool) (*procRecord, bool) {
 	k, ok := encodeTupleKey(uint8(key.Protocol), key.Local, key.Remote, true)
 	if !ok {
 		return nil, false
 	}
-	rec, _, ok := r.ownerFromTupleKey(&k)
-	return rec, ok
-}
-
-// ownerFromTupleKey is ownerFromTuple for one key. found reports whether the key named an open socket or was
-// ambiguous: another key must not be tried then.
-func (r *Resolver) ownerFromTupleKey(k *[tupleKeySize]byte) (rec *procRecord, found, ok bool) {
-	cookie, ok := r.bpf.lookupTuple(k)
-	if !ok {
-		return nil, false, false
-	}
-	if cookie == tupleAmbiguous {
-		return nil, true, false
+	cookie, ok := r.bpf.lookupTuple(&k)
+	if !ok || cookie == tupleAmbiguous {
+		return nil, false
 	}
 	e, ok := r.bpf.lookup(cookie)
 	if !ok {
-		return nil, false, false // closed
+		return nil, false // closed
 	}
-	if rec = r.trustedRecord(&e); rec != nil {
+	rec := r.trustedRecord(&e)
+	if rec != nil {
 		r.mapFast.Add(1)
+	} else if !mayBlock {
+		return nil, false
 	} else if rec, ok = r.recordStartedBy(e.tgid, bootTicks(e.seenNs)); !ok {
-		return nil, true, false
+		return nil, false
 	}
 	r.noteHot(rec.pid)
 	r.mapAnswers.Add(1)
 	r.tupleHits.Add(1)
-	return rec, true, true
+	return rec, true
 }
 
 // ownerFromMap returns the record of the process the eBPF map names as the socket's user, if that process

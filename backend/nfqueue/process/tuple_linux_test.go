@@ -357,6 +357,17 @@ func checkTupleLookup(t *testing.T, r *Resolver, name string, info backend.Info,
 	if diff := cmp.Diff(path, tupleDelta(before, r.Stats())); diff != "" {
 		t.Errorf("%s: answer path -want +got\n%s", name, diff)
 	}
+	// The immediate lookup (the packet's goroutine) answers exactly what the tuple map answered, now that the
+	// process's record is known, and leaves everything else to ResolveProcess.
+	now, ok := r.ResolveProcessNow(&info)
+	switch {
+	case path == byTuple && !ok:
+		t.Errorf("%s: the tuple map answered, the immediate lookup did not", name)
+	case path == byTuple && now != got:
+		t.Errorf("%s: immediate lookup %+v, ResolveProcess %+v", name, now, got)
+	case path != byTuple && ok:
+		t.Errorf("%s: immediate lookup answered %+v without the tuple map", name, now)
+	}
 }
 
 // TestCmpXchgEncoding checks the compare-and-exchange the tuple programs use is encoded as one (imm
@@ -426,6 +437,9 @@ func TestTupleMapAnswersOutbound(t *testing.T) {
 			info := out(backend.UDP, rep.UDP, sinkAddr)
 			if a := testing.AllocsPerRun(100, func() { r.ResolveProcess(&info) }); a != 0 {
 				t.Errorf("a tuple map answer allocates %v times", a)
+			}
+			if a := testing.AllocsPerRun(100, func() { r.ResolveProcessNow(&info) }); a != 0 {
+				t.Errorf("an immediate tuple map answer allocates %v times", a)
 			}
 		})
 	}
