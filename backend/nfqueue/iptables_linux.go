@@ -136,7 +136,9 @@ func (fw *firewall) cleanupLocked() error {
 				errs = append(errs, fmt.Errorf("%s: %w", f.name, err))
 			}
 		}
-		for _, c := range f.chains {
+		// In reverse: a chain another of ours jumps to is deleted after that one.
+		for i := len(f.chains) - 1; i >= 0; i-- {
+			c := f.chains[i]
 			ok, err := f.ipt.ChainExists(c.Table, c.Chain)
 			if err != nil {
 				if isNotExist(err) {

@@ -14,9 +14,12 @@ import (
 const (
 	chainIngestOutput = "WARDEN-INGEST-OUTPUT"
 	chainIngestInput  = "WARDEN-INGEST-INPUT"
-	chainFilter       = "WARDEN-FILTER"
-	chainRedirect     = "WARDEN-REDIRECT"
-	chainSplitSNAT    = "WARDEN-SPLIT-SNAT"
+	// The ingest chains' branches for packets that already carry a mark.
+	chainForeignOutput = "WARDEN-FOREIGN-OUTPUT"
+	chainForeignInput  = "WARDEN-FOREIGN-INPUT"
+	chainFilter        = "WARDEN-FILTER"
+	chainRedirect      = "WARDEN-REDIRECT"
+	chainSplitSNAT     = "WARDEN-SPLIT-SNAT"
 )
 
 // chainRules is one of our chains and its rules, in order.
@@ -90,10 +93,15 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 	related := []string{"-m", "conntrack", "--ctstate", "RELATED"}
 	rst := []string{"-p", "tcp", "-m", "tcp", "--tcp-flags", "RST", "RST"}
 
-	ingest := func(chain string, replies, rest queueRange) chainRules {
+	// Every packet of every connection passes the ingest chain and the filter chain, so the common cases are
+	// decided by the first rules: a packet without a mark of its own costs three rule evaluations when its
+	// connection is decided (no foreign mark, restore, return), an accepted one one more in filter.
+	foreignChain := func(chain string, replies, rest queueRange) chainRules {
+		// Reached by goto from the ingest chain for a packet that already carries a mark (another program's,
+		// or SO_MARK 1709 on Warden's own sockets): a RETURN here, or the end of the chain, returns from the
+		// ingest chain too.
 		c := chainRules{Table: "mangle", Chain: chain}
 		add := func(r ...[]string) { c.Rules = append(c.Rules, cat(r...)) }
-		foreign := []string{"-m", "mark", "!", "--mark", "0"}
 		pending := []string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.ForeignPending))}
 		// 1. A foreign mark (a WireGuard fwmark, say) on a connection's first packet: the packet was queued
 		// with its mark intact (rule 4) and Warden accepted it by letting this hook run again (NF_REPEAT).
@@ -101,35 +109,49 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		// connection whose first packet passed the queue unanswered (no daemon, fail_mode: open) can otherwise
 		// reach this rule still pending, and fail open lets it through anyway; a start flushes such entries.
 		// There is deliberately no narrower condition: whatever follows a repeat must not queue it again.
-		add(foreign, pending, []string{"-j", "CONNMARK", "--set-mark", strconv.Itoa(int(marks.AcceptAlways))})
+		add(pending, []string{"-j", "CONNMARK", "--set-mark", strconv.Itoa(int(marks.AcceptAlways))})
 		// 2. A foreign mark on a connection already accepted for good: leave the packet alone, so the restore
 		// below does not overwrite the mark other software routes by.
 		for _, cm := range []uint32{marks.AcceptAlways, marks.AcceptFinal} {
-			add(foreign, []string{"-m", "connmark", "--mark", strconv.Itoa(int(cm)), "-j", "RETURN"})
+			add([]string{"-m", "connmark", "--mark", strconv.Itoa(int(cm)), "-j", "RETURN"})
 		}
 		// 3. Warden's own sockets carry SO_MARK 1709: remember it on the connection and never queue them.
 		// Saving here is safe because the packet returns before the restore.
 		add(mark(marks.AcceptFinal), []string{"-j", "CONNMARK", "--save-mark"})
 		add(mark(marks.AcceptFinal), []string{"-j", "RETURN"})
 		// 4. A foreign mark on a new connection: ask Warden without restoring (which would zero the mark).
-		add(foreign, []string{"-m", "connmark", "--mark", "0", "-j", "CONNMARK", "--set-mark", strconv.Itoa(int(marks.ForeignPending))})
-		add(foreign, pending, []string{"-m", "conntrack", "--ctdir", "REPLY"}, replies.args())
-		add(foreign, pending, rest.args())
-		// 5. Later packets of a decided connection get its permanent mark back from the connmark.
+		add([]string{"-m", "connmark", "--mark", "0", "-j", "CONNMARK", "--set-mark", strconv.Itoa(int(marks.ForeignPending))})
+		add(pending, []string{"-m", "conntrack", "--ctdir", "REPLY"}, replies.args())
+		add(pending, rest.args())
+		// 5. Any other connection's verdict (a block, say) replaces the foreign mark.
 		add([]string{"-j", "CONNMARK", "--restore-mark"})
+		return c
+	}
+	ingest := func(chain, foreign string, replies, rest queueRange) chainRules {
+		c := chainRules{Table: "mangle", Chain: chain}
+		add := func(r ...[]string) { c.Rules = append(c.Rules, cat(r...)) }
+		add([]string{"-m", "mark", "!", "--mark", "0", "-g", foreign})
+		// Later packets of a decided connection get its permanent mark back from the connmark, and leave.
+		add([]string{"-j", "CONNMARK", "--restore-mark"})
+		add([]string{"-m", "mark", "!", "--mark", "0", "-j", "RETURN"})
 		// ICMP errors and the TCP resets REJECT generates are RELATED to a connection already decided; they
 		// are not queued (a queued reset would be rejected again and never leave).
-		add(mark(0), icmp, related, []string{"-j", "RETURN"})
-		add(mark(0), rst, related, []string{"-j", "RETURN"})
-		// 6. Undecided: ask Warden. Reply-direction packets belong to connections opened from the other
-		// side, so they go to that direction's queues; the queue tells the connection's direction.
-		add(mark(0), []string{"-m", "conntrack", "--ctdir", "REPLY"}, replies.args())
-		add(mark(0), rest.args())
+		add(icmp, related, []string{"-j", "RETURN"})
+		add(rst, related, []string{"-j", "RETURN"})
+		// Undecided: ask Warden. Reply-direction packets belong to connections opened from the other side, so
+		// they go to that direction's queues; the queue tells the connection's direction.
+		add([]string{"-m", "conntrack", "--ctdir", "REPLY"}, replies.args())
+		add(rest.args())
 		return c
 	}
 
 	filter := chainRules{Table: "filter", Chain: chainFilter}
 	addF := func(r ...[]string) { filter.Rules = append(filter.Rules, cat(r...)) }
+	// Later packets of accepted connections, the bulk of all traffic: the mark was restored from the connmark,
+	// there is nothing to save, and one rule decides.
+	addF(mark(marks.AcceptAlways), []string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.AcceptAlways)), "-j", "RETURN"})
+	addF(mark(marks.AcceptFinal), []string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.AcceptFinal)), "-j", "ACCEPT"})
+	addF(splitRouteMarks, []string{"-m", "connmark", "--mark", fmt.Sprintf("%d/0x%x", marks.SplitRouteBase, marks.SplitRouteMask), "-j", "RETURN"})
 	// The filter table runs after mangle, where the verdict's mark was set (and, for later packets, restored),
 	// so saving here never races the restore. Saves come first because REJECT and DROP end the traversal.
 	for _, m := range permanentMarks {
@@ -160,6 +182,8 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 	}
 
 	redirect := chainRules{Table: "nat", Chain: chainRedirect}
+	// Only a connection's first packet passes nat; most are accepted and leave at once.
+	redirect.Rules = append(redirect.Rules, cat(mark(marks.AcceptAlways), []string{"-j", "RETURN"}))
 	for _, r := range []struct {
 		mark uint32
 		port uint16
@@ -175,9 +199,12 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 	// the socket chose: give them that interface's address. Only a connection's first packet passes nat.
 	snat := chainRules{Table: "nat", Chain: chainSplitSNAT, Rules: [][]string{cat(splitRouteMarks, []string{"-j", "MASQUERADE"})}}
 
+	// Chains are created in this order and deleted in the reverse: a chain exists before a rule jumps to it.
 	chains := []chainRules{
-		ingest(chainIngestOutput, p.In, p.Out),
-		ingest(chainIngestInput, p.Out, p.In),
+		foreignChain(chainForeignOutput, p.In, p.Out),
+		foreignChain(chainForeignInput, p.Out, p.In),
+		ingest(chainIngestOutput, chainForeignOutput, p.In, p.Out),
+		ingest(chainIngestInput, chainForeignInput, p.Out, p.In),
 		filter,
 		redirect,
 		snat,
