@@ -55,7 +55,14 @@ type bpfOwners struct {
 	hooks   []bpfHook
 	progs   []*ebpf.Program
 	links   []link.Link
+	// The socket mirror (with the tuple map only): the event ring, its lost-event counter, and their reader.
+	ringMap, lostMap *ebpf.Map
+	mirror           *mirrorRing
 }
+
+// mirrorRingSize is the event ring's size: about 10 000 sockets' events (socket, tuple, release) between two
+// reads. It is read at every lookup and at least every mirrorSyncInterval.
+var mirrorRingSize = 1 << 21
 
 // Kernel constants the programs use (linux/in.h, linux/bpf.h).
 const (
@@ -100,6 +107,7 @@ const (
 	commOff     = valueOff + ownerCommOff // where the value's comm is built
 	tupleKeyOff = valueOff - tupleKeySize
 	tupleValOff = tupleKeyOff - tupleValueSize
+	lostKeyOff  = tupleValOff - 8 // the lost-event counter's array index (0)
 )
 
 // progMaps is what the programs are built with: the maps' descriptors and the network namespace whose
@@ -108,6 +116,9 @@ type progMaps struct {
 	owners int
 	tuples int // -1: no tuple map
 	netns  uint64
+	// ring receives an event for every map write and socket release (see mirror.go), and lost counts the
+	// events a full ring refused; -1: no mirror.
+	ring, lost int
 }
 
 // v4MappedMarker is the third 32-bit word of an IPv4-mapped IPv6 address (bytes 00 00 ff ff) as a native-endian
@@ -135,9 +146,39 @@ func currentComm() asm.Instructions {
 	}
 }
 
-// storeOwner writes the value (tgid from R7, the time, the thread's name) and updates the map at the frame's
-// key.
-func storeOwner(mapFD int) asm.Instructions {
+// bpfRBNoWakeup is BPF_RB_NO_WAKEUP: nobody sleeps on the ring (user space reads it when it resolves).
+const bpfRBNoWakeup = 1
+
+// emitInsns puts size bytes of the frame at off into the ring as one event, and counts it lost when the ring
+// is full. It clobbers R0-R5; done names its last instruction and must be unique in the program.
+func emitInsns(m progMaps, off int16, size int32, done string) asm.Instructions {
+	if m.ring < 0 {
+		return nil
+	}
+	return asm.Instructions{
+		asm.LoadMapPtr(asm.R1, m.ring),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, int32(off)),
+		asm.Mov.Imm(asm.R3, size),
+		asm.Mov.Imm(asm.R4, bpfRBNoWakeup),
+		asm.FnRingbufOutput.Call(),
+		asm.JEq.Imm(asm.R0, 0, done),
+		asm.StoreImm(asm.RFP, lostKeyOff, 0, asm.Word),
+		asm.LoadMapPtr(asm.R1, m.lost),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, lostKeyOff),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, done),
+		asm.Mov.Imm(asm.R1, 1),
+		asm.AddAtomic.Mem(asm.R0, asm.R1, asm.DWord, 0),
+		asm.Mov.Imm(asm.R0, 0).WithSymbol(done),
+	}
+}
+
+// storeOwner writes the value (tgid from R7, the time, the thread's name), updates the map at the frame's
+// key, and reports the write to the mirror.
+func storeOwner(m progMaps) asm.Instructions {
+	mapFD := m.owners
 	insns := asm.Instructions{
 		asm.StoreMem(asm.RFP, valueOff, asm.R7, asm.Word),
 		asm.StoreImm(asm.RFP, valueOff+4, 0, asm.Word),
@@ -145,7 +186,7 @@ func storeOwner(mapFD int) asm.Instructions {
 		asm.StoreMem(asm.RFP, valueOff+8, asm.R0, asm.DWord),
 	}
 	insns = append(insns, currentComm()...)
-	return append(insns,
+	insns = append(insns,
 		asm.LoadMapPtr(asm.R1, mapFD),
 		asm.Mov.Reg(asm.R2, asm.RFP),
 		asm.Add.Imm(asm.R2, keyOff),
@@ -154,6 +195,7 @@ func storeOwner(mapFD int) asm.Instructions {
 		asm.Mov.Imm(asm.R4, bpfAny),
 		asm.FnMapUpdateElem.Call(),
 	)
+	return append(insns, emitInsns(m, valueOff, ownerEventSize, "o_emitted")...)
 }
 
 // allow ends a program with 1: the socket call goes ahead unchanged.
@@ -183,7 +225,7 @@ func sockCreateInsns(m progMaps) asm.Instructions {
 	insns = append(insns, asm.Mov.Reg(asm.R6, asm.R1))
 	insns = append(insns, protocolFilter(sockProtocolOff)...)
 	insns = append(insns, cookieAndTgid()...)
-	insns = append(insns, storeOwner(m.owners)...)
+	insns = append(insns, storeOwner(m)...)
 	return append(insns, allow()...)
 }
 
@@ -194,7 +236,8 @@ func sockCreateInsns(m progMaps) asm.Instructions {
 // with what it knows of the process (an exec keeps the PID). The common case, the creator using its own
 // socket, is a map read without a write. tail runs after the owner is recorded (or found current); it starts at
 // the label "owned" and ends the program.
-func sockAddrInsns(mapFD int, tail asm.Instructions) asm.Instructions {
+func sockAddrInsns(m progMaps, tail asm.Instructions) asm.Instructions {
+	mapFD := m.owners
 	var insns asm.Instructions
 	insns = append(insns, asm.Mov.Reg(asm.R6, asm.R1))
 	insns = append(insns, protocolFilter(sockAddrProtocolOff)...)
@@ -218,7 +261,7 @@ func sockAddrInsns(mapFD int, tail asm.Instructions) asm.Instructions {
 		asm.LoadMem(asm.R2, asm.RFP, commOff+8, asm.DWord),
 		asm.JEq.Reg(asm.R1, asm.R2, "owned"),
 	)
-	store := storeOwner(mapFD)
+	store := storeOwner(m)
 	store[0] = store[0].WithSymbol("update")
 	insns = append(insns, store...)
 	if len(tail) == 0 {
@@ -239,9 +282,9 @@ func sockAddrInsns(mapFD int, tail asm.Instructions) asm.Instructions {
 func connectInsns(v6 bool) func(progMaps) asm.Instructions {
 	return func(m progMaps) asm.Instructions {
 		if m.tuples < 0 {
-			return sockAddrInsns(m.owners, nil)
+			return sockAddrInsns(m, nil)
 		}
-		return sockAddrInsns(m.owners, udpTupleKey(m, v6, false, recordOrAmbiguousInsns(m)))
+		return sockAddrInsns(m, udpTupleKey(m, v6, false, recordOrAmbiguousInsns(m)))
 	}
 }
 
@@ -253,9 +296,9 @@ func connectInsns(v6 bool) func(progMaps) asm.Instructions {
 func sendmsgInsns(v6 bool) func(progMaps) asm.Instructions {
 	return func(m progMaps) asm.Instructions {
 		if m.tuples < 0 {
-			return sockAddrInsns(m.owners, nil)
+			return sockAddrInsns(m, nil)
 		}
-		return sockAddrInsns(m.owners, udpTupleKey(m, v6, true, recordOrAmbiguousInsns(m)))
+		return sockAddrInsns(m, udpTupleKey(m, v6, true, recordOrAmbiguousInsns(m)))
 	}
 }
 
@@ -283,7 +326,7 @@ func markAmbiguousInsns(m progMaps) asm.Instructions {
 		asm.Add.Imm(asm.R3, tupleValOff),
 		asm.Mov.Imm(asm.R4, bpfAny),
 		asm.FnMapUpdateElem.Call(),
-		asm.Ja.Label("allow"),
+		asm.Ja.Label("t_amb_ev"),
 	}
 }
 
@@ -427,7 +470,7 @@ func udpTupleKey(m progMaps, v6, sendmsg bool, then asm.Instructions) asm.Instru
 // Concurrent writers of one key are ordered by creating it with BPF_NOEXIST and replacing a closed socket's
 // cookie by compare-and-exchange; a writer that loses either race marks the key ambiguous.
 func tupleRecordInsns(m progMaps) asm.Instructions {
-	return asm.Instructions{
+	insns := asm.Instructions{
 		asm.LoadMapPtr(asm.R1, m.tuples),
 		asm.Mov.Reg(asm.R2, asm.RFP),
 		asm.Add.Imm(asm.R2, tupleKeyOff),
@@ -445,15 +488,15 @@ func tupleRecordInsns(m progMaps) asm.Instructions {
 		asm.JEq.Imm(asm.R0, 0, "t_take"),
 		// Another open socket: ambiguous.
 		asm.Mov.Imm(asm.R5, tupleAmbiguous), asm.StoreMem(asm.R8, 0, asm.R5, asm.DWord),
-		asm.Ja.Label("allow"),
+		asm.Ja.Label("t_amb_ev"),
 		// The other socket is closed: take the key over, unless another writer changed it meanwhile.
 		asm.LoadMem(asm.R0, asm.RFP, tupleValOff, asm.DWord).WithSymbol("t_take"),
 		cmpXchg64(asm.R8, asm.R7),
 		asm.LoadMem(asm.R1, asm.RFP, tupleValOff, asm.DWord),
-		asm.JEq.Reg(asm.R0, asm.R1, "allow"),
+		asm.JEq.Reg(asm.R0, asm.R1, "t_set_ev"),
 		asm.JEq.Reg(asm.R0, asm.R7, "allow"),
 		asm.Mov.Imm(asm.R5, tupleAmbiguous), asm.StoreMem(asm.R8, 0, asm.R5, asm.DWord),
-		asm.Ja.Label("allow"),
+		asm.Ja.Label("t_amb_ev"),
 		// No entry: create one, unless another writer just did.
 		asm.StoreMem(asm.RFP, tupleValOff, asm.R7, asm.DWord).WithSymbol("t_new"),
 		asm.LoadMapPtr(asm.R1, m.tuples),
@@ -463,7 +506,7 @@ func tupleRecordInsns(m progMaps) asm.Instructions {
 		asm.Add.Imm(asm.R3, tupleValOff),
 		asm.Mov.Imm(asm.R4, bpfNoExist),
 		asm.FnMapUpdateElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "allow"),
+		asm.JEq.Imm(asm.R0, 0, "t_set_ev"),
 		asm.LoadMapPtr(asm.R1, m.tuples),
 		asm.Mov.Reg(asm.R2, asm.RFP),
 		asm.Add.Imm(asm.R2, tupleKeyOff),
@@ -472,8 +515,19 @@ func tupleRecordInsns(m progMaps) asm.Instructions {
 		asm.LoadMem(asm.R1, asm.R0, 0, asm.DWord),
 		asm.JEq.Reg(asm.R1, asm.R7, "allow"),
 		asm.Mov.Imm(asm.R5, tupleAmbiguous), asm.StoreMem(asm.R0, 0, asm.R5, asm.DWord),
-		asm.Ja.Label("allow"),
+		// The key's new value, reported to the mirror: the cookie, or ambiguous.
+		asm.Mov.Imm(asm.R5, tupleAmbiguous).WithSymbol("t_amb_ev"),
+		asm.StoreMem(asm.RFP, tupleValOff, asm.R5, asm.DWord),
+		asm.Ja.Label("t_emit"),
+		asm.StoreMem(asm.RFP, tupleValOff, asm.R7, asm.DWord).WithSymbol("t_set_ev"),
 	}
+	emit := emitInsns(m, tupleValOff, tupleEventSize, "t_emitted")
+	if len(emit) == 0 {
+		emit = asm.Instructions{asm.Mov.Imm(asm.R0, 0)}
+	}
+	emit[0] = emit[0].WithSymbol("t_emit")
+	insns = append(insns, emit...)
+	return append(insns, asm.Ja.Label("allow"))
 }
 
 // bpfCmpXchg is BPF_CMPXCHG, the immediate of an atomic compare-and-exchange instruction (linux/bpf.h).
@@ -562,6 +616,7 @@ func sockReleaseInsns(m progMaps) asm.Instructions {
 		asm.Add.Imm(asm.R2, keyOff),
 		asm.FnMapDeleteElem.Call(),
 	)
+	insns = append(insns, emitInsns(m, keyOff, releaseEventSize, "r_emitted")...)
 	return append(insns, allow()...)
 }
 
@@ -611,7 +666,7 @@ func newBPFOwners(withTuples bool, netns uint64) (_ *bpfOwners, err error) {
 			b.close()
 		}
 	}()
-	pm := progMaps{owners: b.fd, tuples: -1, netns: netns}
+	pm := progMaps{owners: b.fd, tuples: -1, netns: netns, ring: -1, lost: -1}
 	b.hooks = bpfHooks
 	if withTuples {
 		if b.tuples, err = ebpf.NewMap(&ebpf.MapSpec{
@@ -625,6 +680,18 @@ func newBPFOwners(withTuples bool, netns uint64) (_ *bpfOwners, err error) {
 		}
 		b.tupleFD = b.tuples.FD()
 		pm.tuples = b.tupleFD
+		if b.ringMap, err = ebpf.NewMap(&ebpf.MapSpec{Name: "warden_events", Type: ebpf.RingBuf, MaxEntries: uint32(mirrorRingSize)}); err != nil {
+			return nil, fmt.Errorf("creating the socket event ring: %w", classify(err))
+		}
+		if b.lostMap, err = ebpf.NewMap(&ebpf.MapSpec{
+			Name: "warden_lost", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1, Flags: unix.BPF_F_MMAPABLE,
+		}); err != nil {
+			return nil, fmt.Errorf("creating the lost-event counter: %w", classify(err))
+		}
+		if b.mirror, err = newMirrorRing(b.ringMap.FD(), mirrorRingSize, b.lostMap.FD()); err != nil {
+			return nil, fmt.Errorf("%w: %w", errBPFUnavailable, err)
+		}
+		pm.ring, pm.lost = b.ringMap.FD(), b.lostMap.FD()
 		b.hooks = append(slices.Clone(bpfHooks), tupleHook)
 	}
 	for _, h := range b.hooks {
@@ -832,5 +899,14 @@ func (b *bpfOwners) close() {
 		b.tuples.Close()
 		b.tuples = nil
 	}
+	if b.mirror != nil {
+		b.mirror.close()
+	}
+	for _, m := range []*ebpf.Map{b.ringMap, b.lostMap} {
+		if m != nil {
+			m.Close()
+		}
+	}
+	b.ringMap, b.lostMap = nil, nil
 	b.fd, b.tupleFD = -1, -1
 }

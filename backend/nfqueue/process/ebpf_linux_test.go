@@ -285,7 +285,7 @@ func TestEBPFAttributionInNetns(t *testing.T) {
 	}
 	defer old.Close()
 	r := newEBPFResolver(t)
-	if r.Stats() != (Stats{EBPF: true, TupleMap: r.bpf.hasTuples()}) {
+	if r.Stats() != (Stats{EBPF: true, TupleMap: r.bpf.hasTuples(), Mirror: r.bpf.hasTuples()}) {
 		t.Fatalf("fresh resolver stats %+v", r.Stats())
 	}
 

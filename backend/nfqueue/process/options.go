@@ -7,6 +7,9 @@ type Options struct {
 	// DisableTupleMap keeps the eBPF programs from recording outbound connections' tuples: every lookup then
 	// asks sock_diag for the socket first.
 	DisableTupleMap bool
+	// DisableMirror makes lookups read the eBPF maps with bpf(2) instead of their user-space mirror (for
+	// comparison; the mirror is on by default wherever the tuple map is).
+	DisableMirror bool
 }
 
 // Stats counts how a Resolver answered lookups that missed its 5-tuple cache.
@@ -36,4 +39,13 @@ type Stats struct {
 	// Immediate counts lookups answered on the packet's own goroutine (ResolveProcessNow), without handing
 	// the packet to a lookup worker.
 	Immediate uint64 `json:"immediate"`
+	// Mirror reports whether the eBPF maps are mirrored in user space (fed by a ring of the programs' events),
+	// so that outbound connections are resolved without a system call.
+	Mirror bool `json:"mirror"`
+	// MirrorAnswers counts tuple lookups the mirror answered (found, or known absent) without bpf(2).
+	MirrorAnswers uint64 `json:"mirror_answers"`
+	// MirrorSockets is the number of open sockets the mirror holds; MirrorResets how often it had to be
+	// cleared (events lost to a full ring, or its size bound).
+	MirrorSockets int    `json:"mirror_sockets"`
+	MirrorResets  uint64 `json:"mirror_resets"`
 }

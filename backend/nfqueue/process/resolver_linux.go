@@ -66,7 +66,10 @@ type Resolver struct {
 	mapFast     atomic.Uint64
 	tupleHits   atomic.Uint64
 	immediate   atomic.Uint64
-	diagLookups atomic.Uint64
+	// mirror is the socket mirror of the eBPF maps, nil without one (or with Options.DisableMirror).
+	mirror        *mirrorRing
+	mirrorAnswers atomic.Uint64
+	diagLookups   atomic.Uint64
 
 	tupleMu sync.RWMutex // guards tuples
 	tuples  map[backend.ConnKey]tupleEntry
@@ -147,6 +150,10 @@ func NewWithOptions(logger *slog.Logger, opts Options) (*Resolver, error) {
 			r.log.Info("process attribution runs on /proc alone: eBPF socket owner map unavailable", "reason", r.bpfErr)
 		}
 	}
+	if r.bpf != nil && r.bpf.mirror != nil && !opts.DisableMirror {
+		r.mirror = r.bpf.mirror
+		go r.syncMirror()
+	}
 	return r, nil
 }
 
@@ -197,6 +204,23 @@ func newResolver(logger *slog.Logger, proc procFS, find socketFinder, alive func
 	}
 }
 
+// mirrorSyncInterval bounds how long the event ring goes unread while no connection is resolved.
+const mirrorSyncInterval = 50 * time.Millisecond
+
+// syncMirror keeps the event ring drained between lookups until the resolver closes.
+func (r *Resolver) syncMirror() {
+	t := time.NewTicker(mirrorSyncInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.closed:
+			return
+		case <-t.C:
+			r.mirror.sync()
+		}
+	}
+}
+
 // Close releases the netlink sockets. Lookups after Close report unknown.
 func (r *Resolver) Close() error {
 	r.closeOnce.Do(func() {
@@ -217,17 +241,25 @@ func (r *Resolver) Close() error {
 
 // Stats returns how lookups have been answered so far.
 func (r *Resolver) Stats() Stats {
+	var sockets int
+	var resets uint64
+	if r.mirror != nil {
+		sockets, resets = r.mirror.stats()
+	}
 	return Stats{
-		EBPF:         r.bpf != nil,
-		MapAnswers:   r.mapAnswers.Load(),
-		ProcAnswers:  r.procAnswers.Load(),
-		MapMisses:    r.mapMisses.Load(),
-		MapStale:     r.mapStale.Load(),
-		MapFast:      r.mapFast.Load(),
-		TupleMap:     r.bpf != nil && r.bpf.hasTuples(),
-		TupleAnswers: r.tupleHits.Load(),
-		DiagLookups:  r.diagLookups.Load(),
-		Immediate:    r.immediate.Load(),
+		MirrorSockets: sockets, MirrorResets: resets,
+		EBPF:          r.bpf != nil,
+		MapAnswers:    r.mapAnswers.Load(),
+		ProcAnswers:   r.procAnswers.Load(),
+		MapMisses:     r.mapMisses.Load(),
+		MapStale:      r.mapStale.Load(),
+		MapFast:       r.mapFast.Load(),
+		TupleMap:      r.bpf != nil && r.bpf.hasTuples(),
+		TupleAnswers:  r.tupleHits.Load(),
+		DiagLookups:   r.diagLookups.Load(),
+		Immediate:     r.immediate.Load(),
+		Mirror:        r.mirror != nil,
+		MirrorAnswers: r.mirrorAnswers.Load(),
 	}
 }
 
@@ -397,13 +429,18 @@ func (r *Resolver) ownerFromTuple(key backend.ConnKey, mayBlock bool) (*procReco
 	if !ok {
 		return nil, false
 	}
-	cookie, ok := r.bpf.lookupTuple(&k)
-	if !ok || cookie == tupleAmbiguous {
+	var e ownerEntry
+	switch ans := r.mirrorLookup(&k, &e); ans {
+	case mirrorNone:
 		return nil, false
-	}
-	e, ok := r.bpf.lookup(cookie)
-	if !ok {
-		return nil, false // closed
+	case mirrorUnknown:
+		cookie, ok := r.bpf.lookupTuple(&k)
+		if !ok || cookie == tupleAmbiguous {
+			return nil, false
+		}
+		if e, ok = r.bpf.lookup(cookie); !ok {
+			return nil, false // closed
+		}
 	}
 	rec := r.trustedRecord(&e)
 	if rec != nil {
@@ -417,6 +454,22 @@ func (r *Resolver) ownerFromTuple(key backend.ConnKey, mayBlock bool) (*procReco
 	r.mapAnswers.Add(1)
 	r.tupleHits.Add(1)
 	return rec, true
+}
+
+// mirrorLookup asks the socket mirror (no system call) for k's owner, filling e when found.
+func (r *Resolver) mirrorLookup(k *tupleKey, e *ownerEntry) mirrorAnswer {
+	if r.mirror == nil {
+		return mirrorUnknown
+	}
+	got, ans := r.mirror.lookup(k)
+	switch ans {
+	case mirrorFound:
+		*e = got
+		r.mirrorAnswers.Add(1)
+	case mirrorNone:
+		r.mirrorAnswers.Add(1)
+	}
+	return ans
 }
 
 // ownerFromMap returns the record of the process the eBPF map names as the socket's user, if that process

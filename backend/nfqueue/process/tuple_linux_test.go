@@ -354,8 +354,12 @@ func checkTupleLookup(t *testing.T, r *Resolver, name string, info backend.Info,
 			t.Errorf("%s (%v): -want +got\n%s", name, &info, diff)
 		}
 	}
-	if diff := cmp.Diff(path, tupleDelta(before, r.Stats())); diff != "" {
+	after := r.Stats()
+	if diff := cmp.Diff(path, tupleDelta(before, after)); diff != "" {
 		t.Errorf("%s: answer path -want +got\n%s", name, diff)
+	}
+	if path == byTuple && r.mirror != nil && after.MirrorAnswers != before.MirrorAnswers+1 {
+		t.Errorf("%s: answered from the tuple map, but not from its mirror (mirror answers %d -> %d)", name, before.MirrorAnswers, after.MirrorAnswers)
 	}
 	// The immediate lookup (the packet's goroutine) answers exactly what the tuple map answered, now that the
 	// process's record is known, and leaves everything else to ResolveProcess.
@@ -741,4 +745,62 @@ func TestTupleMapDisabled(t *testing.T) {
 	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
 	info := backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: u.LocalAddr().(*net.UDPAddr).AddrPort(), Remote: remote, UID: int32(os.Getuid())}
 	checkTupleLookup(t, r, "udp sendto", info, me, byDiagMap)
+}
+
+// TestMirrorLostEvents fills a one-page event ring while the mirror cannot read it, so the programs lose
+// events, and checks the mirror notices: it is reset, the next lookup is answered right through the maps, and
+// sockets made after that are answered by the mirror again.
+func TestMirrorLostEvents(t *testing.T) {
+	if !runInNetns(t) {
+		return
+	}
+	defer func(n int) { mirrorRingSize = n }(mirrorRingSize)
+	mirrorRingSize = os.Getpagesize()
+	r := newTupleResolver(t)
+	if r.mirror == nil {
+		t.Fatal("no socket mirror")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
+	peer := netip.MustParseAddrPort("127.0.0.1:9")
+	// connected opens a UDP socket bound to loopback and connected to peer (its tuple is recorded at connect)
+	// and returns its lookup info.
+	connected := func() backend.Info {
+		c, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, net.UDPAddrFromAddrPort(peer))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return backend.Info{Protocol: backend.UDP, Direction: backend.Outbound,
+			Local: c.LocalAddr().(*net.UDPAddr).AddrPort(), Remote: peer, UID: int32(os.Getuid())}
+	}
+	// Learn this process first, so answers below are trusted without /proc.
+	checkTupleLookup(t, r, "first socket", connected(), me, byTuple)
+
+	r.mirror.mu.Lock() // nothing drains the ring meanwhile
+	for range 200 {
+		c, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, net.UDPAddrFromAddrPort(peer))
+		if err != nil {
+			r.mirror.mu.Unlock()
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	r.mirror.mu.Unlock()
+
+	info := connected()
+	before := r.Stats()
+	got, ok := r.ResolveProcess(&info)
+	if !ok || got != *me {
+		t.Fatalf("after lost events: %+v %v, want %+v", got, ok, *me)
+	}
+	after := r.Stats()
+	if after.MirrorResets == 0 || after.MirrorAnswers != before.MirrorAnswers {
+		t.Fatalf("after lost events: mirror resets %d, answers %d -> %d; want a reset and the maps to answer",
+			after.MirrorResets, before.MirrorAnswers, after.MirrorAnswers)
+	}
+	checkTupleLookup(t, r, "socket made after the reset", connected(), me, byTuple)
 }

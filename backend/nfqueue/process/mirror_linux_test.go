@@ -1,0 +1,140 @@
+package process
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"testing"
+)
+
+// Events as the programs write them (see mirror.go).
+func ownerEvent(cookie uint64, tgid int32, comm string) []byte {
+	var e ownerEntry
+	e.tgid, e.seenNs = tgid, 1e9
+	copy(e.comm[:], comm)
+	v := encodeOwnerValue(e)
+	return binary.NativeEndian.AppendUint64(v[:], cookie)
+}
+
+func tupleEvent(val uint64, k tupleKey) []byte {
+	return append(binary.NativeEndian.AppendUint64(nil, val), k[:]...)
+}
+
+func releaseEvent(cookie uint64) []byte { return binary.NativeEndian.AppendUint64(nil, cookie) }
+
+func testKey(t *testing.T, lport uint16) tupleKey {
+	t.Helper()
+	k, ok := encodeTupleKey(ipprotoTCP, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), lport),
+		netip.MustParseAddrPort("10.0.0.2:443"), true)
+	if !ok {
+		t.Fatal("key")
+	}
+	return k
+}
+
+func expectMirror(t *testing.T, m *socketMirror, what string, k tupleKey, want mirrorAnswer, tgid int32) {
+	t.Helper()
+	e, got := m.lookup(&k)
+	if got != want || (want == mirrorFound && e.tgid != tgid) {
+		t.Errorf("%s: answer %d (tgid %d), want %d (tgid %d)", what, got, e.tgid, want, tgid)
+	}
+}
+
+func TestSocketMirrorReplaysEvents(t *testing.T) {
+	m := newSocketMirror()
+	k1, k2 := testKey(t, 1000), testKey(t, 1001)
+
+	expectMirror(t, m, "empty, complete", k1, mirrorNone, 0)
+	m.apply(ownerEvent(7, 100, "curl"))
+	m.apply(tupleEvent(7, k1))
+	expectMirror(t, m, "socket 7 on k1", k1, mirrorFound, 100)
+	if e, _ := m.lookup(&k1); string(e.commBytes()) != "curl" {
+		t.Errorf("comm %q", e.commBytes())
+	}
+
+	// Another process uses the socket: the owner is rewritten.
+	m.apply(ownerEvent(7, 200, "child"))
+	expectMirror(t, m, "socket 7 rewritten", k1, mirrorFound, 200)
+
+	// Release removes the socket and its first tuple.
+	m.apply(releaseEvent(7))
+	expectMirror(t, m, "socket 7 released", k1, mirrorNone, 0)
+	if len(m.tuples) != 0 || len(m.owners) != 0 {
+		t.Errorf("after release: %d tuples, %d owners", len(m.tuples), len(m.owners))
+	}
+
+	// A second open socket claiming a key that names an open one: ambiguous, and it stays so even when the
+	// program's own ambiguity event and a later claim arrive in either order.
+	m.apply(ownerEvent(8, 300, "a"))
+	m.apply(ownerEvent(9, 400, "b"))
+	m.apply(tupleEvent(8, k2))
+	m.apply(tupleEvent(9, k2))
+	expectMirror(t, m, "k2 claimed by two open sockets", k2, mirrorNone, 0)
+	m.apply(tupleEvent(tupleAmbiguous, k2))
+	m.apply(tupleEvent(9, k2))
+	expectMirror(t, m, "k2 ambiguous for good", k2, mirrorNone, 0)
+
+	// A closed socket's key is taken over by a new socket.
+	k3 := testKey(t, 1002)
+	m.apply(tupleEvent(8, k3))
+	m.apply(releaseEvent(8))
+	m.apply(ownerEvent(10, 500, "new"))
+	m.apply(tupleEvent(10, k3))
+	expectMirror(t, m, "k3 taken over", k3, mirrorFound, 500)
+
+	// An event the mirror does not understand: everything it knew may be wrong, so it knows nothing.
+	m.apply([]byte{1, 2, 3})
+	if m.complete || m.resets != 1 {
+		t.Fatalf("after a malformed event: complete %v, resets %d", m.complete, m.resets)
+	}
+	expectMirror(t, m, "after reset", k3, mirrorUnknown, 0)
+	m.apply(ownerEvent(11, 600, "later"))
+	m.apply(tupleEvent(11, k1))
+	expectMirror(t, m, "learnt after reset", k1, mirrorFound, 600)
+	m.apply(tupleEvent(12, k2)) // socket 12 was created before the reset: its owner is unknown here
+	expectMirror(t, m, "owner unknown after reset", k2, mirrorUnknown, 0)
+}
+
+// TestSocketMirrorBounded checks the mirror stays bounded when sockets send to many peers (tuples release does
+// not remove), by pruning closed sockets' tuples.
+func TestSocketMirrorBounded(t *testing.T) {
+	m := newSocketMirror()
+	for i := range mirrorTupleSlack + 10 {
+		c := uint64(i + 1)
+		m.apply(ownerEvent(c, 1, "x"))
+		k := testKey(t, uint16(i))
+		k[tupleRemoteOff] = byte(i >> 16) // distinct keys beyond the port's range
+		m.apply(tupleEvent(c, k))
+		k[tupleRPortOff] = 1 // a second peer: stays after release, until pruned
+		m.apply(tupleEvent(c, k))
+		m.apply(releaseEvent(c))
+	}
+	if n := len(m.tuples); n > mirrorTupleSlack {
+		t.Fatalf("%d tuples held for no open socket", n)
+	}
+	if !m.complete || m.resets != 0 {
+		t.Fatalf("pruning closed sockets' tuples made the mirror incomplete (resets %d)", m.resets)
+	}
+	// Open sockets' tuples survive a prune.
+	m.apply(ownerEvent(1<<40, 9, "open"))
+	open := testKey(t, 7)
+	open[tupleLocalOff] = 0xfe
+	m.apply(tupleEvent(1<<40, open))
+	for i := range mirrorTupleSlack {
+		k := testKey(t, uint16(i))
+		k[tupleLocalOff] = 0xfd
+		m.apply(tupleEvent(uint64(1<<41+i), k)) // sockets the mirror never saw open
+	}
+	expectMirror(t, m, "open socket after pruning", open, mirrorFound, 9)
+}
+
+func FuzzSocketMirror(f *testing.F) {
+	f.Add(ownerEvent(1, 2, "a"), tupleEvent(1, tupleKey{}), releaseEvent(1))
+	f.Fuzz(func(t *testing.T, a, b, c []byte) {
+		m := newSocketMirror()
+		for _, ev := range [][]byte{a, b, c, a} {
+			m.apply(ev)
+		}
+		var k tupleKey
+		m.lookup(&k)
+	})
+}

@@ -1,0 +1,143 @@
+package process
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// ringReader consumes a BPF ring buffer in place: the kernel maps the consumer position read-write, and the
+// producer position and the data (twice in a row, so a record that wraps is contiguous) read-only. Reading
+// needs no system call; the programs submit with BPF_RB_NO_WAKEUP, since nobody waits on the ring.
+type ringReader struct {
+	cons []byte // the consumer page
+	prod []byte // the producer page, then the data twice
+	mask uint64 // data size - 1
+	page int
+}
+
+// BPF ring buffer record header bits (linux/bpf.h).
+const (
+	ringBusyBit    = 1 << 31
+	ringDiscardBit = 1 << 30
+	ringHeaderSize = 8
+)
+
+func newRingReader(fd, size int) (*ringReader, error) {
+	page := unix.Getpagesize()
+	cons, err := unix.Mmap(fd, 0, page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mapping the ring's consumer page: %w", err)
+	}
+	prod, err := unix.Mmap(fd, int64(page), page+2*size, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		unix.Munmap(cons)
+		return nil, fmt.Errorf("mapping the ring's data: %w", err)
+	}
+	return &ringReader{cons: cons, prod: prod, mask: uint64(size - 1), page: page}, nil
+}
+
+func (r *ringReader) consPos() *uint64 { return (*uint64)(unsafe.Pointer(&r.cons[0])) }
+func (r *ringReader) prodPos() *uint64 { return (*uint64)(unsafe.Pointer(&r.prod[0])) }
+
+// drain hands every committed record to f, in order, and releases their space. It stops at a record still
+// being written.
+func (r *ringReader) drain(f func([]byte)) {
+	cons := atomic.LoadUint64(r.consPos())
+	prod := atomic.LoadUint64(r.prodPos())
+	data := r.prod[r.page:]
+	for cons < prod {
+		off := cons & r.mask
+		hdr := atomic.LoadUint32((*uint32)(unsafe.Pointer(&data[off])))
+		if hdr&ringBusyBit != 0 {
+			break
+		}
+		n := uint64(hdr &^ (ringBusyBit | ringDiscardBit))
+		if hdr&ringDiscardBit == 0 {
+			start := off + ringHeaderSize
+			f(data[start : start+n])
+		}
+		cons += (n + ringHeaderSize + 7) &^ 7
+		atomic.StoreUint64(r.consPos(), cons)
+	}
+}
+
+func (r *ringReader) close() {
+	unix.Munmap(r.cons)
+	unix.Munmap(r.prod)
+}
+
+// mirrorRing is the socket mirror fed by the programs' ring, with the count of events the programs could not
+// put in a full ring (a shared-memory counter too).
+type mirrorRing struct {
+	mu     sync.Mutex
+	ring   *ringReader
+	lost   []byte // the lost-event counter's array map, mapped
+	seen   uint64 // lost events already accounted for
+	mirror *socketMirror
+}
+
+func newMirrorRing(ringFD, ringSize, lostFD int) (*mirrorRing, error) {
+	ring, err := newRingReader(ringFD, ringSize)
+	if err != nil {
+		return nil, err
+	}
+	lost, err := unix.Mmap(lostFD, 0, unix.Getpagesize(), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		ring.close()
+		return nil, fmt.Errorf("mapping the lost-event counter: %w", err)
+	}
+	return &mirrorRing{ring: ring, lost: lost, mirror: newSocketMirror()}, nil
+}
+
+// syncLocked replays what the ring holds. A lost event (the ring was full) makes the mirror incomplete: it is
+// cleared, and learns afresh from the next events. The counter is read after the ring: a program counts a loss
+// before the socket call that caused it returns, so before any packet that depends on it can be queued.
+func (m *mirrorRing) syncLocked() {
+	m.ring.drain(m.mirror.apply)
+	if lost := atomic.LoadUint64((*uint64)(unsafe.Pointer(&m.lost[0]))); lost != m.seen {
+		m.seen = lost
+		m.mirror.reset()
+	}
+}
+
+// lookup brings the mirror up to date and resolves k.
+func (m *mirrorRing) lookup(k *tupleKey) (ownerEntry, mirrorAnswer) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ring == nil {
+		return ownerEntry{}, mirrorUnknown
+	}
+	m.syncLocked()
+	return m.mirror.lookup(k)
+}
+
+// sync drains the ring without a lookup, so it does not fill up while no connection needs resolving.
+func (m *mirrorRing) sync() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ring != nil {
+		m.syncLocked()
+	}
+}
+
+// stats returns the mirror's size and how often it was reset.
+func (m *mirrorRing) stats() (sockets int, resets uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.mirror.owners), m.mirror.resets
+}
+
+func (m *mirrorRing) close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ring == nil {
+		return
+	}
+	m.ring.close()
+	unix.Munmap(m.lost)
+	m.ring, m.lost = nil, nil
+}
