@@ -116,7 +116,7 @@ type progMaps struct {
 	owners int
 	tuples int // -1: no tuple map
 	netns  uint64
-	// ring receives an event for every map write and socket release (see mirror.go), and lost counts the
+	// ring receives an event for every map write and socket release (see mirror_linux.go), and lost counts the
 	// events a full ring refused; -1: no mirror.
 	ring, lost int
 }

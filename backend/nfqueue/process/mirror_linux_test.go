@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-// Events as the programs write them (see mirror.go).
+// Events as the programs write them (see mirror_linux.go).
 func ownerEvent(cookie uint64, tgid int32, comm string) []byte {
 	var e ownerEntry
 	e.tgid, e.seenNs = tgid, 1e9
