@@ -141,7 +141,14 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 func (b *bench) measure(policy string) error {
 	o := b.o
 	for rep := range o.reps {
-		for _, cfg := range []string{cfgKernel, cfgBare, cfgWarden, cfgRoute} {
+		// Odd repetitions run the configurations in reverse order: the machine drifts within a run (other
+		// tenants' load, state the workloads leave behind), and a fixed order would always hand the later
+		// configurations the worse conditions.
+		order := []string{cfgKernel, cfgBare, cfgWarden, cfgRoute}
+		if rep%2 == 1 {
+			slices.Reverse(order)
+		}
+		for _, cfg := range order {
 			if cfg == cfgRoute && !o.has(wlProxyBulk) && !o.has(wlProxyUDP) && !o.has(wlSplitSetup) {
 				continue
 			}

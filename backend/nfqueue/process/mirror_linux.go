@@ -28,7 +28,8 @@ const (
 
 type tupleKey = [tupleKeySize]byte
 
-// mirrorOwner is a mirrored owner entry and the first tuple recorded for its socket, forgotten with it.
+// mirrorOwner is a mirrored owner entry and the first tuple recorded for its socket, forgotten with it. It
+// holds no pointer, and neither do the mirror's maps: the garbage collector never scans them.
 type mirrorOwner struct {
 	e        ownerEntry
 	tuple    tupleKey
@@ -38,7 +39,7 @@ type mirrorOwner struct {
 // socketMirror replays the programs' events. It is not safe for concurrent use; the Linux ring reader
 // serialises access.
 type socketMirror struct {
-	owners map[uint64]*mirrorOwner
+	owners map[uint64]mirrorOwner
 	tuples map[tupleKey]uint64
 	// complete is true while the mirror has seen every event since the maps were created: a key it lacks is
 	// then absent from the maps too.
@@ -47,7 +48,7 @@ type socketMirror struct {
 }
 
 func newSocketMirror() *socketMirror {
-	return &socketMirror{owners: make(map[uint64]*mirrorOwner), tuples: make(map[tupleKey]uint64), complete: true}
+	return &socketMirror{owners: make(map[uint64]mirrorOwner), tuples: make(map[tupleKey]uint64), complete: true}
 }
 
 // apply replays one event. An event of unknown length (a bug) makes the mirror incomplete rather than wrong.
@@ -57,14 +58,12 @@ func (m *socketMirror) apply(ev []byte) {
 	case ownerEventSize:
 		cookie := ne.Uint64(ev[ownerValueSize:])
 		e := decodeOwnerValue((*[ownerValueSize]byte)(ev[:ownerValueSize]))
-		if o, ok := m.owners[cookie]; ok {
-			o.e = e
-			return
-		}
-		if len(m.owners) >= mirrorMaxSockets {
+		o, ok := m.owners[cookie]
+		if !ok && len(m.owners) >= mirrorMaxSockets {
 			m.reset()
 		}
-		m.owners[cookie] = &mirrorOwner{e: e}
+		o.e = e
+		m.owners[cookie] = o
 	case tupleEventSize:
 		val := ne.Uint64(ev[:tupleValueSize])
 		k := tupleKey(ev[tupleValueSize:])
@@ -86,6 +85,7 @@ func (m *socketMirror) apply(ev []byte) {
 		m.tuples[k] = val
 		if o, ok := m.owners[val]; ok && !o.hasTuple {
 			o.tuple, o.hasTuple = k, true
+			m.owners[val] = o
 		}
 	case releaseEventSize:
 		cookie := ne.Uint64(ev)
