@@ -16,6 +16,7 @@ import (
 	nfq "github.com/florianl/go-nfqueue/v2"
 	"github.com/mdlayher/netlink"
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/nfqverdict"
 	"golang.org/x/sys/unix"
 )
 
@@ -34,6 +35,10 @@ type queue struct {
 	e   *engine
 	log *slog.Logger
 
+	// verdicts writes the answers on the queue's socket (see nfqverdict: the library's SetVerdict allocates and
+	// starts a goroutine per packet).
+	verdicts *nfqverdict.Writer
+
 	enobufs   atomic.Uint64
 	lastErrAt atomic.Int64
 }
@@ -43,9 +48,9 @@ var _ verdicter = (*queue)(nil)
 // verdict answers NF_ACCEPT with the mark the rules enforce, or NF_REPEAT for keepForeignMark.
 func (q *queue) verdict(id, mark uint32) error {
 	if mark == keepForeignMark {
-		return q.nf.SetVerdict(id, nfq.NfRepeat)
+		return q.verdicts.Repeat(id)
 	}
-	return q.nf.SetVerdictWithOption(id, nfq.NfAccept, nfq.WithMark(mark))
+	return q.verdicts.Accept(id, mark)
 }
 
 // openQueue binds queue num and starts reading it.
@@ -61,12 +66,16 @@ func openQueue(ctx context.Context, num uint16, dir backend.Direction, s *settin
 		Copymode:     nfq.NfQnlCopyPacket,
 		Flags:        flags,
 		AfFamily:     unix.AF_UNSPEC,
-		WriteTimeout: time.Second,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("opening queue %d: %w", num, err)
 	}
-	q := &queue{num: num, dir: dir, nf: nf, e: e, log: s.log}
+	rc, err := nf.Con.SyscallConn()
+	if err != nil {
+		nf.Close()
+		return nil, fmt.Errorf("queue %d socket: %w", num, err)
+	}
+	q := &queue{num: num, dir: dir, nf: nf, e: e, log: s.log, verdicts: nfqverdict.NewWriter(rc, unix.AF_UNSPEC, num)}
 	// A full socket buffer must never tear the queue down (an unbound queue is bypassed): ask the kernel not
 	// to report ENOBUFS and give it room. The kernel's own drop counters still count overruns.
 	if err := nf.SetOption(netlink.NoENOBUFS, true); err != nil {

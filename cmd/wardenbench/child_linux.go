@@ -33,6 +33,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	_ "github.com/warden-fw/warden/backend/nfqueue" // registers the Linux backend for _warden
+	"github.com/warden-fw/warden/backend/nfqueue/nfqverdict"
 	"github.com/warden-fw/warden/cmd/internal/daemon"
 )
 
@@ -560,8 +561,8 @@ func runUDPRR(a clientArgs) clientResult {
 const bareMark = 1710
 
 // bareMain binds the given queues and accepts every packet with bareMark, in the manner of Warden's backend
-// (same library and socket settings: 128-byte copy, GSO flag, no ENOBUFS, 8 MiB buffer, error function) but
-// with nothing between receiving and answering.
+// (same library and socket settings: 128-byte copy, GSO flag, no ENOBUFS, 8 MiB buffer, error function, and
+// Warden's verdict writer) but with nothing between receiving and answering.
 func bareMain(args []string) error {
 	fs := flag.NewFlagSet("_bare", flag.ContinueOnError)
 	first := fs.Int("first", 1800, "first queue")
@@ -575,7 +576,7 @@ func bareMain(args []string) error {
 	for q := *first; q < *first+*n; q++ {
 		nf, err := nfq.Open(&nfq.Config{
 			NfQueue: uint16(q), MaxPacketLen: 128, MaxQueueLen: 4096, Copymode: nfq.NfQnlCopyPacket,
-			Flags: nfq.NfQaCfgFlagGSO, AfFamily: unix.AF_UNSPEC, WriteTimeout: time.Second,
+			Flags: nfq.NfQaCfgFlagGSO, AfFamily: unix.AF_UNSPEC,
 		})
 		if err != nil {
 			return fmt.Errorf("opening queue %d: %w", q, err)
@@ -584,15 +585,18 @@ func bareMain(args []string) error {
 		if err := nf.SetOption(netlink.NoENOBUFS, true); err != nil {
 			return err
 		}
-		// As Warden does: beyond rmem_max, which needs CAP_NET_ADMIN (we are root).
-		if rc, err := nf.Con.SyscallConn(); err == nil {
-			_ = rc.Control(func(fd uintptr) {
-				_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 8<<20)
-			})
+		rc, err := nf.Con.SyscallConn()
+		if err != nil {
+			return err
 		}
+		// As Warden does: beyond rmem_max, which needs CAP_NET_ADMIN (we are root).
+		_ = rc.Control(func(fd uintptr) {
+			_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 8<<20)
+		})
+		verdicts := nfqverdict.NewWriter(rc, unix.AF_UNSPEC, uint16(q))
 		hook := func(a nfq.Attribute) int {
 			if a.PacketID != nil {
-				if err := nf.SetVerdictWithOption(*a.PacketID, nfq.NfAccept, nfq.WithMark(bareMark)); err != nil {
+				if err := verdicts.Accept(*a.PacketID, bareMark); err != nil {
 					verdictErrs.Add(1)
 				}
 			}
