@@ -32,6 +32,10 @@ type Options struct {
 	// Resolver overrides the interface resolver (default: netif.NewResolver(netif.SystemSource(), ...)).
 	// The proxy keeps a resolver it creates current itself; one passed in must be kept current by its owner.
 	Resolver *netif.Resolver
+	// OnInterfaceChange, when set, is called after the proxy has followed a split interface's change (up,
+	// down, another address), on the resolver's goroutine. Decisions made while it was in the other state
+	// (blocked while down, routed while up) are the caller's to revisit.
+	OnInterfaceChange func(netif.State)
 }
 
 // Stats is a snapshot of the proxy's state and counters.
@@ -49,6 +53,9 @@ type Stats struct {
 	TableEntries int        `json:"table_entries"`
 	TCP          ProtoStats `json:"tcp"`
 	UDP          ProtoStats `json:"udp"`
+	// InterfaceChanges counts the interface changes the proxy has followed completely (routes, sessions, and
+	// Options.OnInterfaceChange: the daemon's re-evaluation of live connections).
+	InterfaceChanges uint64 `json:"interface_changes"`
 }
 
 // ProtoStats are one protocol's counters. For TCP a session is a connection; for UDP a flow.
@@ -113,6 +120,9 @@ type Proxy struct {
 	res     *netif.Resolver
 	ownRes  bool
 	self    map[netip.AddrPort]bool // our listen addresses: a flow "originally" going there is a loop
+	// onChange is Options.OnInterfaceChange.
+	onChange     func(netif.State)
+	ifaceChanges atomic.Uint64
 
 	ctx    context.Context // cancelled by Close: aborts dials
 	cancel context.CancelFunc
@@ -151,7 +161,7 @@ func New(cfg Config, table *redirect.Table, opts Options) (*Proxy, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	p := &Proxy{
-		cfg: cfg, log: log, table: table, plat: opts.Platform, res: opts.Resolver,
+		cfg: cfg, log: log, table: table, plat: opts.Platform, res: opts.Resolver, onChange: opts.OnInterfaceChange,
 		tcpSess: make(map[*tcpSession]struct{}), udpSess: make(map[udpKey]*udpSession),
 		self: make(map[netip.AddrPort]bool),
 	}
@@ -361,14 +371,15 @@ func (p *Proxy) Stats() Stats {
 	listen := append([]string(nil), p.listen...)
 	p.mu.Unlock()
 	return Stats{
-		Listen:          listen,
-		Interface:       p.res.Get(p.cfg.Interface),
-		Interfaces:      p.res.States(),
-		Mode:            p.Mode(),
-		OnInterfaceDown: p.cfg.OnInterfaceDown,
-		TableEntries:    p.table.Len(),
-		TCP:             p.tcp.snapshot(),
-		UDP:             p.udp.snapshot(),
+		Listen:           listen,
+		Interface:        p.res.Get(p.cfg.Interface),
+		Interfaces:       p.res.States(),
+		Mode:             p.Mode(),
+		OnInterfaceDown:  p.cfg.OnInterfaceDown,
+		TableEntries:     p.table.Len(),
+		TCP:              p.tcp.snapshot(),
+		UDP:              p.udp.snapshot(),
+		InterfaceChanges: p.ifaceChanges.Load(),
 	}
 }
 
@@ -427,6 +438,10 @@ func (p *Proxy) interfaceChanged(st netif.State) {
 	for _, s := range stale {
 		p.endUDP(s, false)
 	}
+	if p.onChange != nil {
+		p.onChange(st)
+	}
+	p.ifaceChanges.Add(1)
 }
 
 func (p *Proxy) isSelf(a netip.AddrPort) bool { return p.self[unmap(a)] }

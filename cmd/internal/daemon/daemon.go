@@ -20,6 +20,7 @@ import (
 	"github.com/warden-fw/warden/config"
 	"github.com/warden-fw/warden/firewall"
 	"github.com/warden-fw/warden/proxy/dns"
+	"github.com/warden-fw/warden/proxy/netif"
 	"github.com/warden-fw/warden/proxy/redirect"
 	"github.com/warden-fw/warden/proxy/splittun"
 )
@@ -193,7 +194,8 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	// The proxy starts whenever the backend can reroute, so that a reload adding a split rule works.
 	if b.Capabilities().Reroute {
 		d.table = redirect.NewTable(redirect.DefaultTTL, 65536)
-		px, err := splittun.New(proxyConfig(cfg.SplitTunnel), d.table, splittun.Options{Logger: d.log})
+		px, err := splittun.New(proxyConfig(cfg.SplitTunnel), d.table, splittun.Options{Logger: d.log,
+			OnInterfaceChange: d.splitInterfaceChanged})
 		if err != nil {
 			return fmt.Errorf("split-tunnel proxy: %w", err)
 		}
@@ -283,6 +285,25 @@ func (d *Daemon) shutdown() error {
 		d.log.Info("stopped cleanly")
 	}
 	return errors.Join(errs...)
+}
+
+// splitInterfaceChanged re-evaluates live connections when a split interface comes or goes: a UDP flow blocked
+// while the interface was down (on_interface_down: block) would otherwise stay blocked for as long as it keeps
+// sending, since every packet refreshes its conntrack entry; and one routed through the interface is refused
+// once it is gone instead of sent into a dead route.
+func (d *Daemon) splitInterfaceChanged(st netif.State) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.pipeline == nil {
+		return // still starting: nothing decided yet
+	}
+	changes := d.pipeline.SetPolicy(d.pipeline.Policy())
+	if r, ok := d.backend.(backend.Reevaluator); ok && len(changes) > 0 {
+		if err := r.Reevaluate(changes); err != nil {
+			d.log.Error("re-evaluating live connections after a split interface change", "err", err)
+		}
+	}
+	d.log.Info("split interface changed", "interface", st.Spec, "up", st.Up, "changed_connections", len(changes))
 }
 
 // Reload loads the config file again. On success the new policy takes over and live connections whose

@@ -202,7 +202,11 @@ func testSplitTunnel(t *testing.T, mode string) {
 			t.Errorf("refusing took %v", r.Elapsed)
 		}
 	}
-	r = call(t, e.client, sandbox.Request{Op: "udp", Dst: hp(sandbox.ServiceV4, 8080), Connect: true, TimeoutMS: 500})
+	// A UDP flow from a fixed port: blocked while B is down, and the same flow (its conntrack entry still
+	// alive) reaches B once B is back, because the daemon re-evaluates live connections on the change.
+	flowSrc := netip.AddrPortFrom(sandbox.ClientAV4, 45719).String()
+	udpFlow := sandbox.Request{Op: "udp", Src: flowSrc, Dst: hp(sandbox.ServiceV4, 8080), Connect: true, TimeoutMS: 500}
+	r = call(t, e.client, udpFlow)
 	if r.Server != "" {
 		t.Errorf("udp with B down (block): answered by %s", r.Server)
 	}
@@ -214,6 +218,17 @@ func testSplitTunnel(t *testing.T, mode string) {
 	if out := e.cli("status"); !strings.Contains(out, "down; when down: block") {
 		t.Errorf("status does not show the split interface down:\n%s", out)
 	}
+
+	changes := e.split(e.status()).InterfaceChanges
+	if err := e.top.SetUplink(ctx, sandbox.UplinkB, true); err != nil {
+		t.Fatal(err)
+	}
+	e.waitStatus("the split interface to be up and followed", func(st control.Status) bool {
+		sp := e.split(st)
+		return sp.Interface.Up && sp.InterfaceChanges > changes
+	})
+	udpFlow.TimeoutMS = 3000
+	expectServer(t, "the udp flow blocked while B was down, B back", call(t, e.client, udpFlow), "B")
 
 	if _, err := d.Stop(10 * time.Second); err != nil {
 		t.Fatal(err)
