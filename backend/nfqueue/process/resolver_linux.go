@@ -152,7 +152,7 @@ func NewWithOptions(logger *slog.Logger, opts Options) (*Resolver, error) {
 	}
 	if r.bpf != nil && r.bpf.mirror != nil && !opts.DisableMirror {
 		r.mirror = r.bpf.mirror
-		go r.syncMirror()
+		go r.syncMirror(r.mirror)
 	}
 	return r, nil
 }
@@ -208,7 +208,7 @@ func newResolver(logger *slog.Logger, proc procFS, find socketFinder, alive func
 const mirrorSyncInterval = 50 * time.Millisecond
 
 // syncMirror keeps the event ring drained between lookups until the resolver closes.
-func (r *Resolver) syncMirror() {
+func (r *Resolver) syncMirror(m *mirrorRing) {
 	t := time.NewTicker(mirrorSyncInterval)
 	defer t.Stop()
 	for {
@@ -216,7 +216,7 @@ func (r *Resolver) syncMirror() {
 		case <-r.closed:
 			return
 		case <-t.C:
-			r.mirror.sync()
+			m.sync()
 		}
 	}
 }

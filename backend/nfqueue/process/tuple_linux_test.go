@@ -674,6 +674,11 @@ func BenchmarkResolveOutbound(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.Cleanup(func() { unix.Close(fd) })
+		// Bound to an address: the programs key its sends with it (a wildcard-bound socket's key, without
+		// one, is never used).
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: remote.Addr().As4()}); err != nil {
+			b.Fatal(err)
+		}
 		if err := unix.Sendto(fd, []byte("x"), 0, &unix.SockaddrInet4{Addr: remote.Addr().As4(), Port: int(remote.Port())}); err != nil {
 			b.Fatal(err)
 		}
@@ -683,14 +688,19 @@ func BenchmarkResolveOutbound(b *testing.B) {
 		}
 		infos[i] = backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: netip.AddrPortFrom(remote.Addr(), uint16(sa.(*unix.SockaddrInet4).Port)), Remote: remote}
 	}
+	mirror := r.mirror
 	for _, bc := range []struct {
-		name string
-		uid  int32
+		name   string
+		uid    int32
+		mirror *mirrorRing
 	}{
-		{"tuple", int32(os.Getuid())},
-		{"diag", backend.Unknown},
+		{"mirror", int32(os.Getuid()), mirror}, // the tuple map's user-space mirror: no system call
+		{"tuple", int32(os.Getuid()), nil},     // the tuple and owner maps through bpf(2)
+		{"diag", backend.Unknown, nil},         // sock_diag, then the owner map
 	} {
 		b.Run(bc.name, func(b *testing.B) {
+			r.mirror = bc.mirror
+			defer func() { r.mirror = mirror }()
 			for i := range infos {
 				infos[i].UID = bc.uid
 			}
