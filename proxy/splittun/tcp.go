@@ -130,8 +130,11 @@ func (p *Proxy) resolveTCP(c *net.TCPConn, from netip.AddrPort) (redirect.Entry,
 		if err != nil || client == from {
 			return redirect.Entry{}, false
 		}
-		p.tcp.remapped.Add(1)
-		return p.table.TakeFlow(backend.TCP, unmap(client), unmap(orig2))
+		e, ok := p.table.TakeFlow(backend.TCP, unmap(client), unmap(orig2))
+		if ok {
+			p.tcp.remapped.Add(1)
+		}
+		return e, ok
 	case isUnsupported(err):
 		e, ok := p.table.Take(backend.TCP, from)
 		if ok && p.isSelf(e.Original) {
