@@ -463,7 +463,6 @@ func TestTupleClosedSocketPortReused(t *testing.T) {
 	}
 	uid := int32(os.Getuid())
 	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: uid}
-	lo := netip.MustParseAddr("127.0.0.1")
 
 	t.Run("udp", func(t *testing.T) {
 		sink, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -472,16 +471,7 @@ func TestTupleClosedSocketPortReused(t *testing.T) {
 		}
 		defer sink.Close()
 		sinkAddr := sink.LocalAddr().(*net.UDPAddr).AddrPort()
-		h := startTupleHelper(t, "closer", tupleArgs{Proto: "udp", UDPPeer: sinkAddr})
-		local := netip.AddrPortFrom(lo, h.next(t).Port)
-		info := backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: local, Remote: sinkAddr, UID: uid}
-		closer := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
-		checkTupleLookup(t, r, "before the close", info, closer, byTuple)
-		fmt.Fprintln(h.stdin, "close")
-		if !h.next(t).Closed {
-			t.Fatal("closer did not close")
-		}
-		checkTupleLookup(t, r, "closed, port free", info, nil, byDiagOther)
+		info, local := closeInHelper(t, r, backend.UDP, tupleArgs{Proto: "udp", UDPPeer: sinkAddr}, sinkAddr)
 		u, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(local))
 		if err != nil {
 			t.Fatal(err)
@@ -501,16 +491,7 @@ func TestTupleClosedSocketPortReused(t *testing.T) {
 		}
 		defer ln.Close()
 		lnAddr := ln.Addr().(*net.TCPAddr).AddrPort()
-		h := startTupleHelper(t, "closer", tupleArgs{Proto: "tcp", TCPPeer: lnAddr})
-		local := netip.AddrPortFrom(lo, h.next(t).Port)
-		info := backend.Info{Protocol: backend.TCP, Direction: backend.Outbound, Local: local, Remote: lnAddr, UID: uid}
-		closer := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
-		checkTupleLookup(t, r, "before the close", info, closer, byTuple)
-		fmt.Fprintln(h.stdin, "close")
-		if !h.next(t).Closed {
-			t.Fatal("closer did not close")
-		}
-		checkTupleLookup(t, r, "closed", info, nil, byDiagOther)
+		info, local := closeInHelper(t, r, backend.TCP, tupleArgs{Proto: "tcp", TCPPeer: lnAddr}, lnAddr)
 		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(local)}
 		c, err := d.Dial("tcp4", lnAddr.String())
 		if err != nil {
@@ -519,6 +500,25 @@ func TestTupleClosedSocketPortReused(t *testing.T) {
 		defer c.Close()
 		checkTupleLookup(t, r, "the port connected again by another process", info, me, byTuple)
 	})
+}
+
+// closeInHelper runs a "closer" helper that opens a socket to peer, checks its outbound connection is
+// answered from the tuple map as the helper's, has it close the socket, and checks the tuple is then never
+// answered for it. It returns the connection's info and local address, now free for another socket.
+func closeInHelper(t *testing.T, r *Resolver, proto backend.Protocol, a tupleArgs, peer netip.AddrPort) (backend.Info, netip.AddrPort) {
+	t.Helper()
+	uid := int32(os.Getuid())
+	h := startTupleHelper(t, "closer", a)
+	local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), h.next(t).Port)
+	info := backend.Info{Protocol: proto, Direction: backend.Outbound, Local: local, Remote: peer, UID: uid}
+	closer := &backend.Process{PID: int32(h.cmd.Process.Pid), Path: h.cmd.Path, UID: uid}
+	checkTupleLookup(t, r, "before the close", info, closer, byTuple)
+	fmt.Fprintln(h.stdin, "close")
+	if !h.next(t).Closed {
+		t.Fatal("closer did not close")
+	}
+	checkTupleLookup(t, r, "closed, port free", info, nil, byDiagOther)
+	return info, local
 }
 
 // TestTupleSharedPort checks that a UDP tuple two sockets can share is never answered from the tuple map,
@@ -776,10 +776,13 @@ func TestMirrorLostEvents(t *testing.T) {
 	}
 	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
 	peer := netip.MustParseAddrPort("127.0.0.1:9")
-	// connected opens a UDP socket bound to loopback and connected to peer (its tuple is recorded at connect)
-	// and returns its lookup info.
+	// dial opens a UDP socket bound to loopback and connected to peer: its tuple is recorded at connect.
+	dial := func() (*net.UDPConn, error) {
+		return net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, net.UDPAddrFromAddrPort(peer))
+	}
+	// connected dials a socket kept until the test ends and returns its lookup info.
 	connected := func() backend.Info {
-		c, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, net.UDPAddrFromAddrPort(peer))
+		c, err := dial()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -792,7 +795,7 @@ func TestMirrorLostEvents(t *testing.T) {
 
 	r.mirror.mu.Lock() // nothing drains the ring meanwhile
 	for range 200 {
-		c, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, net.UDPAddrFromAddrPort(peer))
+		c, err := dial()
 		if err != nil {
 			r.mirror.mu.Unlock()
 			t.Fatal(err)
