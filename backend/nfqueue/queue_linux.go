@@ -16,6 +16,7 @@ import (
 	nfq "github.com/florianl/go-nfqueue/v2"
 	"github.com/mdlayher/netlink"
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/nfqread"
 	"github.com/warden-fw/warden/backend/nfqueue/nfqverdict"
 	"golang.org/x/sys/unix"
 )
@@ -26,7 +27,7 @@ const (
 	hookLocalOut = 3
 )
 
-// queue is one NFQUEUE queue, read by its own goroutine (the library's), so queues balanced across CPUs are
+// queue is one NFQUEUE queue, read by its own goroutine, so queues balanced across CPUs are
 // served in parallel.
 type queue struct {
 	num uint16
@@ -38,6 +39,11 @@ type queue struct {
 	// verdicts writes the answers on the queue's socket (see nfqverdict: the library's SetVerdict allocates and
 	// starts a goroutine per packet).
 	verdicts *nfqverdict.Writer
+
+	// reader reads the queue's packets (see nfqread: the library's read loop allocates and makes two system
+	// calls per packet); done is closed when its goroutine has ended.
+	reader *nfqread.Reader
+	done   chan struct{}
 
 	enobufs   atomic.Uint64
 	lastErrAt atomic.Int64
@@ -59,14 +65,8 @@ func openQueue(ctx context.Context, num uint16, dir backend.Direction, s *settin
 	if s.cfg.FailOpenOnOverload {
 		flags |= nfq.NfQaCfgFlagFailOpen
 	}
-	nf, err := nfq.Open(&nfq.Config{
-		NfQueue:      num,
-		MaxPacketLen: s.cfg.CopyRange,
-		MaxQueueLen:  s.cfg.MaxQueueLen,
-		Copymode:     nfq.NfQnlCopyPacket,
-		Flags:        flags,
-		AfFamily:     unix.AF_UNSPEC,
-	})
+	// The library opens the socket; binding, reading and verdicts are Warden's (nfqread, nfqverdict).
+	nf, err := nfq.Open(&nfq.Config{NfQueue: num, AfFamily: unix.AF_UNSPEC})
 	if err != nil {
 		return nil, fmt.Errorf("opening queue %d: %w", num, err)
 	}
@@ -75,7 +75,8 @@ func openQueue(ctx context.Context, num uint16, dir backend.Direction, s *settin
 		nf.Close()
 		return nil, fmt.Errorf("queue %d socket: %w", num, err)
 	}
-	q := &queue{num: num, dir: dir, nf: nf, e: e, log: s.log, verdicts: nfqverdict.NewWriter(rc, unix.AF_UNSPEC, num)}
+	q := &queue{num: num, dir: dir, nf: nf, e: e, log: s.log, verdicts: nfqverdict.NewWriter(rc, unix.AF_UNSPEC, num),
+		reader: nfqread.NewReader(rc), done: make(chan struct{})}
 	// A full socket buffer must never tear the queue down (an unbound queue is bypassed): ask the kernel not
 	// to report ENOBUFS and give it room. The kernel's own drop counters still count overruns.
 	if err := nf.SetOption(netlink.NoENOBUFS, true); err != nil {
@@ -85,11 +86,31 @@ func openQueue(ctx context.Context, num uint16, dir backend.Direction, s *settin
 	if err := setReadBuffer(nf.Con, s.cfg.ReadBuffer); err != nil {
 		s.log.Warn("could not enlarge queue socket buffer", "queue", num, "err", err)
 	}
-	if err := nf.RegisterWithErrorFunc(ctx, q.hook, func(err error) int { return q.onError(ctx, err) }); err != nil {
+	cfg := nfqread.Config{Queue: num, CopyRange: s.cfg.CopyRange, MaxQueueLen: s.cfg.MaxQueueLen, Flags: flags}
+	if err := nfqread.Bind(nf.Con, cfg); err != nil {
 		nf.Close()
 		return nil, fmt.Errorf("binding queue %d: %w", num, err)
 	}
+	go q.readLoop(ctx)
+	go func() {
+		// Wake a read blocked in the kernel once we are stopping; close does the same if ctx never ends.
+		select {
+		case <-ctx.Done():
+			_ = nf.Con.SetReadDeadline(time.Now().Add(-time.Second))
+		case <-q.done:
+		}
+	}()
 	return q, nil
+}
+
+// readLoop reads the queue until onError says stop.
+func (q *queue) readLoop(ctx context.Context) {
+	defer close(q.done)
+	for {
+		if err := q.reader.Next(q.hook); err != nil && q.onError(ctx, err) != 0 {
+			return
+		}
+	}
 }
 
 // setReadBuffer sets the receive buffer, beyond rmem_max when we may (SO_RCVBUFFORCE needs CAP_NET_ADMIN).
@@ -110,37 +131,24 @@ func setReadBuffer(c *netlink.Conn, n int) error {
 	return nil
 }
 
-// hook is called by the library for every queued packet, on the queue's goroutine.
-func (q *queue) hook(a nfq.Attribute) int {
-	if a.PacketID == nil {
-		return 0
-	}
-	m := meta{id: *a.PacketID, dir: q.dir, uid: backend.Unknown}
+// hook is called for every queued packet, on the queue's goroutine.
+func (q *queue) hook(a *nfqread.Packet) {
+	m := meta{id: a.ID, dir: q.dir, uid: backend.Unknown, out: a.Hook == hookLocalOut}
 	// The hook tells which way this packet goes; the queue tells which side opened its connection.
-	if a.Hook != nil {
-		m.out = *a.Hook == hookLocalOut
-	} else {
-		m.out = a.OutDev != nil && a.InDev == nil
-	}
 	if m.out {
-		if a.OutDev != nil {
-			m.ifIndex = int(*a.OutDev)
+		if a.HasOutDev {
+			m.ifIndex = int(a.OutDev)
 		}
-	} else if a.InDev != nil {
-		m.ifIndex = int(*a.InDev)
+	} else if a.HasInDev {
+		m.ifIndex = int(a.InDev)
 	}
-	if a.UID != nil {
-		m.uid = int32(*a.UID)
+	if a.HasUID {
+		m.uid = int32(a.UID)
 	}
-	if a.Mark != nil {
-		m.mark = *a.Mark
+	if a.HasMark {
+		m.mark = a.Mark
 	}
-	var payload []byte
-	if a.Payload != nil {
-		payload = *a.Payload
-	}
-	q.e.receive(q, &m, payload)
-	return 0
+	q.e.receive(q, &m, a.Payload)
 }
 
 // onError decides whether the queue keeps reading after a receive error: it always does, except when we are
@@ -169,8 +177,12 @@ func (q *queue) onError(ctx context.Context, err error) int {
 	return 0
 }
 
+// close closes the socket and waits for the reading goroutine to end.
 func (q *queue) close() error {
-	return q.nf.Close()
+	_ = q.nf.Con.SetReadDeadline(time.Now().Add(-time.Second))
+	err := q.nf.Close()
+	<-q.done
+	return err
 }
 
 // queueDrops reads the kernel's per-queue drop counters (queue full, and netlink delivery failed) from

@@ -33,6 +33,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	_ "github.com/warden-fw/warden/backend/nfqueue" // registers the Linux backend for _warden
+	"github.com/warden-fw/warden/backend/nfqueue/nfqread"
 	"github.com/warden-fw/warden/backend/nfqueue/nfqverdict"
 	"github.com/warden-fw/warden/cmd/internal/daemon"
 )
@@ -561,8 +562,8 @@ func runUDPRR(a clientArgs) clientResult {
 const bareMark = 1710
 
 // bareMain binds the given queues and accepts every packet with bareMark, in the manner of Warden's backend
-// (same library and socket settings: 128-byte copy, GSO flag, no ENOBUFS, 8 MiB buffer, error function, and
-// Warden's verdict writer) but with nothing between receiving and answering.
+// (same library and socket settings: 128-byte copy, GSO flag, no ENOBUFS, 8 MiB buffer, and Warden's queue
+// reader and verdict writer) but with nothing between receiving and answering.
 func bareMain(args []string) error {
 	fs := flag.NewFlagSet("_bare", flag.ContinueOnError)
 	first := fs.Int("first", 1800, "first queue")
@@ -574,10 +575,7 @@ func bareMain(args []string) error {
 	defer cancel()
 	var verdictErrs atomic.Uint64
 	for q := *first; q < *first+*n; q++ {
-		nf, err := nfq.Open(&nfq.Config{
-			NfQueue: uint16(q), MaxPacketLen: 128, MaxQueueLen: 4096, Copymode: nfq.NfQnlCopyPacket,
-			Flags: nfq.NfQaCfgFlagGSO, AfFamily: unix.AF_UNSPEC,
-		})
+		nf, err := nfq.Open(&nfq.Config{NfQueue: uint16(q), AfFamily: unix.AF_UNSPEC})
 		if err != nil {
 			return fmt.Errorf("opening queue %d: %w", q, err)
 		}
@@ -593,24 +591,25 @@ func bareMain(args []string) error {
 		_ = rc.Control(func(fd uintptr) {
 			_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 8<<20)
 		})
+		cfg := nfqread.Config{Queue: uint16(q), CopyRange: 128, MaxQueueLen: 4096, Flags: nfq.NfQaCfgFlagGSO}
+		if err := nfqread.Bind(nf.Con, cfg); err != nil {
+			return err
+		}
 		verdicts := nfqverdict.NewWriter(rc, unix.AF_UNSPEC, uint16(q))
-		hook := func(a nfq.Attribute) int {
-			if a.PacketID != nil {
-				if err := verdicts.Accept(*a.PacketID, bareMark); err != nil {
-					verdictErrs.Add(1)
+		reader := nfqread.NewReader(rc)
+		hook := func(a *nfqread.Packet) {
+			if err := verdicts.Accept(a.ID, bareMark); err != nil {
+				verdictErrs.Add(1)
+			}
+		}
+		go func() {
+			// Read until the socket closes; other errors (none are expected) are skipped like Warden does.
+			for ctx.Err() == nil {
+				if err := reader.Next(hook); err != nil && errors.Is(err, os.ErrClosed) {
+					return
 				}
 			}
-			return 0
-		}
-		onErr := func(err error) int {
-			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
-				return 1
-			}
-			return 0
-		}
-		if err := nf.RegisterWithErrorFunc(ctx, hook, onErr); err != nil {
-			return fmt.Errorf("binding queue %d: %w", q, err)
-		}
+		}()
 	}
 	fmt.Println("ready")
 	serveStdin()

@@ -1,8 +1,8 @@
 // Package nfqverdict writes NFQUEUE verdicts on a queue's netlink socket directly. The library's SetVerdict
 // builds each message from freshly allocated attributes, arms a write deadline and, inside its socket layer,
 // starts a goroutine to watch a context, for every packet; a verdict is a fixed 40-byte message that the
-// kernel handles synchronously, so none of that is needed. Opening, configuring and reading the queue stay
-// with github.com/florianl/go-nfqueue.
+// kernel handles synchronously, so none of that is needed. Opening the socket stays with
+// github.com/florianl/go-nfqueue; binding and reading the queue are nfqread's.
 package nfqverdict
 
 import (
