@@ -1,14 +1,15 @@
 package firewall
 
 import (
+	"net/netip"
 	"sync"
 	"sync/atomic"
 
 	"github.com/warden-fw/warden/backend"
 )
 
-// Conn is one tracked connection. Fields that never change after insertion are plain; the decision,
-// last-seen time and byte counts change concurrently and are atomic.
+// Conn is a tracked connection as the pipeline hands it out (to OnDecision, Lookup and re-evaluation): a copy
+// of the table's entry with its names resolved. Changing it changes nothing in the table.
 type Conn struct {
 	Key       backend.ConnKey
 	Direction backend.Direction
@@ -19,30 +20,26 @@ type Conn struct {
 	Domain    string
 	// Created is when the connection was first decided (Unix nanoseconds).
 	Created int64
-
-	decision atomic.Uint32
-	rule     atomic.Pointer[ruleRef]
-	lastSeen atomic.Int64 // coarse clock, Unix seconds
-	BytesTx  atomic.Uint64
-	BytesRx  atomic.Uint64
 	// Own marks Warden's own connections: they are never re-evaluated.
 	Own bool
+
+	decision backend.Decision
+	rule     *ruleRef
 }
 
-// ruleRef names what decided a connection. It is immutable and shared, so updating it is one pointer store.
+// ruleRef names what decided a connection. It is immutable and shared.
 type ruleRef struct {
 	Name   string // rule name, "" for a default
 	Index  int    // rule index, -1 for anything but a rule
 	Source string // "rule", "default", "hook", "own", "failed"
 }
 
-// Decision returns the connection's current decision.
-func (c *Conn) Decision() backend.Decision { return unpackDecision(c.decision.Load()) }
+// Decision returns the connection's decision.
+func (c *Conn) Decision() backend.Decision { return c.decision }
 
 // Rule returns the name, index and source of what decided the connection.
 func (c *Conn) Rule() (name string, index int, source string) {
-	r := c.rule.Load()
-	return r.Name, r.Index, r.Source
+	return c.rule.Name, c.rule.Index, c.rule.Source
 }
 
 func packDecision(d backend.Decision) uint32 {
@@ -61,21 +58,94 @@ func unpackDecision(v uint32) backend.Decision {
 		Route: uint8(v >> 10)}
 }
 
+// connKey is backend.ConnKey without pointers (a netip.Addr holds one, for its zone). With pointer-free keys
+// and entries the table's maps are never scanned by the garbage collector: with tens of thousands of
+// connections, scanning them made every collection's mark phase last milliseconds, during which one of the
+// two processors of a small machine marks instead of answering packets. Zones are not kept: no backend sets
+// them on a connection's addresses.
+type connKey struct {
+	local, remote [16]byte
+	lport, rport  uint16
+	proto         backend.Protocol
+	flags         uint8
+}
+
+// connKey flags: which addresses are valid, and which are IPv4 (As16 maps IPv4 into IPv6).
+const (
+	keyLocalValid = 1 << iota
+	keyLocal4
+	keyRemoteValid
+	keyRemote4
+)
+
+func packKey(k *backend.ConnKey) connKey {
+	c := connKey{local: k.Local.Addr().As16(), remote: k.Remote.Addr().As16(), lport: k.Local.Port(),
+		rport: k.Remote.Port(), proto: k.Protocol}
+	if a := k.Local.Addr(); a.IsValid() {
+		c.flags |= keyLocalValid
+		if a.Is4() {
+			c.flags |= keyLocal4
+		}
+	}
+	if a := k.Remote.Addr(); a.IsValid() {
+		c.flags |= keyRemoteValid
+		if a.Is4() {
+			c.flags |= keyRemote4
+		}
+	}
+	return c
+}
+
+func (c *connKey) unpack() backend.ConnKey {
+	addr := func(b [16]byte, valid, is4 bool) netip.Addr {
+		switch {
+		case !valid:
+			return netip.Addr{}
+		case is4:
+			return netip.AddrFrom16(b).Unmap()
+		default:
+			return netip.AddrFrom16(b)
+		}
+	}
+	return backend.ConnKey{Protocol: c.proto,
+		Local:  netip.AddrPortFrom(addr(c.local, c.flags&keyLocalValid != 0, c.flags&keyLocal4 != 0), c.lport),
+		Remote: netip.AddrPortFrom(addr(c.remote, c.flags&keyRemoteValid != 0, c.flags&keyRemote4 != 0), c.rport),
+	}
+}
+
+// connEntry is what the table keeps of a connection. Names are ids in the table's intern tables.
+type connEntry struct {
+	created  int64
+	lastSeen int64 // coarse clock, Unix seconds
+	pid, uid int32
+	app      uint32
+	iface    uint32
+	domain   uint32
+	rule     uint32
+	decision uint32
+	dir      backend.Direction
+	own      bool
+}
+
 const connShards = 64
 
-// connTable maps connection keys to connections. It is sharded so that the two queue goroutines rarely
-// contend, and bounded: when full, an old entry of the same shard is evicted.
+// connTable maps connection keys to connections. It is sharded so that the queue goroutines rarely contend,
+// and bounded: when full, an old entry of the same shard is evicted. Keys and entries hold no pointers; the
+// strings and rule references they name live once each in intern tables.
 type connTable struct {
 	shards   [connShards]connShard
 	perShard int
 	count    atomic.Int64
 	evicted  atomic.Uint64
+
+	names internTable[string]
+	rules internTable[*ruleRef]
 }
 
 type connShard struct {
 	mu sync.RWMutex
-	m  map[backend.ConnKey]*Conn
-	_  [32]byte // 24 (RWMutex) + 8 (map) + 32 = 64: one shard per cache line, so the two queue goroutines do not false-share
+	m  map[connKey]connEntry
+	_  [32]byte // 24 (RWMutex) + 8 (map) + 32 = 64: one shard per cache line, so the queue goroutines do not false-share
 }
 
 func newConnTable(max int) *connTable {
@@ -84,104 +154,265 @@ func newConnTable(max int) *connTable {
 		t.perShard = 1
 	}
 	for i := range t.shards {
-		t.shards[i].m = make(map[backend.ConnKey]*Conn)
+		t.shards[i].m = make(map[connKey]connEntry)
 	}
+	t.names.init("")
+	t.rules.init(nil)
 	return t
 }
 
-func (t *connTable) shard(k *backend.ConnKey) *connShard {
-	a := k.Remote.Addr().As16()
-	h := uint32(k.Local.Port())*0x9e3779b1 ^ uint32(k.Remote.Port())*0x85ebca6b ^
-		(uint32(a[12])<<24|uint32(a[13])<<16|uint32(a[14])<<8|uint32(a[15]))*0xc2b2ae35 ^ uint32(k.Protocol)
+func (t *connTable) shard(k *connKey) *connShard {
+	h := uint32(k.lport)*0x9e3779b1 ^ uint32(k.rport)*0x85ebca6b ^
+		(uint32(k.remote[12])<<24|uint32(k.remote[13])<<16|uint32(k.remote[14])<<8|uint32(k.remote[15]))*0xc2b2ae35 ^
+		uint32(k.proto)
 	h ^= h >> 16
 	return &t.shards[h%connShards]
 }
 
-func (t *connTable) get(k backend.ConnKey) *Conn {
-	s := t.shard(&k)
-	s.mu.RLock()
-	c := s.m[k]
-	s.mu.RUnlock()
-	return c
+// touch returns the decision of the connection with key k and records that it was seen at now.
+func (t *connTable) touch(k *backend.ConnKey, now int64) (backend.Decision, bool) {
+	ck := packKey(k)
+	s := t.shard(&ck)
+	s.mu.Lock()
+	e, ok := s.m[ck]
+	if ok && e.lastSeen != now {
+		e.lastSeen = now
+		s.m[ck] = e
+	}
+	s.mu.Unlock()
+	return unpackDecision(e.decision), ok
 }
 
-// insert adds c unless a connection with its key exists, in which case it returns the existing one (two
-// packets of a new connection may be decided concurrently; the first decision stands).
-func (t *connTable) insert(c *Conn) (*Conn, bool) {
-	s := t.shard(&c.Key)
+// get returns a copy of the connection with key k.
+func (t *connTable) get(k backend.ConnKey) (Conn, bool) {
+	ck := packKey(&k)
+	s := t.shard(&ck)
+	s.mu.RLock()
+	e, ok := s.m[ck]
+	s.mu.RUnlock()
+	if !ok {
+		return Conn{}, false
+	}
+	return t.view(&ck, &e), true
+}
+
+// view resolves an entry's names.
+func (t *connTable) view(k *connKey, e *connEntry) Conn {
+	return Conn{Key: k.unpack(), Direction: e.dir, PID: e.pid, UID: e.uid, App: t.names.get(e.app),
+		Interface: t.names.get(e.iface), Domain: t.names.get(e.domain), Created: e.created, Own: e.own,
+		decision: unpackDecision(e.decision), rule: t.rules.get(e.rule)}
+}
+
+// insert adds c, seen at now, unless a connection with its key exists, in which case it returns the existing
+// one's decision (two packets of a new connection may be decided concurrently; the first decision stands).
+func (t *connTable) insert(c *Conn, now int64) (backend.Decision, bool) {
+	ck := packKey(&c.Key)
+	s := t.shard(&ck)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if old, ok := s.m[c.Key]; ok {
-		return old, false
+	if old, ok := s.m[ck]; ok {
+		return unpackDecision(old.decision), false
 	}
 	if len(s.m) >= t.perShard {
 		t.evictOneLocked(s)
 	}
-	s.m[c.Key] = c
+	s.m[ck] = connEntry{created: c.Created, lastSeen: now, pid: c.PID, uid: c.UID, app: t.names.acquire(c.App),
+		iface: t.names.acquire(c.Interface), domain: t.names.acquire(c.Domain), rule: t.rules.acquire(c.rule),
+		decision: packDecision(c.decision), dir: c.Direction, own: c.Own}
 	t.count.Add(1)
-	return c, true
+	return c.decision, true
+}
+
+// release gives back the names an entry held.
+func (t *connTable) release(e *connEntry) {
+	t.names.release(e.app)
+	t.names.release(e.iface)
+	t.names.release(e.domain)
+	t.rules.release(e.rule)
 }
 
 // evictOneLocked removes the least recently seen of a few entries (map iteration order is random, so this
 // samples the shard).
 func (t *connTable) evictOneLocked(s *connShard) {
-	var victim *Conn
+	var victim connKey
+	var oldest connEntry
 	n := 0
-	for _, c := range s.m {
-		if victim == nil || c.lastSeen.Load() < victim.lastSeen.Load() {
-			victim = c
+	for k, e := range s.m {
+		if n == 0 || e.lastSeen < oldest.lastSeen {
+			victim, oldest = k, e
 		}
 		if n++; n == 8 {
 			break
 		}
 	}
-	if victim != nil {
-		delete(s.m, victim.Key)
+	if n > 0 {
+		delete(s.m, victim)
+		t.release(&oldest)
 		t.count.Add(-1)
 		t.evicted.Add(1)
 	}
 }
 
 func (t *connTable) remove(k backend.ConnKey) bool {
-	s := t.shard(&k)
+	ck := packKey(&k)
+	s := t.shard(&ck)
 	s.mu.Lock()
-	_, ok := s.m[k]
+	e, ok := s.m[ck]
 	if ok {
-		delete(s.m, k)
+		delete(s.m, ck)
+		t.release(&e)
 		t.count.Add(-1)
 	}
 	s.mu.Unlock()
 	return ok
 }
 
-// each calls f for every connection. f must not touch the table.
+// each calls f with a copy of every connection. f must not touch the table.
 func (t *connTable) each(f func(*Conn)) {
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.RLock()
-		for _, c := range s.m {
-			f(c)
+		for k, e := range s.m {
+			c := t.view(&k, &e)
+			f(&c)
 		}
 		s.mu.RUnlock()
 	}
 }
 
-// expire removes connections last seen before the cutoff for their protocol.
+// update calls f with a copy of every connection and stores the decision and rule it returns. f must not
+// touch the table.
+func (t *connTable) update(f func(*Conn) (backend.Decision, *ruleRef)) {
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		for k, e := range s.m {
+			c := t.view(&k, &e)
+			d, ref := f(&c)
+			if ref != c.rule {
+				t.rules.release(e.rule)
+				e.rule = t.rules.acquire(ref)
+			}
+			e.decision = packDecision(d)
+			s.m[k] = e
+		}
+		s.mu.Unlock()
+	}
+}
+
+// expire removes connections last seen before the cutoff for their protocol, then lets go of names no
+// connection uses any more.
 func (t *connTable) expire(cutoff func(backend.Protocol) int64) int {
 	n := 0
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
-		for k, c := range s.m {
-			if c.lastSeen.Load() < cutoff(k.Protocol) {
+		for k, e := range s.m {
+			if e.lastSeen < cutoff(k.proto) {
 				delete(s.m, k)
+				t.release(&e)
 				n++
 			}
 		}
 		s.mu.Unlock()
 	}
 	t.count.Add(int64(-n))
+	t.names.sweep()
+	t.rules.sweep()
 	return n
 }
 
 func (t *connTable) len() int { return int(t.count.Load()) }
+
+// internTable stores each distinct value once and names it by a small id, counting the connections that use
+// it. Id 0 is the zero value and is never counted or freed. Ids whose count fell to zero are freed by sweep,
+// not at once, so that acquire needs only the read lock when the value is already known (the common case:
+// the same application, interface and domain recur).
+type internTable[V comparable] struct {
+	mu   sync.RWMutex
+	ids  map[V]uint32
+	vals []V
+	refs []atomic.Int32 // grows by replacement, under the write lock
+	free []uint32
+}
+
+func (it *internTable[V]) init(zero V) {
+	it.ids = map[V]uint32{zero: 0}
+	it.vals = []V{zero}
+	it.refs = make([]atomic.Int32, 1)
+}
+
+func (it *internTable[V]) acquire(v V) uint32 {
+	it.mu.RLock()
+	id, ok := it.ids[v]
+	if ok && id != 0 {
+		it.refs[id].Add(1)
+	}
+	it.mu.RUnlock()
+	if ok {
+		return id
+	}
+	it.mu.Lock()
+	defer it.mu.Unlock()
+	if id, ok := it.ids[v]; ok { // added meanwhile
+		if id != 0 {
+			it.refs[id].Add(1)
+		}
+		return id
+	}
+	if n := len(it.free); n > 0 {
+		id = it.free[n-1]
+		it.free = it.free[:n-1]
+		it.vals[id] = v
+	} else {
+		id = uint32(len(it.vals))
+		it.vals = append(it.vals, v)
+		if int(id) >= len(it.refs) {
+			refs := make([]atomic.Int32, 2*len(it.refs)+1)
+			for i := range it.refs {
+				refs[i].Store(it.refs[i].Load())
+			}
+			it.refs = refs
+		}
+	}
+	it.ids[v] = id
+	it.refs[id].Store(1)
+	return id
+}
+
+func (it *internTable[V]) release(id uint32) {
+	if id == 0 {
+		return
+	}
+	it.mu.RLock()
+	it.refs[id].Add(-1)
+	it.mu.RUnlock()
+}
+
+func (it *internTable[V]) get(id uint32) V {
+	it.mu.RLock()
+	v := it.vals[id]
+	it.mu.RUnlock()
+	return v
+}
+
+// sweep frees the ids no connection uses. Under the write lock no acquire can revive one meanwhile.
+func (it *internTable[V]) sweep() {
+	it.mu.Lock()
+	defer it.mu.Unlock()
+	var zero V
+	for id := 1; id < len(it.vals); id++ {
+		if it.refs[id].Load() == 0 && it.vals[id] != zero {
+			delete(it.ids, it.vals[id])
+			it.vals[id] = zero
+			it.free = append(it.free, uint32(id))
+		}
+	}
+}
+
+// size returns how many values are stored (for tests).
+func (it *internTable[V]) size() int {
+	it.mu.RLock()
+	defer it.mu.RUnlock()
+	return len(it.ids) - 1
+}

@@ -57,7 +57,7 @@ type Options struct {
 	InterfaceName func(index int) string
 	// OnDecision is called once per newly decided connection, after the verdict was applied, with how long
 	// the decision took. It runs on the deciding goroutine and must be quick.
-	OnDecision func(c *Conn, took time.Duration)
+	OnDecision func(c Conn, took time.Duration)
 	// ProcessWorkers bounds concurrent process lookups (default 8).
 	ProcessWorkers int
 	// Names tells which domain name an address was resolved from (the local nameserver); optional.
@@ -167,12 +167,12 @@ func (p *Pipeline) SetVerdictHook(h VerdictHook) error {
 func (p *Pipeline) HandlePacket(pkt backend.Packet) {
 	p.stats.packets.Add(1)
 	info := pkt.Info()
-	if c := p.conns.get(info.Key()); c != nil {
+	key := info.Key()
+	if d, ok := p.conns.touch(&key, p.clock.Load()); ok {
 		// A packet of a connection already decided (a retransmitted SYN, or a backend that asks per packet):
 		// the same answer, without allocating or deciding again.
 		p.stats.known.Add(1)
-		c.lastSeen.Store(p.clock.Load())
-		p.apply(pkt, c.Decision())
+		p.apply(pkt, d)
 		return
 	}
 	pol := p.policy.Load()
@@ -263,7 +263,7 @@ func (p *Pipeline) decide(pkt backend.Packet, pol *Policy, proc backend.Process,
 		// the interface of connections decided before. The cache makes this a map read.
 		info.Interface = p.ifaces.name(info.IfIndex)
 	}
-	c := &Conn{
+	c := Conn{
 		Key: info.Key(), Direction: info.Direction, PID: proc.PID, UID: proc.UID, App: proc.Path,
 		Interface: info.Interface, Created: start.UnixNano(),
 	}
@@ -272,21 +272,21 @@ func (p *Pipeline) decide(pkt backend.Packet, pol *Policy, proc backend.Process,
 		// connection then needs its domain (and conns shows it). The lookup is a read-locked map access.
 		c.Domain, _ = p.opts.Names.DomainOf(info.Remote.Addr().Unmap())
 	}
-	d, ref, via := p.evaluate(info, c, pol, true)
+	d, ref, via := p.evaluate(info, &c, pol, true)
 	c.Own = ref.Source == "own"
-	c.decision.Store(packDecision(d))
-	c.rule.Store(ref)
-	c.lastSeen.Store(p.clock.Load())
-	if existing, inserted := p.conns.insert(c); !inserted {
+	c.decision, c.rule = d, ref
+	if existing, inserted := p.conns.insert(&c, p.clock.Load()); !inserted {
 		// Another packet of this connection was decided meanwhile: give the same answer.
-		c = existing
-		d = existing.Decision()
+		d = existing
+		if got, ok := p.conns.get(c.Key); ok {
+			c = got
+		}
 	} else if d.Verdict == backend.RerouteToSplitTun && d.Route == 0 {
 		p.opts.Split.RecordSplit(info.Protocol, info.Local, info.Remote, via)
 	}
 	p.apply(pkt, d)
 	if p.opts.OnDecision != nil {
-		p.opts.OnDecision(c, time.Since(start))
+		p.opts.OnDecision(c, time.Since(start)) // by value: a pointer through a func value would put c on the heap
 	}
 }
 
@@ -432,28 +432,27 @@ func (p *Pipeline) sweep(now time.Time) int {
 func (p *Pipeline) SetPolicy(pol *Policy) []backend.ConnChange {
 	p.policy.Store(pol)
 	var changes []backend.ConnChange
-	var splits []*Conn
-	p.conns.each(func(c *Conn) {
+	var splits []backend.ConnKey
+	p.conns.update(func(c *Conn) (backend.Decision, *ruleRef) {
 		if c.Own {
-			return
+			return c.decision, c.rule
 		}
 		old := c.Decision()
 		info := backend.Info{Protocol: c.Key.Protocol, Direction: c.Direction, Local: c.Key.Local,
 			Remote: c.Key.Remote, Interface: c.Interface, PID: c.PID, UID: c.UID}
 		d, ref, _ := p.evaluate(&info, c, pol, false)
-		c.rule.Store(ref)
 		if d != old {
-			c.decision.Store(packDecision(d))
 			changes = append(changes, backend.ConnChange{Key: c.Key, Old: old, New: d})
 			if d.Verdict == backend.RerouteToSplitTun {
-				splits = append(splits, c)
+				splits = append(splits, c.Key)
 			}
 		}
+		return d, ref
 	})
-	for _, c := range splits {
+	for _, k := range splits {
 		// A live connection cannot move into the proxy; its next new flow will. Forget it so the kernel's
 		// next packet of it is decided afresh.
-		p.conns.remove(c.Key)
+		p.conns.remove(k)
 	}
 	if len(changes) > 0 {
 		p.log.Info("policy changed live connections", "changed", len(changes))

@@ -108,8 +108,7 @@ func (c *Conn) Info() ConnInfo {
 		Protocol: c.Key.Protocol.String(), Direction: c.Direction.String(),
 		Local: c.Key.Local.String(), Remote: c.Key.Remote.String(),
 		PID: c.PID, App: c.App, UID: c.UID, Interface: c.Interface, Domain: c.Domain,
-		Verdict: c.Decision().String(), Rule: name, Source: source, Created: c.Created,
-		BytesTx: c.BytesTx.Load(), BytesRx: c.BytesRx.Load(), Key: c.Key,
+		Verdict: c.Decision().String(), Rule: name, Source: source, Created: c.Created, Key: c.Key,
 	}
 }
 
@@ -120,5 +119,11 @@ func (p *Pipeline) Connections() []ConnInfo {
 	return out
 }
 
-// Lookup returns the tracked connection with key k, or nil.
-func (p *Pipeline) Lookup(k backend.ConnKey) *Conn { return p.conns.get(k) }
+// Lookup returns a copy of the tracked connection with key k, or nil.
+func (p *Pipeline) Lookup(k backend.ConnKey) *Conn {
+	c, ok := p.conns.get(k)
+	if !ok {
+		return nil
+	}
+	return &c
+}

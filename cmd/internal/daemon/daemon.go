@@ -352,9 +352,9 @@ func (d *Daemon) Reload() (changed int, err error) {
 	return len(changes), nil
 }
 
-func (d *Daemon) onDecision(c *firewall.Conn, took time.Duration) {
-	d.metrics.observeDecision(c, took)
-	d.connLog.Log(c)
+func (d *Daemon) onDecision(c firewall.Conn, took time.Duration) {
+	d.metrics.observeDecision(&c, took)
+	d.connLog.Log(&c)
 	if d.log.Enabled(context.Background(), slog.LevelDebug) {
 		// Built only when debug logging is on: this runs once per new connection.
 		name, _, source := c.Rule()
