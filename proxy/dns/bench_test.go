@@ -199,9 +199,12 @@ func TestCacheHitAllocsAtLibraryFloor(t *testing.T) {
 		return testing.AllocsPerRun(300, func() { rc.roundTrip(t) })
 	}
 	// Background goroutines (timers, the coarse clock) add an allocation now and then to whichever
-	// measurement is running: take the least of a few interleaved trials of each.
+	// measurement is running, and on a loaded machine the library's server starts a fresh worker goroutine
+	// for a query that arrives before the last worker is idle again (one allocation per query, for as long
+	// as the load lasts): take the least of interleaved trials of each, until the hit reaches the floor or
+	// 20 trials have passed. TestCacheHitDoesNotAllocate holds the handler itself to zero.
 	floor, hit := math.Inf(1), math.Inf(1)
-	for range 5 {
+	for trial := 0; trial < 20 && (trial < 3 || hit > floor); trial++ {
 		floor = math.Min(floor, measure(tg.floor))
 		hit = math.Min(hit, measure(tg.cached))
 	}

@@ -91,9 +91,12 @@ type Server struct {
 	epoch     time.Time
 	// coarse is the clock as of the last tick (every tick while started; 0 otherwise). DomainOf reads it:
 	// expiry to a fraction of a second is plenty there, and reading the clock costs ~100 ns on a VM.
-	coarse   atomic.Int64
-	tick     time.Duration
-	bufs     sync.Pool // *[]byte reply buffers: a cache hit builds its reply in one, then returns it
+	coarse atomic.Int64
+	tick   time.Duration
+	// bufs holds free reply buffers: a cache hit builds its reply in one, then returns it. A channel rather than
+	// a sync.Pool: a pool is emptied by collections and, under the race detector, drops a quarter of what it
+	// is given, so how often a hit allocates would depend on the garbage collector.
+	bufs     chan *[]byte
 	c        counters
 	lastWarn atomic.Int64
 
@@ -145,7 +148,7 @@ func newServer(cfg Config, policy Policy, logger *slog.Logger, roots *x509.CertP
 		grace: int64(cfg.MapGrace), blockZero: cfg.BlockResponse == BlockZero,
 		epoch: time.Now(), tick: 250 * time.Millisecond, flights: make(map[string]*flight),
 	}
-	s.bufs.New = func() any { b := make([]byte, 0, 1024); return &b }
+	s.bufs = make(chan *[]byte, 64)
 	for _, us := range ups {
 		up, err := ParseUpstream(us)
 		if err != nil {
@@ -495,12 +498,21 @@ func (s *Server) blockedName(name string) bool {
 // TTLs reduced by the time the answer spent in the cache, an OPT record when req had one, and truncation when
 // it does not fit the client's UDP size.
 func (s *Server) writeEntry(w mdns.ResponseWriter, req *mdns.Msg, e *entry, now int64, tcp bool, opt *mdns.OPT) error {
-	bp := s.bufs.Get().(*[]byte)
+	var bp *[]byte
+	select {
+	case bp = <-s.bufs:
+	default:
+		b := make([]byte, 0, 1024)
+		bp = &b
+	}
 	defer func() {
-		// Reply buffers are pooled because every answer needs one and the library's Write copies or sends
-		// synchronously; without the pool each cache hit would allocate its reply.
+		// Reply buffers are reused because every answer needs one and the library's Write copies or sends
+		// synchronously; otherwise each cache hit would allocate its reply.
 		*bp = (*bp)[:0]
-		s.bufs.Put(bp)
+		select {
+		case s.bufs <- bp:
+		default: // more replies in flight than buffers kept: let this one go
+		}
 	}()
 	b := append((*bp)[:0], e.msg...)
 	*bp = b
