@@ -2,8 +2,6 @@ package nfqueue
 
 import (
 	"bufio"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -11,14 +9,13 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/warden-fw/warden/backend/netnstest"
 )
 
 func TestMain(m *testing.M) {
@@ -26,18 +23,6 @@ func TestMain(m *testing.M) {
 		os.Exit(childMain(cfg))
 	}
 	os.Exit(m.Run())
-}
-
-// requireRoot skips without root, but fails under CI, where these tests must run.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") != "" {
-		t.Fatal("kernel tests need root, and CI must run them")
-	}
-	t.Skip("kernel tests need root (network namespaces, iptables, NFQUEUE)")
 }
 
 // testNet is a client namespace (where Warden runs) and a server namespace joined by a veth pair. Every
@@ -49,28 +34,11 @@ type testNet struct {
 	ClientV6, ServerV6, Server2V6 netip.Addr
 }
 
-func randSuffix(t *testing.T) string {
-	b := make([]byte, 4)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
-}
-
-func run(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 // newTestNet creates the namespaces and removes them when the test ends, whatever happens.
 func newTestNet(t *testing.T) *testNet {
 	t.Helper()
-	requireRoot(t)
-	sfx := randSuffix(t)
+	netnstest.RequireRoot(t)
+	sfx := netnstest.Suffix()
 	n := &testNet{
 		client: "wnq-c-" + sfx, server: "wnq-s-" + sfx,
 		ClientV4: netip.MustParseAddr("10.201.0.1"), ServerV4: netip.MustParseAddr("10.201.0.2"),
@@ -80,51 +48,23 @@ func newTestNet(t *testing.T) *testNet {
 	}
 	vc, vs := "wqc"+sfx, "wqs"+sfx
 	for _, ns := range []string{n.client, n.server} {
-		run(t, "ip", "netns", "add", ns)
-		t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
-		run(t, "ip", "-n", ns, "link", "set", "lo", "up")
+		netnstest.NewNS(t, ns)
 		for _, k := range []string{"all", "default"} {
-			run(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf."+k+".accept_dad=0")
+			netnstest.Run(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf."+k+".accept_dad=0")
 		}
 	}
-	run(t, "ip", "link", "add", vc, "netns", n.client, "type", "veth", "peer", "name", vs, "netns", n.server)
-	run(t, "ip", "-n", n.client, "addr", "add", n.ClientV4.String()+"/24", "dev", vc)
-	run(t, "ip", "-n", n.client, "addr", "add", n.ClientV6.String()+"/64", "dev", vc, "nodad")
+	netnstest.Veth(t, n.client, vc, n.server, vs)
+	netnstest.Run(t, "ip", "-n", n.client, "addr", "add", n.ClientV4.String()+"/24", "dev", vc)
+	netnstest.Run(t, "ip", "-n", n.client, "addr", "add", n.ClientV6.String()+"/64", "dev", vc, "nodad")
 	for _, a := range []netip.Addr{n.ServerV4, n.Server2V4} {
-		run(t, "ip", "-n", n.server, "addr", "add", a.String()+"/24", "dev", vs)
+		netnstest.Run(t, "ip", "-n", n.server, "addr", "add", a.String()+"/24", "dev", vs)
 	}
 	for _, a := range []netip.Addr{n.ServerV6, n.Server2V6} {
-		run(t, "ip", "-n", n.server, "addr", "add", a.String()+"/64", "dev", vs, "nodad")
+		netnstest.Run(t, "ip", "-n", n.server, "addr", "add", a.String()+"/64", "dev", vs, "nodad")
 	}
-	run(t, "ip", "-n", n.client, "link", "set", vc, "up")
-	run(t, "ip", "-n", n.server, "link", "set", vs, "up")
+	netnstest.Run(t, "ip", "-n", n.client, "link", "set", vc, "up")
+	netnstest.Run(t, "ip", "-n", n.server, "link", "set", vs, "up")
 	return n
-}
-
-// inNS runs f with the calling thread in namespace ns, so sockets f creates live there (a socket stays in
-// the namespace it was created in). The thread is never returned to the scheduler's pool: the goroutine
-// exits still locked, which makes the runtime discard the thread.
-func inNS(t *testing.T, ns string, f func()) {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		fd, err := unix.Open("/run/netns/"+ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			done <- err
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			done <- err
-			return
-		}
-		f()
-		done <- nil
-	}()
-	if err := <-done; err != nil {
-		t.Fatalf("entering namespace %s: %v", ns, err)
-	}
 }
 
 // ipt runs an iptables command in a namespace.
@@ -134,7 +74,7 @@ func (n *testNet) ipt(t *testing.T, ns string, v6 bool, args ...string) string {
 	if v6 {
 		cmd = "ip6tables"
 	}
-	return run(t, append([]string{"ip", "netns", "exec", ns, cmd, "-w", "5"}, args...)...)
+	return netnstest.Run(t, append([]string{"ip", "netns", "exec", ns, cmd, "-w", "5"}, args...)...)
 }
 
 // save returns iptables-save (or ip6tables-save) of a namespace without its comment lines (they carry a
@@ -145,7 +85,7 @@ func save(t *testing.T, ns string, v6 bool) string {
 	if v6 {
 		cmd = "ip6tables-save"
 	}
-	out := run(t, "ip", "netns", "exec", ns, cmd)
+	out := netnstest.Run(t, "ip", "netns", "exec", ns, cmd)
 	var b strings.Builder
 	for _, l := range strings.SplitAfter(out, "\n") {
 		if strings.HasPrefix(l, "#") {

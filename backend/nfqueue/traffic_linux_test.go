@@ -15,6 +15,8 @@ import (
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
+
+	"github.com/warden-fw/warden/backend/netnstest"
 )
 
 // tcpServer listens on every address of a namespace and echoes; it counts accepted connections.
@@ -32,7 +34,7 @@ func listenTCPOn(t *testing.T, ns string, addr netip.AddrPort) *tcpServer {
 	t.Helper()
 	s := &tcpServer{}
 	var err error
-	inNS(t, ns, func() {
+	netnstest.InNS(t, ns, func() {
 		s.ln, err = net.Listen("tcp", addr.String())
 	})
 	if err != nil {
@@ -67,7 +69,7 @@ func listenUDP(t *testing.T, ns string, port uint16, addrs ...netip.Addr) *udpSe
 	for _, a := range addrs {
 		var pc net.PacketConn
 		var err error
-		inNS(t, ns, func() {
+		netnstest.InNS(t, ns, func() {
 			pc, err = net.ListenPacket("udp", netip.AddrPortFrom(a, port).String())
 		})
 		if err != nil {
@@ -95,7 +97,7 @@ func dial(t *testing.T, ns string, d net.Dialer, network string, to netip.AddrPo
 	var c net.Conn
 	var err error
 	d.Timeout = timeout
-	inNS(t, ns, func() {
+	netnstest.InNS(t, ns, func() {
 		c, err = d.DialContext(context.Background(), network, to.String())
 	})
 	if c != nil {
@@ -143,7 +145,7 @@ func ping(t *testing.T, ns string, addr netip.Addr, wait time.Duration) bool {
 	}
 	var c *icmp.PacketConn
 	var err error
-	inNS(t, ns, func() { c, err = icmp.ListenPacket(network, "") })
+	netnstest.InNS(t, ns, func() { c, err = icmp.ListenPacket(network, "") })
 	if err != nil {
 		t.Fatal(err)
 	}

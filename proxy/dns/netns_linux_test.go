@@ -2,8 +2,6 @@ package dns
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"os"
 	"os/exec"
 	"strings"
@@ -12,6 +10,7 @@ import (
 
 	mdns "github.com/miekg/dns"
 
+	"github.com/warden-fw/warden/backend/netnstest"
 	"github.com/warden-fw/warden/backend/nfqueue/marks"
 )
 
@@ -22,38 +21,15 @@ const netnsChildEnv = "WARDEN_DNS_NETNS_CHILD"
 // TCP, mark 1709 exempt). An application asking the "real" resolver directly is answered by us: blocked
 // names get NXDOMAIN, the rest reach the real resolver through our marked upstream socket without looping.
 func TestNetnsReroute(t *testing.T) {
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("needs root (CI must run this test)")
-		}
-		t.Skip("needs root for network namespaces")
-	}
-	for _, tool := range []string{"ip", "iptables"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			if os.Getenv("CI") != "" {
-				t.Fatalf("%s not installed", tool)
-			}
-			t.Skipf("%s not installed", tool)
-		}
-	}
-	var rb [4]byte
-	_, _ = rand.Read(rb[:])
-	ns := "wdns-" + hex.EncodeToString(rb[:])
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	run("ip", "netns", "add", ns)
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
-	run("ip", "-n", ns, "link", "set", "lo", "up")
+	netnstest.RequireRoot(t, "ip", "iptables")
+	ns := "wdns-" + netnstest.Suffix()
+	netnstest.NewNS(t, ns)
 	// The namespace's own nat table, never the host's.
 	nat := []string{"ip", "netns", "exec", ns, "iptables", "-w", "-t", "nat", "-A", "OUTPUT"}
-	run(append(nat, "-m", "mark", "--mark", "1709", "-j", "RETURN")...)
-	run(append(nat, "-d", "127.0.0.17", "-j", "RETURN")...)
+	netnstest.Run(t, append(nat, "-m", "mark", "--mark", "1709", "-j", "RETURN")...)
+	netnstest.Run(t, append(nat, "-d", "127.0.0.17", "-j", "RETURN")...)
 	for _, p := range []string{"udp", "tcp"} {
-		run(append(nat, "-p", p, "--dport", "53", "-j", "DNAT", "--to-destination", "127.0.0.17:53")...)
+		netnstest.Run(t, append(nat, "-p", p, "--dport", "53", "-j", "DNAT", "--to-destination", "127.0.0.17:53")...)
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

@@ -16,7 +16,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -29,6 +28,7 @@ import (
 	"time"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/netnstest"
 	"github.com/warden-fw/warden/proxy/netif"
 	"github.com/warden-fw/warden/proxy/redirect"
 )
@@ -269,61 +269,37 @@ func clientMain() {
 
 // --- the driving side ---
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		if _, err := exec.LookPath("iptables"); err == nil {
-			return
-		}
-	}
-	if os.Getenv("CI") != "" {
-		t.Fatal("network namespace test needs root and iptables, and CI is set")
-	}
-	t.Skip("network namespace test needs root and iptables")
-}
-
-func run(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 type topology struct {
 	c, a, b string // namespace names
 }
 
 func newTopology(t *testing.T) *topology {
 	t.Helper()
-	sfx := fmt.Sprintf("%06x", rand.Uint32()&0xffffff)
+	sfx := netnstest.Suffix()
 	tp := &topology{c: "wst-c-" + sfx, a: "wst-a-" + sfx, b: "wst-b-" + sfx}
 	for _, ns := range []string{tp.c, tp.a, tp.b} {
-		run(t, "ip", "netns", "add", ns)
-		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-		run(t, "ip", "-n", ns, "link", "set", "lo", "up")
+		netnstest.NewNS(t, ns)
 	}
 	for _, s := range []struct{ dev, ns, net4, net6 string }{{"ua", tp.a, "10.1.0", "fd00:a:"}, {"ub", tp.b, "10.2.0", "fd00:b:"}} {
-		run(t, "ip", "-n", tp.c, "link", "add", s.dev, "type", "veth", "peer", "name", "eth0", "netns", s.ns)
-		run(t, "ip", "-n", tp.c, "addr", "add", s.net4+".2/24", "dev", s.dev)
-		run(t, "ip", "-n", tp.c, "addr", "add", s.net6+":2/64", "dev", s.dev, "nodad")
-		run(t, "ip", "-n", tp.c, "link", "set", s.dev, "up")
-		run(t, "ip", "-n", s.ns, "addr", "add", s.net4+".1/24", "dev", "eth0")
-		run(t, "ip", "-n", s.ns, "addr", "add", s.net6+":1/64", "dev", "eth0", "nodad")
-		run(t, "ip", "-n", s.ns, "link", "set", "eth0", "up")
+		netnstest.Veth(t, tp.c, s.dev, s.ns, "eth0")
+		netnstest.Run(t, "ip", "-n", tp.c, "addr", "add", s.net4+".2/24", "dev", s.dev)
+		netnstest.Run(t, "ip", "-n", tp.c, "addr", "add", s.net6+":2/64", "dev", s.dev, "nodad")
+		netnstest.Run(t, "ip", "-n", tp.c, "link", "set", s.dev, "up")
+		netnstest.Run(t, "ip", "-n", s.ns, "addr", "add", s.net4+".1/24", "dev", "eth0")
+		netnstest.Run(t, "ip", "-n", s.ns, "addr", "add", s.net6+":1/64", "dev", "eth0", "nodad")
+		netnstest.Run(t, "ip", "-n", s.ns, "link", "set", "eth0", "up")
 		for _, a := range serviceAddrs {
 			bits := "/32"
 			if strings.Contains(a, ":") {
 				bits = "/128"
 			}
-			run(t, "ip", "-n", s.ns, "addr", "add", a+bits, "dev", "lo")
+			netnstest.Run(t, "ip", "-n", s.ns, "addr", "add", a+bits, "dev", "lo")
 		}
 	}
 	tp.addRoutes(t)
 	for _, ipt := range []struct{ cmd, to string }{{"iptables", "127.0.0.17:719"}, {"ip6tables", "[::1]:719"}} {
 		for _, proto := range []string{"tcp", "udp"} {
-			run(t, "ip", "netns", "exec", tp.c, ipt.cmd, "-t", "nat", "-A", "OUTPUT", "-p", proto,
+			netnstest.Run(t, "ip", "netns", "exec", tp.c, ipt.cmd, "-t", "nat", "-A", "OUTPUT", "-p", proto,
 				"-m", "mark", "!", "--mark", "1709", "-m", proto, "--sport", "40000:40999",
 				"-j", "DNAT", "--to-destination", ipt.to)
 		}
@@ -359,8 +335,8 @@ func (tp *topology) addRoutes(t *testing.T) {
 // the default routes.
 func (tp *topology) linkUp(t *testing.T, dev, addr6 string) {
 	t.Helper()
-	run(t, "ip", "-n", tp.c, "link", "set", dev, "up")
-	run(t, "ip", "-n", tp.c, "addr", "replace", addr6, "dev", dev, "nodad")
+	netnstest.Run(t, "ip", "-n", tp.c, "link", "set", dev, "up")
+	netnstest.Run(t, "ip", "-n", tp.c, "addr", "replace", addr6, "dev", dev, "nodad")
 	tp.addRoutes(t)
 }
 
@@ -488,7 +464,7 @@ type env struct {
 }
 
 func newEnv(t *testing.T) *env {
-	requireRoot(t)
+	netnstest.RequireRoot(t, "iptables")
 	tp := newTopology(t)
 	for _, s := range []struct{ ns, name string }{{tp.a, "A"}, {tp.b, "B"}} {
 		ch := startChild(t, s.ns, "server:"+s.name)
@@ -616,7 +592,7 @@ func TestNamespaceSplitTunnel(t *testing.T) {
 				if fam.name == "v6" {
 					args = append(args, "-f", "ipv6")
 				}
-				return run(t, args...)
+				return netnstest.Run(t, args...)
 			}
 			if ct := list(); !strings.Contains(ct, "dport=53") {
 				t.Fatalf("no conntrack entry for the live flow:\n%s", ct)
@@ -690,7 +666,7 @@ func TestNamespaceSplitTunnel(t *testing.T) {
 		c.mustCall(request{Op: "stop"})
 		e.start(Config{Interface: "ub", OnInterfaceDown: DownBlock, InterfacePoll: time.Minute})
 		expectServer(t, e.tcp(hostPort("10.1.0.2", splitPort()), "192.0.2.10:80", "", true), "B")
-		run(t, "ip", "-n", e.tp.c, "link", "set", "ub", "down")
+		netnstest.Run(t, "ip", "-n", e.tp.c, "link", "set", "ub", "down")
 		c.waitStats("interface down", func(st Stats) bool { return !st.Interface.Up })
 		expectNoServer(t, e.tcp(hostPort("10.1.0.2", splitPort()), "192.0.2.10:80", "", true))
 		src := hostPort("10.1.0.2", splitPort())
@@ -710,7 +686,7 @@ func TestNamespaceSplitTunnel(t *testing.T) {
 	t.Run("interface-down-direct", func(t *testing.T) {
 		c.mustCall(request{Op: "stop"})
 		e.start(Config{Interface: "ub", OnInterfaceDown: DownDirect, InterfacePoll: time.Minute})
-		run(t, "ip", "-n", e.tp.c, "link", "set", "ub", "down")
+		netnstest.Run(t, "ip", "-n", e.tp.c, "link", "set", "ub", "down")
 		t.Cleanup(func() {
 			exec.Command("ip", "-n", e.tp.c, "link", "set", "ub", "up").Run()
 		})
@@ -739,22 +715,22 @@ func TestNamespaceResolveAuto(t *testing.T) {
 		t.Fatalf("auto = %+v", st)
 	}
 	// A tunnel holding a better default route is skipped.
-	run(t, "ip", "-n", e.tp.c, "tuntap", "add", "dev", "office", "mode", "tun")
-	run(t, "ip", "-n", e.tp.c, "addr", "add", "10.99.0.2/24", "dev", "office")
-	run(t, "ip", "-n", e.tp.c, "link", "set", "office", "up")
-	run(t, "ip", "-n", e.tp.c, "route", "add", "default", "dev", "office", "metric", "10")
+	netnstest.Run(t, "ip", "-n", e.tp.c, "tuntap", "add", "dev", "office", "mode", "tun")
+	netnstest.Run(t, "ip", "-n", e.tp.c, "addr", "add", "10.99.0.2/24", "dev", "office")
+	netnstest.Run(t, "ip", "-n", e.tp.c, "link", "set", "office", "up")
+	netnstest.Run(t, "ip", "-n", e.tp.c, "route", "add", "default", "dev", "office", "metric", "10")
 	if st := resolve("auto"); st.Interface.Name != "ua" {
 		t.Fatalf("auto with a tun default route = %+v", st)
 	}
 	if st := resolve("10.2.0.2"); st.Interface.Name != "ub" {
 		t.Fatalf("by IP = %+v", st)
 	}
-	mac := strings.TrimSpace(run(t, "ip", "netns", "exec", e.tp.c, "cat", "/sys/class/net/ub/address"))
+	mac := strings.TrimSpace(netnstest.Run(t, "ip", "netns", "exec", e.tp.c, "cat", "/sys/class/net/ub/address"))
 	if st := resolve(mac); st.Interface.Name != "ub" {
 		t.Fatalf("by MAC %s = %+v", mac, st)
 	}
 	// The best physical default route gone: auto moves to ub.
-	run(t, "ip", "-n", e.tp.c, "link", "set", "ua", "down")
+	netnstest.Run(t, "ip", "-n", e.tp.c, "link", "set", "ua", "down")
 	if st := resolve("auto"); st.Interface.Name != "ub" {
 		t.Fatalf("auto with ua down = %+v", st)
 	}

@@ -8,11 +8,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/netnstest"
 )
 
 func newTestConn(t *testing.T) *diagConn {
 	t.Helper()
-	requireRoot(t)
+	netnstest.RequireRoot(t)
 	c, err := newDiagConn()
 	if err != nil {
 		t.Fatal(err)

@@ -3,8 +3,6 @@ package process
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -26,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/netnstest"
 )
 
 // Helper processes of the eBPF tests, re-executions of the test binary selected by environment variables.
@@ -189,7 +188,7 @@ func progIDs(b *bpfOwners) []ebpf.ProgramID {
 // needs, and fails when the programs are broken.
 func newEBPFResolver(t *testing.T) *Resolver {
 	t.Helper()
-	requireRoot(t)
+	netnstest.RequireRoot(t)
 	r := newTestResolver(t)
 	if r.bpf == nil {
 		if errors.Is(r.bpfErr, errBPFUnavailable) {
@@ -203,37 +202,15 @@ func newEBPFResolver(t *testing.T) *Resolver {
 	return r
 }
 
-// newTestNetns creates a network namespace with loopback up, removed when the test ends.
-func newTestNetns(t *testing.T) string {
-	t.Helper()
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Fatalf("ip(8) is needed: %v", err)
-	}
-	var suffix [4]byte
-	rand.Read(suffix[:])
-	ns := "warden-proc-" + hex.EncodeToString(suffix[:])
-	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", ns, err, out)
-		}
-	})
-	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		t.Fatalf("lo up: %v: %s", err, out)
-	}
-	return ns
-}
-
 // runInNetns reports true when the test already runs inside its own network namespace; otherwise it runs the
 // test there (re-executing the test binary under `ip netns exec`), reports its outcome and returns false.
 func runInNetns(t *testing.T) bool {
 	if os.Getenv(inNetnsEnv) == t.Name() {
 		return true
 	}
-	requireRoot(t)
-	ns := newTestNetns(t)
+	netnstest.RequireRoot(t)
+	ns := "warden-proc-" + netnstest.Suffix()
+	netnstest.NewNS(t, ns)
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -571,7 +548,7 @@ func TestEBPFCloseDetaches(t *testing.T) {
 // TestEBPFKillDetaches checks that a daemon killed with SIGKILL leaves no program behind: they are held by its
 // file descriptors only.
 func TestEBPFKillDetaches(t *testing.T) {
-	requireRoot(t)
+	netnstest.RequireRoot(t)
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -676,7 +653,7 @@ func BenchmarkResolve(b *testing.B) {
 		{"proc/256fds", false, 256, false},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			requireRoot(b)
+			netnstest.RequireRoot(b)
 			for range bc.extra {
 				fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 				if err != nil {

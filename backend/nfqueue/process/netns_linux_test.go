@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/netnstest"
 )
 
 // netnsChildEnv makes the test binary run runNetnsChild instead of the tests; its value is a socket address in
@@ -49,8 +50,9 @@ func runNetnsChild(outside string) error {
 }
 
 func TestResolveInNetns(t *testing.T) {
-	requireRoot(t)
-	ns := newTestNetns(t)
+	netnstest.RequireRoot(t)
+	ns := "warden-proc-" + netnstest.Suffix()
+	netnstest.NewNS(t, ns)
 	// A socket here, in the test's namespace, on an address the child's loopback also has.
 	u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -81,7 +83,7 @@ func TestResolveInNetns(t *testing.T) {
 // TestCloseStopsWatcher checks Close ends the exit watcher's goroutine and that a closed resolver answers
 // unknown.
 func TestCloseStopsWatcher(t *testing.T) {
-	requireRoot(t)
+	netnstest.RequireRoot(t)
 	before := runtime.NumGoroutine()
 	r, err := New(nil)
 	if err != nil {

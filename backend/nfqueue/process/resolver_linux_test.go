@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/netnstest"
 )
 
 // The test binary re-executes itself as a child process that opens sockets, reports their addresses on stdout
@@ -156,17 +157,6 @@ func runChild(fam string) error {
 	return nil
 }
 
-// requireRoot skips without root, but fails under CI, where the tests must run.
-func requireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("process attribution tests need root (CI is set)")
-		}
-		t.Skip("process attribution tests need root")
-	}
-}
-
 func newTestResolver(t testing.TB) *Resolver {
 	t.Helper()
 	r, err := New(nil)
@@ -257,7 +247,7 @@ type lookupCase struct {
 }
 
 func TestResolveRealSockets(t *testing.T) {
-	requireRoot(t)
+	netnstest.RequireRoot(t)
 	bin := childBinary(t)
 	for _, fam := range []string{"4", "6"} {
 		t.Run("ipv"+fam, func(t *testing.T) { testRealSockets(t, fam, bin) })
@@ -367,7 +357,7 @@ func testRealSockets(t *testing.T, fam, bin string) {
 }
 
 func TestResolveUnknown(t *testing.T) {
-	requireRoot(t)
+	netnstest.RequireRoot(t)
 	r := newTestResolver(t)
 	// A port nothing listens on: find a free one by binding and closing.
 	l, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -396,7 +386,7 @@ func TestResolveUnknown(t *testing.T) {
 // TestConcurrentMissesShareWalks resolves many new sockets at once with an empty inode cache: every lookup must
 // be right, and the /proc walks are shared instead of one per lookup.
 func TestConcurrentMissesShareWalks(t *testing.T) {
-	requireRoot(t)
+	netnstest.RequireRoot(t)
 	const n = 32
 	self, err := os.Executable()
 	if err != nil {
@@ -436,7 +426,7 @@ func TestConcurrentMissesShareWalks(t *testing.T) {
 }
 
 func TestTupleHitDoesNotAllocate(t *testing.T) {
-	requireRoot(t)
+	netnstest.RequireRoot(t)
 	u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -454,7 +444,7 @@ func TestTupleHitDoesNotAllocate(t *testing.T) {
 }
 
 func benchSocket(b *testing.B) backend.Info {
-	requireRoot(b)
+	netnstest.RequireRoot(b)
 	u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		b.Fatal(err)
@@ -513,7 +503,7 @@ func BenchmarkResolveColdWalk(b *testing.B) {
 // BenchmarkFullWalk walks all of /proc looking for an inode no process holds, the cost of a lookup whose
 // process is gone (at most once per scanInterval).
 func BenchmarkFullWalk(b *testing.B) {
-	requireRoot(b)
+	netnstest.RequireRoot(b)
 	r := newTestResolver(b)
 	wanted := map[uint32]struct{}{^uint32(0): {}}
 	b.ReportAllocs()

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/netnstest"
 )
 
 // Helper processes of the tuple map tests (see runTupleHelper).
@@ -656,7 +657,7 @@ func TestTupleSharedPort(t *testing.T) {
 // cache off: answered from the tuple map when the queue reported the UID, and through sock_diag and the owner
 // map when it did not (the path every outbound lookup took before the tuple map).
 func BenchmarkResolveOutbound(b *testing.B) {
-	requireRoot(b)
+	netnstest.RequireRoot(b)
 	r, err := New(nil)
 	if err != nil {
 		b.Fatal(err)
@@ -723,7 +724,7 @@ func BenchmarkResolveOutbound(b *testing.B) {
 // TestTupleMapDisabled checks Options.DisableTupleMap leaves the tuple map out: an outbound UDP flow is then
 // resolved through sock_diag and the owner map, as before the tuple map.
 func TestTupleMapDisabled(t *testing.T) {
-	requireRoot(t)
+	netnstest.RequireRoot(t)
 	r, err := NewWithOptions(nil, Options{DisableTupleMap: true})
 	if err != nil {
 		t.Fatal(err)

@@ -1,14 +1,14 @@
 package splitroute
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/warden-fw/warden/backend/netnstest"
 )
 
 // The functions act on the calling process's network namespace (netlink and /proc/sys), so the tests re-run
@@ -59,35 +59,13 @@ func child(cmd string) int {
 	return 0
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("network namespace tests need root, and CI runs as root")
-		}
-		t.Skip("network namespace tests need root")
-	}
-}
-
-func run(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 // newNS creates a namespace with link "up0" (10.9.0.2/24, 2001:db8:9::2/64) whose default route goes via
 // 10.9.0.1, and returns its name and the link's index.
 func newNS(t *testing.T) (string, int) {
 	t.Helper()
-	requireRoot(t)
-	b := make([]byte, 4)
-	_, _ = rand.Read(b)
-	ns := "srt-" + hex.EncodeToString(b)
-	run(t, "ip", "netns", "add", ns)
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	netnstest.RequireRoot(t)
+	ns := "srt-" + netnstest.Suffix()
+	netnstest.Create(t, ns)
 	for _, c := range [][]string{
 		{"link", "add", "up0", "type", "veth", "peer", "name", "peer0"},
 		{"link", "set", "up0", "up"}, {"link", "set", "peer0", "up"},
@@ -95,9 +73,9 @@ func newNS(t *testing.T) (string, int) {
 		{"-6", "addr", "add", "2001:db8:9::2/64", "dev", "up0", "nodad"},
 		{"route", "add", "default", "via", "10.9.0.1", "dev", "up0", "metric", "50"},
 	} {
-		run(t, append([]string{"ip", "-n", ns}, c...)...)
+		netnstest.Run(t, append([]string{"ip", "-n", ns}, c...)...)
 	}
-	out := run(t, "ip", "-n", ns, "-o", "link", "show", "up0")
+	out := netnstest.Run(t, "ip", "-n", ns, "-o", "link", "show", "up0")
 	idx, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(out, ":", 2)[0]))
 	if err != nil {
 		t.Fatalf("link index from %q: %v", out, err)
@@ -126,13 +104,13 @@ func policy(t *testing.T, ns string) string {
 	t.Helper()
 	var b strings.Builder
 	for _, fam := range []string{"-4", "-6"} {
-		for _, line := range strings.Split(run(t, "ip", "-n", ns, fam, "rule", "show"), "\n") {
+		for _, line := range strings.Split(netnstest.Run(t, "ip", "-n", ns, fam, "rule", "show"), "\n") {
 			if strings.HasPrefix(line, "17") {
 				b.WriteString(fam + " rule " + strings.Join(strings.Fields(line), " ") + "\n")
 			}
 		}
 		// All tables, filtered: showing table 1730 alone fails while it does not exist.
-		for _, line := range strings.Split(run(t, "ip", "-n", ns, fam, "route", "show", "table", "all"), "\n") {
+		for _, line := range strings.Split(netnstest.Run(t, "ip", "-n", ns, fam, "route", "show", "table", "all"), "\n") {
 			if !strings.Contains(line, "table 1730") {
 				continue
 			}
@@ -174,9 +152,9 @@ func TestInstallRemoveCleanup(t *testing.T) {
 	// The split interface changes: the route moves to the new link (on-link: it has no gateway) in place.
 	for _, c := range [][]string{{"link", "add", "up1", "type", "veth", "peer", "name", "peer1"},
 		{"link", "set", "up1", "up"}, {"addr", "add", "10.8.0.2/24", "dev", "up1"}} {
-		run(t, append([]string{"ip", "-n", ns}, c...)...)
+		netnstest.Run(t, append([]string{"ip", "-n", ns}, c...)...)
 	}
-	out := run(t, "ip", "-n", ns, "-o", "link", "show", "up1")
+	out := netnstest.Run(t, "ip", "-n", ns, "-o", "link", "show", "up1")
 	idx1, _ := strconv.Atoi(strings.TrimSpace(strings.SplitN(out, ":", 2)[0]))
 	inNS(t, ns, fmt.Sprintf("install %d", idx1))
 	if got := policy(t, ns); strings.Contains(got, "up0") || !strings.Contains(got, "-4 route default dev up1 scope link") {
@@ -204,11 +182,11 @@ func TestLoosenRPFilter(t *testing.T) {
 		{"2", "0", "0"}, // already loose: untouched
 		{"0", "0", "0"},
 	} {
-		run(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter="+c.all, "net.ipv4.conf.up0.rp_filter="+c.own)
+		netnstest.Run(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter="+c.all, "net.ipv4.conf.up0.rp_filter="+c.own)
 		if got := inNS(t, ns, "rpfilter up0"); got != c.during {
 			t.Errorf("all=%s up0=%s: up0 is %s while loosened, want %s", c.all, c.own, got, c.during)
 		}
-		if got := strings.TrimSpace(run(t, "ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.conf.up0.rp_filter")); got != c.own {
+		if got := strings.TrimSpace(netnstest.Run(t, "ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.conf.up0.rp_filter")); got != c.own {
 			t.Errorf("all=%s up0=%s: up0 is %s after restore", c.all, c.own, got)
 		}
 	}

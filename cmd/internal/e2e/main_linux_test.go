@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/warden-fw/warden/backend/netnstest"
 	"github.com/warden-fw/warden/cmd/internal/control"
 	"github.com/warden-fw/warden/cmd/internal/sandbox"
 	"github.com/warden-fw/warden/proxy/splittun"
@@ -75,15 +76,11 @@ func buildWarden(dir string) (string, error) {
 	return out, nil
 }
 
-// requireRoot skips without root, but fails when CI is set: CI must run these tests.
+// requireRoot skips without root, but fails when CI is set: CI must run these tests. It also fails when the
+// daemon under test could not be built.
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("end-to-end tests need root (network namespaces, iptables, NFQUEUE), and CI is set")
-		}
-		t.Skip("end-to-end tests need root (network namespaces, iptables, NFQUEUE)")
-	}
+	netnstest.RequireRoot(t)
 	if buildErr != nil {
 		t.Fatal(buildErr)
 	}
