@@ -154,15 +154,20 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 	addF(splitRouteMarks, []string{"-m", "connmark", "--mark", fmt.Sprintf("%d/0x%x", marks.SplitRouteBase, marks.SplitRouteMask), "-j", "RETURN"})
 	// The filter table runs after mangle, where the verdict's mark was set (and, for later packets, restored),
 	// so saving here never races the restore. Saves come first because REJECT and DROP end the traversal.
+	// The first packet of a connection accepted for good, the most common decision, is saved and leaves at
+	// once (marks are exclusive, so its place among the others does not matter).
+	addF(mark(marks.AcceptAlways), []string{"-j", "CONNMARK", "--save-mark"})
+	addF(mark(marks.AcceptAlways), []string{"-j", "RETURN"})
 	for _, m := range permanentMarks {
-		addF(mark(m), []string{"-j", "CONNMARK", "--save-mark"})
+		if m != marks.AcceptAlways {
+			addF(mark(m), []string{"-j", "CONNMARK", "--save-mark"})
+		}
 	}
 	addF(splitRouteMarks, []string{"-j", "CONNMARK", "--save-mark"})
 	// Own traffic is ACCEPTed, ending this table: later rules of other software cannot drop it.
 	addF(mark(marks.AcceptFinal), []string{"-j", "ACCEPT"})
 	// Accepts RETURN: the system's own rules still apply.
 	addF(mark(marks.Accept), []string{"-j", "RETURN"})
-	addF(mark(marks.AcceptAlways), []string{"-j", "RETURN"})
 	// The ICMP error or reset a REJECT sends belongs to the rejected connection and restores its block mark;
 	// it must pass, or the reject turns into a silent drop.
 	addF(icmp, related, []string{"-j", "RETURN"})
