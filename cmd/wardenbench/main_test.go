@@ -189,7 +189,7 @@ func TestParseFlags(t *testing.T) {
 		t.Errorf("quick options = %+v", o)
 	}
 	o, err = parseFlags(nil, &bytes.Buffer{})
-	if err != nil || o.reps != 3 || o.duration != 3*time.Second || o.memFlows != 100000 || len(o.workloads) != len(allWorkloads) {
+	if err != nil || o.reps != 4 || o.duration != 3*time.Second || o.memFlows != 100000 || len(o.workloads) != len(allWorkloads) {
 		t.Errorf("default options = %+v, %v", o, err)
 	}
 	if _, err := parseFlags([]string{"--workloads", "nope"}, &bytes.Buffer{}); err == nil {
