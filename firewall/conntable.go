@@ -169,17 +169,22 @@ func (t *connTable) shard(k *connKey) *connShard {
 	return &t.shards[h%connShards]
 }
 
-// touch returns the decision of the connection with key k and records that it was seen at now.
+// touch returns the decision of the connection with key k and records that it was seen at now. Most calls
+// are misses (a new connection's first packet), which need only the read lock.
 func (t *connTable) touch(k *backend.ConnKey, now int64) (backend.Decision, bool) {
 	ck := packKey(k)
 	s := t.shard(&ck)
-	s.mu.Lock()
+	s.mu.RLock()
 	e, ok := s.m[ck]
+	s.mu.RUnlock()
 	if ok && e.lastSeen != now {
-		e.lastSeen = now
-		s.m[ck] = e
+		s.mu.Lock()
+		if e2, still := s.m[ck]; still {
+			e2.lastSeen = now
+			s.m[ck] = e2
+		}
+		s.mu.Unlock()
 	}
-	s.mu.Unlock()
 	return unpackDecision(e.decision), ok
 }
 
