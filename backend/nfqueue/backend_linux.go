@@ -180,6 +180,7 @@ func (b *Backend) teardownLocked() error {
 	b.cancel()
 	for _, q := range b.queues {
 		b.prev.overruns += q.enobufs.Load()
+		b.prev.stats.ParseErrors += q.reader.Malformed.Load()
 		if err := q.close(); err != nil {
 			errs = append(errs, fmt.Errorf("closing queue %d: %w", q.num, err))
 		}
@@ -257,6 +258,7 @@ func (b *Backend) Stats() backend.Stats {
 		}
 		for _, q := range b.queues {
 			st.QueueOverruns += q.enobufs.Load()
+			st.ParseErrors += q.reader.Malformed.Load() // queue messages that named no packet
 		}
 	}
 	return st
