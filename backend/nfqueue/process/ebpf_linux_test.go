@@ -722,3 +722,96 @@ func BenchmarkResolve(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkSocketLifecycle measures what the attribution programs add to an application's own system calls:
+// a UDP flow (socket, bind, sendto, close) and a TCP connection (socket, connect, close, with the loopback
+// server accepting and closing), without the programs and with them attached. The difference is paid by every
+// application on the host, not by Warden.
+func BenchmarkSocketLifecycle(b *testing.B) {
+	lo := [4]byte{127, 0, 0, 1}
+	udpFlow := func(b *testing.B, dst *unix.SockaddrInet4) {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: lo}); err != nil {
+			b.Fatal(err)
+		}
+		if err := unix.Sendto(fd, []byte("x"), 0, dst); err != nil {
+			b.Fatal(err)
+		}
+		unix.Close(fd)
+	}
+	tcpConn := func(b *testing.B, dst *unix.SockaddrInet4) {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := unix.Connect(fd, dst); err != nil {
+			b.Fatal(err)
+		}
+		// An RST instead of a FIN: no TIME_WAIT, so a long run never runs out of ports.
+		_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1})
+		unix.Close(fd)
+	}
+	for _, proto := range []string{"udp", "tcp"} {
+		for _, programs := range []bool{false, true} {
+			name := proto + "/without"
+			if programs {
+				name = proto + "/with-programs"
+			}
+			b.Run(name, func(b *testing.B) {
+				netnstest.RequireRoot(b)
+				if programs {
+					r, err := NewWithOptions(nil, Options{})
+					if err != nil {
+						b.Fatal(err)
+					}
+					b.Cleanup(func() { r.Close() })
+					if r.bpf == nil {
+						b.Skipf("eBPF programs unavailable here: %v", r.bpfErr)
+					}
+				}
+				var dst unix.SockaddrInet4
+				op := udpFlow
+				if proto == "udp" {
+					// A bound receiver, so that the sends are not answered with ICMP port unreachable.
+					rx, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IP(lo[:])})
+					if err != nil {
+						b.Fatal(err)
+					}
+					b.Cleanup(func() { rx.Close() })
+					dst = unix.SockaddrInet4{Addr: lo, Port: rx.LocalAddr().(*net.UDPAddr).Port}
+					go func() {
+						buf := make([]byte, 64)
+						for {
+							if _, _, err := rx.ReadFromUDP(buf); err != nil {
+								return
+							}
+						}
+					}()
+				} else {
+					op = tcpConn
+					ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IP(lo[:])})
+					if err != nil {
+						b.Fatal(err)
+					}
+					b.Cleanup(func() { ln.Close() })
+					dst = unix.SockaddrInet4{Addr: lo, Port: ln.Addr().(*net.TCPAddr).Port}
+					go func() {
+						for {
+							c, err := ln.Accept()
+							if err != nil {
+								return
+							}
+							c.Close()
+						}
+					}()
+				}
+				for b.Loop() {
+					op(b, &dst)
+				}
+			})
+		}
+	}
+}
