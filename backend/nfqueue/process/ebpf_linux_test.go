@@ -190,16 +190,24 @@ func newEBPFResolver(t *testing.T) *Resolver {
 	t.Helper()
 	netnstest.RequireRoot(t)
 	r := newTestResolver(t)
-	if r.bpf == nil {
-		if errors.Is(r.bpfErr, errBPFUnavailable) {
-			t.Skipf("eBPF socket owner map unavailable here: %v", r.bpfErr)
-		}
-		t.Fatalf("eBPF socket owner map failed to load: %v", r.bpfErr)
-	}
+	requireBPF(t, r)
 	if !r.Stats().EBPF {
 		t.Fatal("Stats().EBPF is false with the map loaded")
 	}
 	return r
+}
+
+// requireBPF skips when r has no eBPF map because the system lacks what it needs, and fails when the programs
+// were rejected: a broken program must not pass as a missing feature.
+func requireBPF(tb testing.TB, r *Resolver) {
+	tb.Helper()
+	if r.bpf != nil {
+		return
+	}
+	if errors.Is(r.bpfErr, errBPFUnavailable) {
+		tb.Skipf("eBPF socket owner map unavailable here: %v", r.bpfErr)
+	}
+	tb.Fatalf("eBPF socket owner map failed to load: %v", r.bpfErr)
 }
 
 // runInNetns reports true when the test already runs inside its own network namespace; otherwise it runs the
@@ -666,11 +674,8 @@ func BenchmarkResolve(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.Cleanup(func() { r.Close() })
-			if bc.useMap && r.bpf == nil {
-				if errors.Is(r.bpfErr, errBPFUnavailable) {
-					b.Skipf("eBPF socket owner map unavailable here: %v", r.bpfErr)
-				}
-				b.Fatalf("eBPF socket owner map failed to load: %v", r.bpfErr)
+			if bc.useMap {
+				requireBPF(b, r)
 			}
 			r.tupleTTL = 0
 			remote := netip.MustParseAddrPort("127.0.0.1:9")
@@ -768,9 +773,7 @@ func BenchmarkSocketLifecycle(b *testing.B) {
 						b.Fatal(err)
 					}
 					b.Cleanup(func() { r.Close() })
-					if r.bpf == nil {
-						b.Skipf("eBPF programs unavailable here: %v", r.bpfErr)
-					}
+					requireBPF(b, r)
 				}
 				var dst unix.SockaddrInet4
 				op := udpFlow

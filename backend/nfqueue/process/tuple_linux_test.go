@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -730,12 +729,7 @@ func TestTupleMapDisabled(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	if r.bpf == nil {
-		if errors.Is(r.bpfErr, errBPFUnavailable) {
-			t.Skipf("eBPF socket owner map unavailable here: %v", r.bpfErr)
-		}
-		t.Fatalf("eBPF socket owner map failed to load: %v", r.bpfErr)
-	}
+	requireBPF(t, r)
 	if r.Stats().TupleMap {
 		t.Fatal("tuple map loaded though disabled")
 	}
