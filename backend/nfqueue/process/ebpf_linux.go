@@ -125,15 +125,25 @@ type progMaps struct {
 // load from memory sees it.
 var v4MappedMarker = int32(binary.NativeEndian.Uint32([]byte{0, 0, 0xff, 0xff}))
 
-// protocolFilter lets TCP and UDP sockets through to "record" and sends everything else (raw, ICMP, SCTP) to
-// "allow": the resolver only asks about TCP and UDP, and other sockets would only crowd the LRU.
-func protocolFilter(ctxOff int16) asm.Instructions {
-	return asm.Instructions{
-		asm.LoadMem(asm.R2, asm.R6, ctxOff, asm.Word),
-		asm.JEq.Imm(asm.R2, ipprotoTCP, "record"),
-		asm.JEq.Imm(asm.R2, ipprotoUDP, "record"),
+// socketFilter lets TCP and UDP sockets of the resolver's network namespace through to "record" and sends
+// everything else to "allow". The resolver only asks about TCP and UDP, and other sockets would only crowd the
+// LRU. It only finds sockets of its own namespace (sock_diag answers for one namespace), so another
+// namespace's sockets (a container's, a test's) are skipped before any map write or event: the programs see
+// the whole cgroup tree. Without a namespace cookie (m.netns 0: a kernel without SO_NETNS_COOKIE) every
+// namespace is recorded, as before the check existed.
+func socketFilter(m progMaps, protoOff int16) asm.Instructions {
+	insns := asm.Instructions{
+		asm.LoadMem(asm.R2, asm.R6, protoOff, asm.Word),
+		asm.JEq.Imm(asm.R2, ipprotoTCP, "netns"),
+		asm.JEq.Imm(asm.R2, ipprotoUDP, "netns"),
 		asm.Ja.Label("allow"),
 	}
+	if m.netns == 0 {
+		return append(insns, asm.Ja.Label("record").WithSymbol("netns"))
+	}
+	check := inNetns(m, "allow")
+	check[0] = check[0].WithSymbol("netns")
+	return append(insns, append(check, asm.Ja.Label("record"))...)
 }
 
 // currentComm puts the calling thread's name at the frame's comm (NUL-padded, as the map value holds it).
@@ -223,7 +233,7 @@ func cookieAndTgid() asm.Instructions {
 func sockCreateInsns(m progMaps) asm.Instructions {
 	var insns asm.Instructions
 	insns = append(insns, asm.Mov.Reg(asm.R6, asm.R1))
-	insns = append(insns, protocolFilter(sockProtocolOff)...)
+	insns = append(insns, socketFilter(m, sockProtocolOff)...)
 	insns = append(insns, cookieAndTgid()...)
 	insns = append(insns, storeOwner(m)...)
 	return append(insns, allow()...)
@@ -240,7 +250,7 @@ func sockAddrInsns(m progMaps, tail asm.Instructions) asm.Instructions {
 	mapFD := m.owners
 	var insns asm.Instructions
 	insns = append(insns, asm.Mov.Reg(asm.R6, asm.R1))
-	insns = append(insns, protocolFilter(sockAddrProtocolOff)...)
+	insns = append(insns, socketFilter(m, sockAddrProtocolOff)...)
 	insns = append(insns, cookieAndTgid()...)
 	insns = append(insns,
 		asm.LoadMapPtr(asm.R1, mapFD),
@@ -393,15 +403,15 @@ func storeMappedV4(off int16, src asm.Register) asm.Instructions {
 }
 
 // udpTupleKey builds the frame's tuple key of a UDP socket sending to (or connecting to) the context's address,
-// then runs then; it jumps to "allow" for another protocol, another namespace, or a socket not yet bound to a
-// port. The local address is the source a send asked for (sendmsg: IP_PKTINFO, or the bound address), else the
+// then runs then; it jumps to "allow" for another protocol or a socket not yet bound to a port (the program
+// has skipped other namespaces' sockets already). The local address is the source a send asked for (sendmsg: IP_PKTINFO, or the bound address), else the
 // address the socket is bound to, else none (the wildcard). R6 holds the bpf_sock_addr context.
 func udpTupleKey(m progMaps, v6, sendmsg bool, then asm.Instructions) asm.Instructions {
 	insns := asm.Instructions{
 		asm.LoadMem(asm.R2, asm.R6, sockAddrProtocolOff, asm.Word),
 		asm.JNE.Imm(asm.R2, ipprotoUDP, "allow"),
 	}
-	insns = append(insns, inNetns(m, "allow")...)
+	// The program's socketFilter has checked the namespace.
 	insns = append(insns, zeroTupleKey()...)
 	insns = append(insns,
 		asm.StoreImm(asm.RFP, tupleKeyOff+tupleProtoOff, ipprotoUDP, asm.Byte),
@@ -606,7 +616,7 @@ func sockReleaseInsns(m progMaps) asm.Instructions {
 	mapFD := m.owners
 	var insns asm.Instructions
 	insns = append(insns, asm.Mov.Reg(asm.R6, asm.R1))
-	insns = append(insns, protocolFilter(sockProtocolOff)...)
+	insns = append(insns, socketFilter(m, sockProtocolOff)...)
 	insns = append(insns,
 		asm.Mov.Reg(asm.R1, asm.R6).WithSymbol("record"),
 		asm.FnGetSocketCookie.Call(),

@@ -818,3 +818,92 @@ func BenchmarkSocketLifecycle(b *testing.B) {
 		}
 	}
 }
+
+// TestProgramsSkipOtherNamespaces checks that sockets created and used in another network namespace leave no
+// entry in the owner map (the resolver could not find them through sock_diag anyway), while the same sockets in
+// the resolver's namespace do.
+func TestProgramsSkipOtherNamespaces(t *testing.T) {
+	if !runInNetns(t) {
+		return
+	}
+	r := newTupleResolver(t)
+	other := "warden-proc-other-" + netnstest.Suffix()
+	netnstest.NewNS(t, other)
+	var foreign []uint64
+	var ferr error
+	netnstest.InNS(t, other, func() { foreign, ferr = openLoopbackSockets(t) })
+	if ferr != nil {
+		t.Fatalf("sockets in namespace %s: %v", other, ferr)
+	}
+	own, err := openLoopbackSockets(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range own {
+		if _, ok := r.bpf.lookup(c); !ok {
+			t.Errorf("socket %d of the resolver's namespace (cookie %d) is not in the owner map", i, c)
+		}
+	}
+	for i, c := range foreign {
+		if _, ok := r.bpf.lookup(c); ok {
+			t.Errorf("socket %d of namespace %s (cookie %d) is in the owner map", i, other, c)
+		}
+	}
+}
+
+// openLoopbackSockets opens, in the calling thread's network namespace, a UDP socket that sends to loopback and
+// a TCP socket connected to a loopback listener, and returns the cookies of all three; they are closed when
+// the test ends. It makes only system calls, so it may run on a thread moved into another namespace.
+func openLoopbackSockets(t *testing.T) ([]uint64, error) {
+	lo := [4]byte{127, 0, 0, 1}
+	var fds []int
+	t.Cleanup(func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	})
+	open := func(typ int) (int, error) {
+		fd, err := unix.Socket(unix.AF_INET, typ|unix.SOCK_CLOEXEC, 0)
+		if err == nil {
+			fds = append(fds, fd)
+		}
+		return fd, err
+	}
+	udp, err := open(unix.SOCK_DGRAM)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Sendto(udp, []byte("x"), 0, &unix.SockaddrInet4{Addr: lo, Port: 9}); err != nil {
+		return nil, fmt.Errorf("udp send: %w", err)
+	}
+	ln, err := open(unix.SOCK_STREAM)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Bind(ln, &unix.SockaddrInet4{Addr: lo}); err != nil {
+		return nil, err
+	}
+	if err := unix.Listen(ln, 1); err != nil {
+		return nil, err
+	}
+	sa, err := unix.Getsockname(ln)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := open(unix.SOCK_STREAM)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Connect(conn, sa); err != nil {
+		return nil, fmt.Errorf("tcp connect: %w", err)
+	}
+	var cookies []uint64
+	for _, fd := range fds {
+		c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+		if err != nil {
+			return nil, err
+		}
+		cookies = append(cookies, c)
+	}
+	return cookies, nil
+}
