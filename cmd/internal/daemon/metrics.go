@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,12 +24,22 @@ import (
 // metrics holds what is observed as it happens (latency, reloads); everything else is read from the
 // components' own counters when Prometheus scrapes, so the hot path pays nothing extra for metrics.
 type metrics struct {
-	reg      *prometheus.Registry
-	latency  prometheus.Histogram
-	reloads  *prometheus.CounterVec
-	decided  *prometheus.CounterVec
-	srv      *http.Server
-	listener net.Listener
+	reg     *prometheus.Registry
+	latency prometheus.Histogram
+	reloads *prometheus.CounterVec
+	decided *prometheus.CounterVec
+	// decidedBy caches decided's counters by (decision, source), read without a lock: WithLabelValues would
+	// format the decision (an allocation), hash both labels and take a read lock for every new connection.
+	// The set is small and stops growing after the first connections, so a miss copies the map.
+	decidedBy atomic.Pointer[map[decidedKey]prometheus.Counter]
+	decidedMu sync.Mutex // serialises misses
+	srv       *http.Server
+	listener  net.Listener
+}
+
+type decidedKey struct {
+	decision backend.Decision
+	source   string
 }
 
 func newMetrics() *metrics {
@@ -44,13 +57,32 @@ func newMetrics() *metrics {
 		}, []string{"verdict", "source"}),
 	}
 	m.reg.MustRegister(m.latency, m.reloads, m.decided)
+	m.decidedBy.Store(&map[decidedKey]prometheus.Counter{})
 	return m
 }
 
 func (m *metrics) observeDecision(c *firewall.Conn, took time.Duration) {
 	m.latency.Observe(took.Seconds())
 	_, _, source := c.Rule()
-	m.decided.WithLabelValues(c.Decision().String(), source).Inc()
+	m.decidedCounter(c.Decision(), source).Inc()
+}
+
+func (m *metrics) decidedCounter(d backend.Decision, source string) prometheus.Counter {
+	k := decidedKey{d, source}
+	if c, ok := (*m.decidedBy.Load())[k]; ok {
+		return c
+	}
+	m.decidedMu.Lock()
+	defer m.decidedMu.Unlock()
+	cur := *m.decidedBy.Load()
+	if c, ok := cur[k]; ok {
+		return c
+	}
+	next := maps.Clone(cur)
+	c := m.decided.WithLabelValues(d.String(), source)
+	next[k] = c
+	m.decidedBy.Store(&next)
+	return c
 }
 
 // collector exports the pipeline's, backend's and proxy's counters at scrape time.
