@@ -195,8 +195,10 @@ func (b *Backend) teardownLocked() error {
 	return errors.Join(errs...)
 }
 
-// watch keeps the jump rules first. It reads the nf_tables generation every interval and lists the chains
-// only when the ruleset changed (or always, with legacy iptables, where the generation says nothing).
+// watch keeps the jump rules first. It reads the nf_tables generation every interval; when the ruleset
+// changed, it reads the chains through nf_tables netlink and runs iptables (to list and repair) only when a
+// jump is not first. With legacy iptables, where the generation says nothing, it lists with iptables every
+// interval.
 func (b *Backend) watch(fw *firewall, stop <-chan struct{}) {
 	var gw *genWatcher
 	if iptablesIsNFT() {
@@ -224,6 +226,12 @@ func (b *Backend) watch(fw *firewall, stop <-chan struct{}) {
 			}
 			// Remember the generation read before checking: a change during the check is seen next time.
 			lastGen, haveGen = g, err == nil
+			// One netlink dump per chain tells whether anything needs a closer look; iptables runs only then.
+			if ok, err := fw.jumpsFirst(gw); err == nil && ok {
+				continue
+			} else if err != nil {
+				b.s.log.Debug("reading the jump rules through nf_tables netlink", "err", err)
+			}
 		}
 		if _, err := fw.enforceFirst(); err != nil {
 			b.s.log.Warn("checking jump rules", "err", err)
