@@ -19,6 +19,7 @@
 // (the socket is still open) and is trusted as above; the UID is then the one the packet's queue reported.
 // Connected UDP sockets, inbound connections and everything else take the sock_diag path.
 //
-// sock_diag answers for the network namespace the resolver was created in; /proc and the eBPF programs are
-// global, so processes of every namespace are found.
+// sock_diag answers for the network namespace the resolver was created in, so only that namespace's sockets
+// are ever looked up. The eBPF programs see every socket of the cgroup tree and skip other namespaces' sockets
+// before recording anything (on kernels that report namespace cookies). /proc is global.
 package process
