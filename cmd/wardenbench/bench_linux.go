@@ -507,9 +507,14 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		if o.profile != "" && rep == 0 && r.profile {
 			perf = b.startPerf(r.config + "-" + r.workload)
 		}
-		cpu0 := readCPU()
+		fwPID := 0
+		if fw.c != nil {
+			fwPID = fw.c.cmd.Process.Pid // `ip netns exec` execs the consumer in place: same PID
+		}
+		cpu0, fw0 := readCPU(), processCPU(fwPID)
 		res, err := b.client(args...)
-		busy := readCPU().busySince(cpu0)
+		cpu1, fw1 := readCPU(), processCPU(fwPID)
+		busy := cpu1.busySince(cpu0)
 		if profiling {
 			err = errors.Join(err, b.command(fw.c, "stop"))
 		}
@@ -524,6 +529,13 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		}
 		secs := float64(res.Elapsed) / 1e9
 		s := sample{errors: res.Errors, p50: res.P50, p99: res.P99, cpuBusy: busy}
+		if res.Ops > 0 && r.workload != wlLatency && r.workload != wlSplitSetup && r.workload != wlBulk && r.workload != wlProxyBulk {
+			ops := float64(res.Ops)
+			s.machineUS = cpu1.busyTimeSince(cpu0).Seconds() * 1e6 / ops
+			if fw0 >= 0 && fw1 > fw0 {
+				s.fwUS = (fw1 - fw0).Seconds() * 1e6 / ops
+			}
+		}
 		var unit string
 		switch r.workload {
 		case wlTCPConnect:
@@ -675,6 +687,46 @@ func readCPU() cpuTimes {
 		}
 	}
 	return t
+}
+
+// userHZ is the unit of the CPU times in /proc/stat and /proc/PID/stat (USER_HZ, 100 on every Linux
+// architecture Go runs on).
+const userHZ = 100
+
+// processCPU returns the user and system CPU time a process has used, all its threads together (those that
+// exited included), or -1 when there is no such process.
+func processCPU(pid int) time.Duration {
+	if pid == 0 {
+		return -1
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return -1
+	}
+	// The command name may hold spaces and parentheses: the fields start after the last ')'.
+	i := strings.LastIndexByte(string(data), ')')
+	if i < 0 {
+		return -1
+	}
+	f := strings.Fields(string(data[i+1:]))
+	if len(f) < 13 {
+		return -1
+	}
+	// utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name (state is the first).
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return -1
+	}
+	return time.Duration(utime+stime) * time.Second / userHZ
+}
+
+// busyTimeSince returns the CPU time the machine was busy between then and t, all CPUs together.
+func (t cpuTimes) busyTimeSince(then cpuTimes) time.Duration {
+	if t.total < then.total || t.total-t.idle < then.total-then.idle {
+		return 0
+	}
+	return time.Duration((t.total-t.idle)-(then.total-then.idle)) * time.Second / userHZ
 }
 
 // busySince returns the busy share of CPU time between then and t.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -137,5 +138,36 @@ func TestHarnessInterrupt(t *testing.T) {
 	}
 	if ns := ourNamespaces(t, pid); len(ns) != 0 {
 		t.Errorf("namespaces left behind after SIGINT: %v\n%s", ns, log.String())
+	}
+}
+
+// TestProcessCPU checks the firewall process's CPU time reading on this process: it grows while this test
+// spins, by no more than the CPUs could give in the time, and a missing process reads as -1.
+func TestProcessCPU(t *testing.T) {
+	pid := os.Getpid()
+	before := processCPU(pid)
+	if before < 0 {
+		t.Fatal("no CPU time for this process")
+	}
+	// Spin until 100 ms of CPU time show (/proc counts in 10 ms ticks), for at most 10 s on a busy machine.
+	start := time.Now()
+	var grown time.Duration
+	for grown < 100*time.Millisecond && time.Since(start) < 10*time.Second {
+		for t0 := time.Now(); time.Since(t0) < 10*time.Millisecond; {
+		}
+		grown = processCPU(pid) - before
+	}
+	elapsed := time.Since(start)
+	if grown < 100*time.Millisecond {
+		t.Errorf("CPU time grew by %v while spinning for %v", grown, elapsed)
+	}
+	if limit := elapsed*time.Duration(runtime.NumCPU()) + 20*time.Millisecond; grown > limit {
+		t.Errorf("CPU time grew by %v in %v on %d CPUs", grown, elapsed, runtime.NumCPU())
+	}
+	if got := processCPU(0); got != -1 {
+		t.Errorf("processCPU(0) = %v, want -1", got)
+	}
+	if got := processCPU(1 << 30); got != -1 {
+		t.Errorf("processCPU of no process = %v, want -1", got)
 	}
 }

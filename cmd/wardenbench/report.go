@@ -59,6 +59,13 @@ type Result struct {
 	// CPUBusy is the median share of the machine's CPU time that was busy during the runs (all processes,
 	// 0-1): 1 means the workload was CPU-bound, and then any extra work costs throughput one for one.
 	CPUBusy float64 `json:"cpu_busy"`
+	// For workloads counted in operations (connections, flows, round trips), medians per operation in
+	// microseconds: MachineUS is the whole machine's busy CPU time (every process and the kernel: CPU BUSY x
+	// CPUs / rate), FirewallCPUUS the firewall process's own (user and system time of the bare consumer or
+	// Warden). A rate on a loaded 2-CPU machine moves with scheduling; what the consumer spends per
+	// connection moves much less, so these tell a cost change from noise.
+	MachineUS     *float64 `json:"machine_us_per_op,omitempty"`
+	FirewallCPUUS *float64 `json:"firewall_cpu_us_per_op,omitempty"`
 }
 
 // Report is what --out writes.
@@ -114,6 +121,8 @@ type sample struct {
 	p50, p99 float64 // microseconds; 0 when not measured
 	errors   uint64
 	cpuBusy  float64
+	// machineUS and fwUS are per-operation CPU times (see Result); 0 when not measured.
+	machineUS, fwUS float64
 }
 
 // collector gathers samples and turns them into results.
@@ -155,10 +164,16 @@ func (c *collector) results() []Result {
 		wl, cfg, _ := strings.Cut(k, "/")
 		ss := c.data[k]
 		r := Result{Workload: wl, Config: cfg, Unit: c.units[k]}
-		var vals, p50s, p99s, busy []float64
+		var vals, p50s, p99s, busy, machine, fw []float64
 		for _, s := range ss {
 			vals = append(vals, s.value)
 			busy = append(busy, s.cpuBusy)
+			if s.machineUS > 0 {
+				machine = append(machine, s.machineUS)
+			}
+			if s.fwUS > 0 {
+				fw = append(fw, s.fwUS)
+			}
 			r.Errors += s.errors
 			if s.p99 > 0 {
 				p50s = append(p50s, s.p50)
@@ -168,6 +183,14 @@ func (c *collector) results() []Result {
 		r.Value = round(median(vals))
 		r.Runs = roundAll(vals)
 		r.CPUBusy = math.Round(median(busy)*100) / 100
+		if len(machine) > 0 {
+			v := round(median(machine))
+			r.MachineUS = &v
+		}
+		if len(fw) > 0 {
+			v := round(median(fw))
+			r.FirewallCPUUS = &v
+		}
 		if len(p99s) > 0 {
 			p50, p99 := round(median(p50s)), round(median(p99s))
 			r.P50, r.P99 = &p50, &p99
@@ -205,14 +228,43 @@ func find(rs []Result, workload, config string) (Result, bool) {
 	return Result{}, false
 }
 
-// ratioSpec defines one ratio: a/b of two results' values (or p99s).
+// ratioSpec defines one ratio: a/b of two results' values, or of another of their measures.
 type ratioSpec struct {
 	name     string
 	workload string
 	num, den string
-	p99      bool
+	metric   metric
 	target   float64
 	atMost   bool // the target is an upper bound
+}
+
+// metric is the measure of a result a ratio compares.
+type metric int
+
+const (
+	metricValue metric = iota
+	metricP99
+	metricMachineUS
+	metricFirewallCPUUS
+)
+
+// of returns r's measure m, false when r has none.
+func (m metric) of(r Result) (float64, bool) {
+	var p *float64
+	switch m {
+	case metricValue:
+		return r.Value, true
+	case metricP99:
+		p = r.P99
+	case metricMachineUS:
+		p = r.MachineUS
+	case metricFirewallCPUUS:
+		p = r.FirewallCPUUS
+	}
+	if p == nil {
+		return 0, false
+	}
+	return *p, true
 }
 
 var ratioSpecs = []ratioSpec{
@@ -221,7 +273,7 @@ var ratioSpecs = []ratioSpec{
 	{name: "warden_vs_kernel_bulk", workload: wlBulk, num: cfgWarden, den: cfgKernel, target: 0.95},
 	{name: "proxy_vs_direct_bulk", workload: wlProxyBulk, num: cfgProxy, den: cfgDirect, target: 0.9},
 	{name: "route_vs_direct_bulk", workload: wlProxyBulk, num: cfgRoute, den: cfgDirect, target: 0.9},
-	{name: "warden_vs_bare_connect_p99", workload: wlLatency, num: cfgWarden, den: cfgBare, p99: true, target: 1.5, atMost: true},
+	{name: "warden_vs_bare_connect_p99", workload: wlLatency, num: cfgWarden, den: cfgBare, metric: metricP99, target: 1.5, atMost: true},
 	// Informational (no target in the issue).
 	{name: "bare_vs_kernel_tcp_connect", workload: wlTCPConnect, num: cfgBare, den: cfgKernel},
 	{name: "bare_vs_kernel_udp_flows", workload: wlUDPFlows, num: cfgBare, den: cfgKernel},
@@ -232,6 +284,11 @@ var ratioSpecs = []ratioSpec{
 	{name: "route_vs_direct_udp_rr", workload: wlProxyUDP, num: cfgRoute, den: cfgDirect},
 	{name: "proxy_vs_direct_connect_p50", workload: wlSplitSetup, num: cfgProxy, den: cfgDirect},
 	{name: "route_vs_direct_connect_p50", workload: wlSplitSetup, num: cfgRoute, den: cfgDirect},
+	// Costs per connection or flow (above 1: Warden spends more than the bare consumer).
+	{name: "warden_vs_bare_firewall_cpu_per_tcp_connect", workload: wlTCPConnect, num: cfgWarden, den: cfgBare, metric: metricFirewallCPUUS},
+	{name: "warden_vs_bare_firewall_cpu_per_udp_flow", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, metric: metricFirewallCPUUS},
+	{name: "warden_vs_bare_machine_per_tcp_connect", workload: wlTCPConnect, num: cfgWarden, den: cfgBare, metric: metricMachineUS},
+	{name: "warden_vs_bare_machine_per_udp_flow", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, metric: metricMachineUS},
 }
 
 // bytesPerConnTarget is the issue's memory goal: at most 1 KiB per tracked connection.
@@ -247,14 +304,9 @@ func ratios(rs []Result) (map[string]float64, []Target) {
 		if !ok1 || !ok2 {
 			continue
 		}
-		x, y := a.Value, b.Value
-		if s.p99 {
-			if a.P99 == nil || b.P99 == nil {
-				continue
-			}
-			x, y = *a.P99, *b.P99
-		}
-		if y == 0 {
+		x, okx := s.metric.of(a)
+		y, oky := s.metric.of(b)
+		if !okx || !oky || y == 0 {
 			continue
 		}
 		r := math.Round(x/y*1000) / 1000
@@ -280,14 +332,14 @@ func ratios(rs []Result) (map[string]float64, []Target) {
 // writeTable prints the results and the targets for people.
 func writeTable(w io.Writer, rep *Report) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "WORKLOAD\tCONFIG\tMEDIAN\tUNIT\tP50 µs\tP99 µs\tCPU BUSY\tERRORS\tRUNS")
+	fmt.Fprintln(tw, "WORKLOAD\tCONFIG\tMEDIAN\tUNIT\tP50 µs\tP99 µs\tCPU BUSY\tMACHINE µs/OP\tFIREWALL µs/OP\tERRORS\tRUNS")
 	for _, r := range rep.Results {
 		busy := "-"
 		if r.CPUBusy > 0 {
 			busy = fmt.Sprintf("%.0f%%", r.CPUBusy*100)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Workload, r.Config, fmtNum(r.Value), r.Unit,
-			fmtPtr(r.P50), fmtPtr(r.P99), busy, r.Errors, fmtRuns(r.Runs))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Workload, r.Config, fmtNum(r.Value), r.Unit,
+			fmtPtr(r.P50), fmtPtr(r.P99), busy, fmtPtr(r.MachineUS), fmtPtr(r.FirewallCPUUS), r.Errors, fmtRuns(r.Runs))
 	}
 	tw.Flush()
 	if rep.Partial {
