@@ -404,8 +404,9 @@ func storeMappedV4(off int16, src asm.Register) asm.Instructions {
 
 // udpTupleKey builds the frame's tuple key of a UDP socket sending to (or connecting to) the context's address,
 // then runs then; it jumps to "allow" for another protocol or a socket not yet bound to a port (the program
-// has skipped other namespaces' sockets already). The local address is the source a send asked for (sendmsg: IP_PKTINFO, or the bound address), else the
-// address the socket is bound to, else none (the wildcard). R6 holds the bpf_sock_addr context.
+// has skipped other namespaces' sockets already). The local address is the source a send asked for (sendmsg:
+// IP_PKTINFO, or the bound address), else the address the socket is bound to, else none (the wildcard). R6
+// holds the bpf_sock_addr context.
 func udpTupleKey(m progMaps, v6, sendmsg bool, then asm.Instructions) asm.Instructions {
 	insns := asm.Instructions{
 		asm.LoadMem(asm.R2, asm.R6, sockAddrProtocolOff, asm.Word),
