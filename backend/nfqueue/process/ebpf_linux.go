@@ -61,7 +61,8 @@ type bpfOwners struct {
 }
 
 // mirrorRingSize is the event ring's size: about 10 000 sockets' events (socket, tuple, release) between two
-// reads. It is read at every lookup and at least every mirrorSyncInterval.
+// reads. It is read at every lookup and between lookups at least every mirrorSyncMax, sooner while it fills
+// (see nextSyncWait).
 var mirrorRingSize = 1 << 21
 
 // Kernel constants the programs use (linux/in.h, linux/bpf.h).

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"net/netip"
 	"testing"
+	"time"
 )
 
 // Events as the programs write them (see mirror_linux.go).
@@ -137,4 +138,36 @@ func FuzzSocketMirror(f *testing.F) {
 		var k tupleKey
 		m.lookup(&k)
 	})
+}
+
+// TestNextSyncWait checks the ring reader's pacing: an idle ring is read ever more rarely, up to once a
+// second; a filling one often enough that it would be at most a quarter full at the next read.
+func TestNextSyncWait(t *testing.T) {
+	const size = 1 << 21
+	wait := mirrorSyncMin
+	for range 10 {
+		wait = nextSyncWait(wait, 0, size)
+	}
+	if wait != mirrorSyncMax {
+		t.Errorf("idle ring: wait %v after ten empty reads, want %v", wait, mirrorSyncMax)
+	}
+	for _, c := range []struct {
+		wait    time.Duration
+		drained int
+		want    time.Duration
+	}{
+		{time.Second, size / 8, time.Second},                       // a quarter would take 2 s: capped at 1 s
+		{200 * time.Millisecond, size / 4, 200 * time.Millisecond}, // a quarter in 200 ms: keep it
+		{time.Second, size / 2, 500 * time.Millisecond},            // half in 1 s: read twice as often
+		{time.Second, size, 250 * time.Millisecond},                // full in 1 s
+		{100 * time.Millisecond, size, mirrorSyncMin},              // full in 100 ms: 25 ms, floored
+		{100 * time.Millisecond, 100, 200 * time.Millisecond},      // a trickle: grow, at most twice
+	} {
+		if got := nextSyncWait(c.wait, c.drained, size); got != c.want {
+			t.Errorf("after %v with %d bytes drained: wait %v, want %v", c.wait, c.drained, got, c.want)
+		}
+	}
+	if got := nextSyncWait(mirrorSyncMin, 5, 0); got != 2*mirrorSyncMin {
+		t.Errorf("closed ring: wait %v, want %v", got, 2*mirrorSyncMin)
+	}
 }

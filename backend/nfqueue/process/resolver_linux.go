@@ -204,21 +204,41 @@ func newResolver(logger *slog.Logger, proc procFS, find socketFinder, alive func
 	}
 }
 
-// mirrorSyncInterval bounds how long the event ring goes unread while no connection is resolved.
-const mirrorSyncInterval = 50 * time.Millisecond
+// The event ring is drained at every lookup, and by syncMirror while no connection is resolved, at intervals
+// between mirrorSyncMin and mirrorSyncMax.
+const (
+	mirrorSyncMin = 50 * time.Millisecond
+	mirrorSyncMax = time.Second
+)
 
-// syncMirror keeps the event ring drained between lookups until the resolver closes.
+// syncMirror keeps the event ring drained between lookups until the resolver closes. Each read sets the wait
+// before the next (see nextSyncWait): an idle daemon wakes once a second for it instead of twenty times.
 func (r *Resolver) syncMirror(m *mirrorRing) {
-	t := time.NewTicker(mirrorSyncInterval)
+	wait := mirrorSyncMin
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {
 		select {
 		case <-r.closed:
 			return
 		case <-t.C:
-			m.sync()
 		}
+		drained, size := m.sync()
+		wait = nextSyncWait(wait, drained, size)
+		t.Reset(wait)
 	}
+}
+
+// nextSyncWait returns the wait before the next read of a ring of size bytes when the last read, after wait,
+// drained that many bytes. It doubles the wait while reads find nothing. When they find events, it keeps the
+// wait short enough that, at the rate just seen, the ring would be at most a quarter full by the next read;
+// the rest of the ring absorbs a burst. Between mirrorSyncMin and mirrorSyncMax either way.
+func nextSyncWait(wait time.Duration, drained, size int) time.Duration {
+	next := 2 * wait
+	if drained > 0 && size > 0 {
+		next = min(next, time.Duration(float64(wait)*float64(size)/(4*float64(drained))))
+	}
+	return min(max(next, mirrorSyncMin), mirrorSyncMax)
 }
 
 // Close releases the netlink sockets. Lookups after Close report unknown.

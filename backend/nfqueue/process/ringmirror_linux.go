@@ -44,9 +44,10 @@ func (r *ringReader) consPos() *uint64 { return (*uint64)(unsafe.Pointer(&r.cons
 func (r *ringReader) prodPos() *uint64 { return (*uint64)(unsafe.Pointer(&r.prod[0])) }
 
 // drain hands every committed record to f, in order, and releases their space. It stops at a record still
-// being written.
-func (r *ringReader) drain(f func([]byte)) {
+// being written, and returns the bytes of ring it released.
+func (r *ringReader) drain(f func([]byte)) int {
 	cons := atomic.LoadUint64(r.consPos())
+	start := cons
 	prod := atomic.LoadUint64(r.prodPos())
 	data := r.prod[r.page:]
 	for cons < prod {
@@ -63,6 +64,7 @@ func (r *ringReader) drain(f func([]byte)) {
 		cons += (n + ringHeaderSize + 7) &^ 7
 		atomic.StoreUint64(r.consPos(), cons)
 	}
+	return int(cons - start)
 }
 
 func (r *ringReader) close() {
@@ -96,12 +98,13 @@ func newMirrorRing(ringFD, ringSize, lostFD int) (*mirrorRing, error) {
 // syncLocked replays what the ring holds. A lost event (the ring was full) makes the mirror incomplete: it is
 // cleared, and learns afresh from the next events. The counter is read after the ring: a program counts a loss
 // before the socket call that caused it returns, so before any packet that depends on it can be queued.
-func (m *mirrorRing) syncLocked() {
-	m.ring.drain(m.mirror.apply)
+func (m *mirrorRing) syncLocked() int {
+	n := m.ring.drain(m.mirror.apply)
 	if lost := atomic.LoadUint64((*uint64)(unsafe.Pointer(&m.lost[0]))); lost != m.seen {
 		m.seen = lost
 		m.mirror.reset()
 	}
+	return n
 }
 
 // lookup brings the mirror up to date and resolves k.
@@ -115,13 +118,15 @@ func (m *mirrorRing) lookup(k *tupleKey) (ownerEntry, mirrorAnswer) {
 	return m.mirror.lookup(k)
 }
 
-// sync drains the ring without a lookup, so it does not fill up while no connection needs resolving.
-func (m *mirrorRing) sync() {
+// sync drains the ring without a lookup, so it does not fill up while no connection needs resolving. It
+// returns the bytes it drained and the ring's size (0 once closed).
+func (m *mirrorRing) sync() (drained, size int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.ring != nil {
-		m.syncLocked()
+	if m.ring == nil {
+		return 0, 0
 	}
+	return m.syncLocked(), int(m.ring.mask + 1)
 }
 
 // stats returns the mirror's size and how often it was reset.
