@@ -1,6 +1,7 @@
 package netnstest
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"os"
@@ -112,4 +113,22 @@ func InNS(t testing.TB, ns string, f func()) {
 	if err := <-done; err != nil {
 		t.Fatalf("entering namespace %s: %v", ns, err)
 	}
+}
+
+// Child returns a command that runs this test binary again inside namespace ns, with env ("KEY=value") added to
+// the environment: the package's TestMain (or the named test) recognises the variable and plays the child's
+// part. args are the test binary's flags; without any it runs no test (-test.run=^$), leaving the work to
+// TestMain. Each package keeps its own child protocol; only the command line is shared.
+func Child(ctx context.Context, t testing.TB, ns, env string, args ...string) *exec.Cmd {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatalf("finding the test binary: %v", err)
+	}
+	if len(args) == 0 {
+		args = []string{"-test.run=^$"}
+	}
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, self}, args...)...)
+	cmd.Env = append(os.Environ(), env)
+	return cmd
 }

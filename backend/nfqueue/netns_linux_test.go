@@ -2,6 +2,7 @@ package nfqueue
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -122,8 +123,7 @@ func startWarden(t *testing.T, ns string, cfg childConfig) *warden {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+string(j))
+	cmd := netnstest.Child(context.Background(), t, ns, childEnv+"="+string(j))
 	cmd.Stderr = &testWriter{t: t, prefix: "warden: "}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {

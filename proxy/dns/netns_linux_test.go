@@ -3,7 +3,6 @@ package dns
 import (
 	"context"
 	"os"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -34,9 +33,7 @@ func TestNetnsReroute(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, os.Args[0], "-test.run=^TestNetnsChild$", "-test.v",
-		"-test.count=1")
-	cmd.Env = append(os.Environ(), netnsChildEnv+"=1")
+	cmd := netnstest.Child(ctx, t, ns, netnsChildEnv+"=1", "-test.run=^TestNetnsChild$", "-test.v", "-test.count=1")
 	out, err := cmd.CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "--- PASS: TestNetnsChild") {
 		t.Fatalf("child in namespace %s: %v\n%s", ns, err, out)

@@ -13,6 +13,7 @@ package splittun
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -350,12 +351,7 @@ type child struct {
 
 func startChild(t *testing.T, ns, role string) *child {
 	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command("ip", "netns", "exec", ns, exe, "-test.run=^$")
-	cmd.Env = append(os.Environ(), roleEnv+"="+role)
+	cmd := netnstest.Child(context.Background(), t, ns, roleEnv+"="+role)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {

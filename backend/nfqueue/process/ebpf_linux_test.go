@@ -219,14 +219,9 @@ func runInNetns(t *testing.T) bool {
 	netnstest.RequireRoot(t)
 	ns := "warden-proc-" + netnstest.Suffix()
 	netnstest.NewNS(t, ns)
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, self, "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), inNetnsEnv+"="+t.Name())
+	cmd := netnstest.Child(ctx, t, ns, inNetnsEnv+"="+t.Name(), "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1")
 	out, err := cmd.CombinedOutput()
 	t.Logf("inside namespace %s:\n%s", ns, out)
 	switch {

@@ -1,11 +1,11 @@
 package process
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"runtime"
 	"strings"
 	"testing"
@@ -59,12 +59,7 @@ func TestResolveInNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer u.Close()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command("ip", "netns", "exec", ns, self, "-test.run=^$")
-	cmd.Env = append(os.Environ(), netnsChildEnv+"="+u.LocalAddr().String())
+	cmd := netnstest.Child(context.Background(), t, ns, netnsChildEnv+"="+u.LocalAddr().String())
 	done := make(chan struct{})
 	var out []byte
 	go func() { out, err = cmd.CombinedOutput(); close(done) }()

@@ -1,6 +1,7 @@
 package splitroute
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -85,8 +86,7 @@ func newNS(t *testing.T) (string, int) {
 
 func inNS(t *testing.T, ns, cmd string) string {
 	t.Helper()
-	c := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run=^$")
-	c.Env = append(os.Environ(), childEnv+"="+cmd)
+	c := netnstest.Child(context.Background(), t, ns, childEnv+"="+cmd)
 	out, err := c.Output()
 	if err != nil {
 		stderr := ""
