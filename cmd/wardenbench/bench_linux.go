@@ -550,8 +550,15 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 			s.value, unit = float64(res.Ops)/secs, "rr/s"
 		}
 		b.col.add(r.workload, r.config, unit, s)
-		b.logf("  %-16s %-13s %10.0f %-8s p50 %6.0fµs p99 %6.0fµs cpu %3.0f%% errors %d", r.workload, r.config,
-			s.value, unit, res.P50, res.P99, busy*100, res.Errors)
+		costs := ""
+		if s.machineUS > 0 {
+			costs = fmt.Sprintf(" machine %.0fµs/op", s.machineUS)
+		}
+		if s.fwUS > 0 {
+			costs += fmt.Sprintf(" firewall %.1fµs/op", s.fwUS)
+		}
+		b.logf("  %-16s %-13s %10.0f %-8s p50 %6.0fµs p99 %6.0fµs cpu %3.0f%%%s errors %d", r.workload, r.config,
+			s.value, unit, res.P50, res.P99, busy*100, costs, res.Errors)
 	}
 	if cfg == cfgWarden {
 		if st, err := control.NewClient(b.socket).Status(b.ctx); err == nil {
