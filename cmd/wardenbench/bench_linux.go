@@ -529,7 +529,10 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		}
 		secs := float64(res.Elapsed) / 1e9
 		s := sample{errors: res.Errors, p50: res.P50, p99: res.P99, cpuBusy: busy}
-		if res.Ops > 0 && r.workload != wlLatency && r.workload != wlSplitSetup && r.workload != wlBulk && r.workload != wlProxyBulk {
+		// Costs per operation for the workloads that count operations (the latency ones count connections too,
+		// but at a fixed rate that leaves the machine mostly idle, so their costs would measure waiting).
+		countsOps := r.workload == wlTCPConnect || r.workload == wlUDPFlows || r.workload == wlProxyUDP
+		if countsOps && res.Ops > 0 {
 			ops := float64(res.Ops)
 			s.machineUS = cpu1.busyTimeSince(cpu0).Seconds() * 1e6 / ops
 			if fw0 >= 0 && fw1 > fw0 {
