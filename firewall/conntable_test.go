@@ -182,3 +182,32 @@ func BenchmarkConnTableGC(b *testing.B) {
 	}
 	runtime.KeepAlive(tab)
 }
+
+// A fresh table takes its first tens of thousands of connections without allocating: its maps are sized at start,
+// so no insert on the packet path pays for a map growing.
+func TestConnTablePresized(t *testing.T) {
+	tab := newConnTable(262144)
+	const n = 40000 // about 625 per shard, well below shardPresize in every shard
+	conns := make([]Conn, n)
+	for i := range conns {
+		c := testConn(0, "/usr/bin/app", "")
+		c.Key.Local = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), uint16(1024+i%50000))
+		c.Key.Remote = netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, byte(i >> 8), byte(i)}), 443)
+		conns[i] = *c
+	}
+	tab.insert(&conns[0], 5) // interns the names once
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for i := 1; i < n; i++ {
+		if _, ok := tab.insert(&conns[i], 5); !ok {
+			t.Fatalf("insert %d refused", i)
+		}
+	}
+	runtime.ReadMemStats(&after)
+	if got := after.TotalAlloc - before.TotalAlloc; got > 64<<10 {
+		t.Errorf("inserting %d connections allocated %d bytes; the maps grew", n-1, got)
+	}
+	if tab.len() != n {
+		t.Errorf("table holds %d, want %d", tab.len(), n)
+	}
+}

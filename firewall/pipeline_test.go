@@ -511,6 +511,33 @@ func BenchmarkNewConnection(b *testing.B) {
 	}
 }
 
+// BenchmarkNewConnectionFresh is BenchmarkNewConnection in a daemon's first 40 000 connections: every 40 000
+// connections the pipeline starts over (not timed), so its table never holds more than a busy machine's first
+// seconds bring.
+func BenchmarkNewConnectionFresh(b *testing.B) {
+	pol := mustPolicy(b, realisticRules(1000))
+	pkt := &reusablePacket{info: backend.Info{Protocol: backend.TCP, Local: netip.MustParseAddrPort("10.0.0.1:1"),
+		Remote: netip.MustParseAddrPort("10.0.0.2:80"), PID: -1, UID: -1}}
+	const perDaemon = 40000
+	var p *Pipeline
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		if i%perDaemon == 0 {
+			b.StopTimer()
+			if p != nil {
+				p.Close()
+			}
+			p = New(pol, Options{})
+			b.StartTimer()
+		}
+		pkt.info.Local = netip.AddrPortFrom(pkt.info.Local.Addr(), uint16(i))
+		pkt.info.Remote = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 80)
+		p.HandlePacket(pkt)
+	}
+	b.StopTimer()
+	p.Close()
+}
+
 func BenchmarkKnownConnection(b *testing.B) {
 	p := New(mustPolicy(b, basicPolicy), Options{})
 	defer p.Close()
