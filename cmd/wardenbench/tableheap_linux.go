@@ -30,8 +30,8 @@ func (p *heapPacket) Apply(backend.Decision) error {
 
 // tableHeapPerConn measures, in this process, how much live heap the pipeline's connection table takes per
 // connection: it compiles the benchmark's policy, decides n distinct UDP flows like the memory workload's,
-// and compares the heap after a full collection before and after. Unlike the RSS measurement it excludes the
-// garbage collector's headroom and everything outside the pipeline.
+// and compares the heap after a full collection before the pipeline was made and after. Unlike the RSS
+// measurement it excludes the garbage collector's headroom and everything outside the pipeline.
 func tableHeapPerConn(policyYAML string, n int) (float64, error) {
 	dir, err := os.MkdirTemp("", "wardenbench-heap-")
 	if err != nil {
@@ -50,10 +50,12 @@ func tableHeapPerConn(policyYAML string, n int) (float64, error) {
 	if err != nil {
 		return 0, err
 	}
+	// The baseline is taken before the pipeline exists: its table is sized at start (firewall's shardPresize),
+	// and that memory belongs to the connections it holds.
+	before := liveHeap()
 	p := firewall.New(pol, firewall.Options{OwnPID: -2, MaxConnections: max(cfg.MaxConnections, n+1)})
 	defer p.Close()
 	var pkt heapPacket
-	before := liveHeap()
 	for i := range n {
 		src, sport, dport := tuple(uint64(i), portUDPFirst)
 		pkt = heapPacket{info: backend.Info{Protocol: backend.UDP, Direction: backend.Outbound,
