@@ -504,8 +504,12 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 			}
 		}
 		var perf *exec.Cmd
+		var bpfRec *bpfRecorder
 		if o.profile != "" && rep == 0 && r.profile {
 			perf = b.startPerf(r.config + "-" + r.workload)
+			if r.config == cfgWarden || r.config == cfgProxy || r.config == cfgRoute {
+				bpfRec = b.startBPFStats()
+			}
 		}
 		fwPID := 0
 		if fw.c != nil {
@@ -520,6 +524,13 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		}
 		if perf != nil {
 			err = errors.Join(err, b.finishPerf(perf))
+		}
+		if bpfRec != nil {
+			perOp, berr := bpfRec.finish(filepath.Join(o.profile, r.config+"-"+r.workload+".bpf.txt"), res.Ops)
+			err = errors.Join(err, berr)
+			if perOp > 0 {
+				b.logf("  Warden's attribution programs: %.2f µs of applications' CPU per operation", float64(perOp.Nanoseconds())/1e3)
+			}
 		}
 		if err != nil {
 			return err
