@@ -170,6 +170,12 @@ func TestMalformed(t *testing.T) {
 		{"bad enabled", "nameserver: {enabled: maybe}", []string{"nameserver.enabled"}},
 		{"several at once", "fail_mode: x\nlog: {level: y}\nrules: [{name: a, action: z}]",
 			[]string{"fail_mode", "rules[0].action", "log.level"}},
+		// Unknown keys do not hide the other problems: one check lists them all.
+		{"unknown keys beside bad values", "bogus: 1\nfail_mode: x\nrules: [{name: a, action: block, portz: [1]}, {name: b, action: alow}]",
+			[]string{"bogus", "rules[0].portz", "fail_mode", "rules[1].action"}},
+		// A value that cannot be decoded is reported once, not again by the checks of what it would have held.
+		{"undecodable rule", "rules: [x]", []string{"rules[0]"}},
+		{"undecodable name", "rules: [{name: [1, 2], action: block}]", []string{"rules[0].name"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -35,6 +35,9 @@ func (l *errorList) add(path, format string, args ...any) {
 	l.errs = append(l.errs, FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
 }
 
+// unknownKeyMsg is the error for a key the config does not have.
+const unknownKeyMsg = "unknown key (a typo must not silently weaken a firewall)"
+
 var durationType = reflect.TypeFor[time.Duration]()
 
 // decodeStruct fills the tagged fields of dst (a pointer to struct) from m, reporting unknown keys and
@@ -56,7 +59,7 @@ func decodeStruct(path string, m map[string]any, dst reflect.Value, el *errorLis
 		fp := join(path, k)
 		i, ok := known[strings.ToLower(k)]
 		if !ok {
-			el.add(fp, "unknown key (a typo must not silently weaken a firewall)")
+			el.add(fp, unknownKeyMsg)
 			continue
 		}
 		decodeValue(fp, m[k], dst.Field(i), el)

@@ -80,14 +80,34 @@ func LoadBytes(data []byte, ext string, env []string) (*Config, error) {
 	setDefaults(reflect.ValueOf(c).Elem())
 	var el errorList
 	decodeStruct("", raw, reflect.ValueOf(c).Elem(), &el)
-	if len(el.errs) == 0 {
-		c.validate(&el)
+	// Validation runs even after decoding failed, so that one check lists every problem. What it says about a
+	// value that could not be decoded (left at its default) would only repeat that error, so it is dropped.
+	var vl errorList
+	c.validate(&vl)
+	for _, e := range vl.errs {
+		if !coveredBy(e.Path, el.errs) {
+			el.errs = append(el.errs, e)
+		}
 	}
 	if len(el.errs) > 0 {
 		return nil, fmt.Errorf("%w:\n%w", ErrInvalid, el.errs)
 	}
 	c.LoadedAt = time.Now()
 	return c, nil
+}
+
+// coveredBy reports whether a value at path, or one inside it, already failed to decode. An unknown key
+// covers nothing: it was ignored, and the keys beside it decoded as they are.
+func coveredBy(path string, decodeErrs Errors) bool {
+	for _, d := range decodeErrs {
+		if d.Msg == unknownKeyMsg {
+			continue
+		}
+		if path == d.Path || strings.HasPrefix(path, d.Path+".") || strings.HasPrefix(path, d.Path+"[") {
+			return true
+		}
+	}
+	return false
 }
 
 // applyEnv overlays WARDEN_* variables on the raw settings: WARDEN_ + the key path upper-cased with "_" for
