@@ -265,6 +265,15 @@ func unmapBits(a netip.Addr) int {
 	return 0
 }
 
+// NormalizeDomain checks a domain name (no "*." pattern) and returns it lower-case without a trailing dot.
+func NormalizeDomain(s string) (string, error) {
+	d, err := normalizeDomain(s)
+	if err == nil && strings.HasPrefix(d, "*.") {
+		return "", fmt.Errorf("a pattern, not a name")
+	}
+	return d, err
+}
+
 // normalizeDomain checks a domain or "*.suffix" pattern and returns it lower-case without a trailing dot.
 func normalizeDomain(s string) (string, error) {
 	d := strings.TrimSuffix(strings.ToLower(strings.TrimSpace(s)), ".")

@@ -13,6 +13,7 @@ import (
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/cmd/internal/control"
 	"github.com/warden-fw/warden/cmd/internal/daemon"
+	"github.com/warden-fw/warden/config"
 	"github.com/warden-fw/warden/firewall"
 )
 
@@ -112,8 +113,10 @@ func (f *explainFlags) query() (firewall.Query, error) {
 			}
 		} else if strings.ContainsAny(f.remote, ":/") || strings.Trim(f.remote, "0123456789.") == "" {
 			return q, fmt.Errorf("--remote %q: not an IP address or domain", f.remote)
+		} else if d, err := config.NormalizeDomain(f.remote); err != nil {
+			return q, fmt.Errorf("--remote %q: not an IP address or domain: %v", f.remote, err)
 		} else {
-			q.Domain = strings.TrimSuffix(strings.ToLower(f.remote), ".")
+			q.Domain = d
 		}
 	}
 	if f.port < 0 || f.port > 65535 {

@@ -105,7 +105,7 @@ rules:
 			t.Errorf("%v: keys %v", tt.args, raw)
 		}
 	}
-	for _, bad := range [][]string{{"--direction", "up"}, {"--proto", "sctp"}, {"--port", "70000"}, {"--remote", "1.2.3.4.5"}, {"--user", "no-such-user-x"}} {
+	for _, bad := range [][]string{{"--direction", "up"}, {"--proto", "sctp"}, {"--port", "70000"}, {"--remote", "1.2.3.4.5"}, {"--remote", "not a name"}, {"--remote", "*.example.org"}, {"--user", "no-such-user-x"}} {
 		if code, _, _ := runCLI(t, append([]string{"explain", "-c", cfg}, bad...)...); code != exitUsage {
 			t.Errorf("%v: exit %d, want 2", bad, code)
 		}
