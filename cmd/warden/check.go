@@ -27,7 +27,11 @@ func newCheckCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d rules, backend %s, fail mode %s)\n", cfg.File, pol.Len(),
+			rules := "rules"
+			if pol.Len() == 1 {
+				rules = "rule"
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d %s, backend %s, fail mode %s)\n", cfg.File, pol.Len(), rules,
 				cfg.Backend, cfg.FailMode)
 			return nil
 		},
