@@ -1,14 +1,11 @@
 package nfqueue
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"strconv"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -185,7 +182,7 @@ func (q *queue) close() error {
 	return err
 }
 
-// queueDrops reads the kernel's per-queue drop counters (queue full, and netlink delivery failed) from
+// queueDrops reads the kernel's per-queue drop counters of the given queues from
 // /proc/net/netfilter/nfnetlink_queue, which shows the reading process's network namespace.
 func queueDrops(nums map[uint16]bool) (uint64, error) {
 	f, err := os.Open("/proc/net/netfilter/nfnetlink_queue")
@@ -193,24 +190,5 @@ func queueDrops(nums map[uint16]bool) (uint64, error) {
 		return 0, err
 	}
 	defer f.Close()
-	var total uint64
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// queue_number peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 7 {
-			continue
-		}
-		n, err := strconv.ParseUint(fields[0], 10, 16)
-		if err != nil || !nums[uint16(n)] {
-			continue
-		}
-		for _, i := range []int{5, 6} {
-			v, err := strconv.ParseUint(fields[i], 10, 64)
-			if err == nil {
-				total += v
-			}
-		}
-	}
-	return total, sc.Err()
+	return ParseQueueDrops(f, func(n uint16) bool { return nums[n] })
 }

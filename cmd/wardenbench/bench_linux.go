@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/warden-fw/warden/backend/nfqueue"
 	"github.com/warden-fw/warden/cmd/internal/control"
 )
 
@@ -515,9 +516,9 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		if fw.c != nil {
 			fwPID = fw.c.cmd.Process.Pid // `ip netns exec` execs the consumer in place: same PID
 		}
-		cpu0, fw0 := readCPU(), processCPU(fwPID)
+		cpu0, fw0, drops0 := readCPU(), processCPU(fwPID), queueDrops(fwPID)
 		res, err := b.client(args...)
-		cpu1, fw1 := readCPU(), processCPU(fwPID)
+		cpu1, fw1, drops1 := readCPU(), processCPU(fwPID), queueDrops(fwPID)
 		busy := cpu1.busySince(cpu0)
 		if profiling {
 			err = errors.Join(err, b.command(fw.c, "stop"))
@@ -540,6 +541,9 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		}
 		secs := float64(res.Elapsed) / 1e9
 		s := sample{errors: res.Errors, p50: res.P50, p99: res.P99, cpuBusy: busy}
+		if drops0 >= 0 && drops1 > drops0 {
+			s.queueDrops = uint64(drops1 - drops0)
+		}
 		// Costs per operation for the workloads that count operations (the latency ones count connections too,
 		// but at a fixed rate that leaves the machine mostly idle, so their costs would measure waiting).
 		countsOps := r.workload == wlTCPConnect || r.workload == wlUDPFlows || r.workload == wlProxyUDP
@@ -571,8 +575,12 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		if s.fwUS > 0 {
 			costs += fmt.Sprintf(" firewall %.1fµs/op", s.fwUS)
 		}
-		b.logf("  %-16s %-13s %10.0f %-8s p50 %6.0fµs p99 %6.0fµs cpu %3.0f%%%s errors %d", r.workload, r.config,
-			s.value, unit, res.P50, res.P99, busy*100, costs, res.Errors)
+		drops := ""
+		if s.queueDrops > 0 {
+			drops = fmt.Sprintf(" queue drops %d", s.queueDrops)
+		}
+		b.logf("  %-16s %-13s %10.0f %-8s p50 %6.0fµs p99 %6.0fµs cpu %3.0f%%%s errors %d%s", r.workload, r.config,
+			s.value, unit, res.P50, res.P99, busy*100, costs, res.Errors, drops)
 	}
 	if cfg == cfgWarden {
 		if st, err := control.NewClient(b.socket).Status(b.ctx); err == nil {
@@ -713,6 +721,25 @@ func readCPU() cpuTimes {
 // userHZ is the unit of the CPU times in /proc/stat and /proc/PID/stat (USER_HZ, 100 on every Linux
 // architecture Go runs on).
 const userHZ = 100
+
+// queueDrops returns how many packets the NFQUEUE queues of a process's network namespace have dropped (the
+// queue full, or its message not delivered), or -1 when there is no such process or no queue. Each such drop
+// loses a connection's first packet: the connection waits for a retransmission (a TCP SYN's after 1 s).
+func queueDrops(pid int) int64 {
+	if pid == 0 {
+		return -1
+	}
+	f, err := os.Open(fmt.Sprintf("/proc/%d/net/netfilter/nfnetlink_queue", pid))
+	if err != nil {
+		return -1
+	}
+	defer f.Close()
+	n, err := nfqueue.ParseQueueDrops(f, func(uint16) bool { return true })
+	if err != nil {
+		return -1
+	}
+	return int64(n)
+}
 
 // processCPU returns the user and system CPU time a process has used, all its threads together (those that
 // exited included), or -1 when there is no such process.

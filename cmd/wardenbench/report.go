@@ -56,6 +56,10 @@ type Result struct {
 	// Runs are the values of the individual repetitions; Errors counts failed operations over all of them.
 	Runs   []float64 `json:"runs"`
 	Errors uint64    `json:"errors"`
+	// QueueDrops counts, over all repetitions, the packets the firewall's NFQUEUE queues dropped (full, or the
+	// message not delivered): each is a connection's first packet lost, and the connection waits for its
+	// retransmission. Omitted where no queue was in use or none dropped.
+	QueueDrops uint64 `json:"queue_drops,omitempty"`
 	// CPUBusy is the median share of the machine's CPU time that was busy during the runs (all processes,
 	// 0-1): 1 means the workload was CPU-bound, and then any extra work costs throughput one for one.
 	CPUBusy float64 `json:"cpu_busy"`
@@ -120,7 +124,9 @@ type sample struct {
 	value    float64
 	p50, p99 float64 // microseconds; 0 when not measured
 	errors   uint64
-	cpuBusy  float64
+	// queueDrops counts the packets the firewall's queues dropped during the run.
+	queueDrops uint64
+	cpuBusy    float64
 	// machineUS and fwUS are per-operation CPU times (see Result); 0 when not measured.
 	machineUS, fwUS float64
 }
@@ -175,6 +181,7 @@ func (c *collector) results() []Result {
 				fw = append(fw, s.fwUS)
 			}
 			r.Errors += s.errors
+			r.QueueDrops += s.queueDrops
 			if s.p99 > 0 {
 				p50s = append(p50s, s.p50)
 				p99s = append(p99s, s.p99)
