@@ -60,7 +60,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 			fmt.Fprintf(tw, "fail mode\t%s\n", s.FailMode)
 			fmt.Fprintf(tw, "config\t%s (loaded %s)\n", s.ConfigFile, s.ConfigLoadedAt.Format(time.RFC3339))
 			if s.LastReloadError != "" {
-				fmt.Fprintf(tw, "last reload\tREJECTED: %s\n", strings.ReplaceAll(s.LastReloadError, "\n", "; "))
+				// One line: the list of problems follows its heading's colon, then one problem after another.
+				msg := strings.ReplaceAll(strings.ReplaceAll(s.LastReloadError, ":\n", ": "), "\n", "; ")
+				fmt.Fprintf(tw, "last reload\tREJECTED: %s\n", msg)
 			}
 			fmt.Fprintf(tw, "uptime\t%s\n", (time.Duration(s.UptimeSeconds) * time.Second).String())
 			fmt.Fprintf(tw, "rules\t%d\n", s.Pipeline.Rules)
