@@ -42,6 +42,5 @@ func (d *Daemon) startNameserver(ctx context.Context, cfg *config.Config, pol *f
 			d.nsAddrs = append(d.nsAddrs, ap)
 		}
 	}
-	d.log.Info("nameserver listening", "addrs", cfg.Nameserver.Listen)
-	return nil
+	return nil // the server logs where it listens
 }
