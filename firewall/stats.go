@@ -95,8 +95,10 @@ type ConnInfo struct {
 	Rule      string `json:"rule"`
 	Source    string `json:"source"`
 	Created   int64  `json:"created_unix_ns"`
-	BytesTx   uint64 `json:"bytes_tx"`
-	BytesRx   uint64 `json:"bytes_rx"`
+	// BytesTx and BytesRx are what the connection sent and received, where the backend knows (the Windows
+	// driver counts; on Linux, conntrack when its accounting is on); absent otherwise.
+	BytesTx *uint64 `json:"bytes_tx,omitempty"`
+	BytesRx *uint64 `json:"bytes_rx,omitempty"`
 	// Key identifies the connection for backends that keep per-connection data.
 	Key backend.ConnKey `json:"-"`
 }

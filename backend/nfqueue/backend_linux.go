@@ -37,6 +37,9 @@ type Backend struct {
 	stopW   chan struct{}
 	wg      sync.WaitGroup
 
+	// bytes reads connections' byte counts from conntrack (ConnBytes); it has its own lock.
+	bytes byteCounter
+
 	// Counters that outlive one Start/Stop cycle.
 	prev struct {
 		stats    backend.Stats
@@ -154,6 +157,7 @@ func (b *Backend) Stop() error {
 		return nil
 	}
 	b.running = false
+	b.bytes.close()
 	return b.teardownLocked()
 }
 

@@ -197,6 +197,18 @@ loop:
 					continue
 				}
 				fmt.Println("ok")
+			case "bytes":
+				f := strings.Fields(arg)
+				if len(f) != 2 {
+					fmt.Println("err want LOCAL REMOTE")
+					continue
+				}
+				k := backend.ConnKey{Protocol: backend.TCP, Local: netip.MustParseAddrPort(f[0]), Remote: netip.MustParseAddrPort(f[1])}
+				if tx, rx, ok := b.ConnBytes(k); ok {
+					fmt.Println("bytes", tx, rx)
+				} else {
+					fmt.Println("bytes unknown")
+				}
 			case "restart":
 				if err := b.Stop(); err != nil {
 					fmt.Println("err", err)

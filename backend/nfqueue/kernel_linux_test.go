@@ -557,3 +557,90 @@ func TestKernelReroute(t *testing.T) {
 		t.Errorf("proxy saw tcp4=%d tcp6=%d udp=%d, want 1, 1, 2", proxy4.accepted.Load(), proxy6.accepted.Load(), udp.received.Load())
 	}
 }
+
+// ConnBytes reads conntrack's byte counts when the namespace keeps them, and says it does not know otherwise:
+// Warden never turns accounting on itself.
+func TestKernelConnBytes(t *testing.T) {
+	t.Parallel()
+	n := newTestNet(t)
+	listenTCP(t, n.server, portAllow)
+	const portInbound uint16 = 8010
+	rules := append(verdictRules(), childRule{Dir: "in", Port: portInbound, Verdict: "accept", Permanent: true})
+	w := startWarden(t, n.client, childConfig{Rules: rules})
+	// echo sends size bytes over a new connection and reads them back; it returns the connection's call
+	// argument for the child's "bytes" command.
+	echo := func(size int) string {
+		t.Helper()
+		c, err := dial(t, n.client, net.Dialer{}, "tcp", netip.AddrPortFrom(n.ServerV4, portAllow), 3*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(make([]byte, size)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, make([]byte, size)); err != nil {
+			t.Fatal(err)
+		}
+		return c.LocalAddr().String() + " " + c.RemoteAddr().String()
+	}
+
+	if got := w.call(t, "bytes "+echo(1000)); got != "bytes unknown" {
+		t.Errorf("accounting off: %q, want bytes unknown", got)
+	}
+	netnstest.Run(t, "ip", "netns", "exec", n.client, "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_acct=1")
+	const size = 100000
+	var tx, rx uint64
+	if _, err := fmt.Sscanf(w.call(t, "bytes "+echo(size)), "bytes %d %d", &tx, &rx); err != nil {
+		t.Fatalf("accounting on: %v", err)
+	}
+	// Both ways: the payload plus the IP and TCP headers of its segments and of the handshake.
+	for _, got := range []uint64{tx, rx} {
+		if got < size || got > size+size/4 {
+			t.Errorf("counted %d/%d bytes sent/received, want %d each plus headers", tx, rx, size)
+			break
+		}
+	}
+	if got := w.call(t, "bytes 10.255.0.1:1 10.255.0.2:2"); got != "bytes unknown" {
+		t.Errorf("a connection conntrack does not track: %q", got)
+	}
+
+	// Inbound, lopsided: the peer sends size bytes, this host answers a tenth. Sent and received are this
+	// host's, whichever side opened the connection.
+	var ln net.Listener
+	var err error
+	netnstest.InNS(t, n.client, func() { ln, err = net.Listen("tcp", netip.AddrPortFrom(n.ClientV4, portInbound).String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, size)); err == nil {
+			_, _ = c.Write(make([]byte, size/10))
+		}
+	}()
+	c, err := dial(t, n.server, net.Dialer{}, "tcp", netip.AddrPortFrom(n.ClientV4, portInbound), 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(make([]byte, size)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, size/10)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fmt.Sscanf(w.call(t, "bytes "+c.RemoteAddr().String()+" "+c.LocalAddr().String()), "bytes %d %d", &tx, &rx); err != nil {
+		t.Fatalf("inbound: %v", err)
+	}
+	if tx < size/10 || tx > size/2 || rx < size || rx > size+size/4 {
+		t.Errorf("inbound: counted %d/%d bytes sent/received, want about %d/%d", tx, rx, size/10, size)
+	}
+	w.stop(t)
+}

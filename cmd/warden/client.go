@@ -153,8 +153,12 @@ func newConnsCmd(g *globals) *cobra.Command {
 				if c.Domain != "" {
 					remote += " (" + c.Domain + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\n", c.Protocol, c.Direction, c.Local, remote,
-					pid, app, uid, c.Verdict, rule, c.BytesTx, c.BytesRx)
+				bytes := "-" // the backend does not count them (Linux: conntrack accounting is off)
+				if c.BytesTx != nil && c.BytesRx != nil {
+					bytes = fmt.Sprintf("%d/%d", *c.BytesTx, *c.BytesRx)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", c.Protocol, c.Direction, c.Local, remote,
+					pid, app, uid, c.Verdict, rule, bytes)
 			}
 			return tw.Flush()
 		},

@@ -64,7 +64,7 @@ func (d *Daemon) Connections() []firewall.ConnInfo {
 	if bc, ok := d.backend.(backend.ByteCounter); ok {
 		for i := range cs {
 			if tx, rx, ok := bc.ConnBytes(cs[i].Key); ok {
-				cs[i].BytesTx, cs[i].BytesRx = tx, rx
+				cs[i].BytesTx, cs[i].BytesRx = &tx, &rx
 			}
 		}
 	}
