@@ -68,7 +68,43 @@ func (d *Daemon) Connections() []firewall.ConnInfo {
 			}
 		}
 	}
+	d.resolveUnknownProcesses(cs)
 	return cs
+}
+
+// processLookupBudget bounds the time one listing spends finding processes the pipeline did not look up; the
+// connections it does not reach stay unknown.
+const processLookupBudget = 2 * time.Second
+
+// resolveUnknownProcesses finds the process of connections decided without it. The pipeline looks a process
+// up only when a rule needs one, but a listing of connections should name it. The socket is asked for as it is
+// now: a connection whose socket has closed stays unknown, as the resolver never guesses.
+func (d *Daemon) resolveUnknownProcesses(cs []firewall.ConnInfo) {
+	if d.procs == nil {
+		return
+	}
+	deadline := time.Now().Add(processLookupBudget)
+	for i := range cs {
+		c := &cs[i]
+		if c.PID >= 0 || !c.Key.Protocol.HasPorts() {
+			continue
+		}
+		if time.Now().After(deadline) {
+			return
+		}
+		dir := backend.Outbound
+		if c.Direction == backend.Inbound.String() {
+			dir = backend.Inbound
+		}
+		info := backend.Info{Protocol: c.Key.Protocol, Direction: dir, Local: c.Key.Local, Remote: c.Key.Remote,
+			PID: backend.Unknown, UID: c.UID}
+		if p, ok := d.procs.ResolveProcess(&info); ok {
+			c.PID, c.App = p.PID, p.Path
+			if c.UID < 0 {
+				c.UID = p.UID
+			}
+		}
+	}
 }
 
 // Explain implements control.Service.

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/warden-fw/warden/cmd/internal/sandbox"
 )
 
 var nobody = &syscall.Credential{Uid: 65534, Gid: 65534}
@@ -106,5 +108,34 @@ func TestInsecureSocketDirRefused(t *testing.T) {
 	}
 	if diff := cmp.Diff(before, ipt(t, e.top.Client)); diff != "" {
 		t.Errorf("iptables changed by the refused start (-before +after):\n%s", diff)
+	}
+}
+
+// TestConnsNameProcessWithoutAppRules: with no rule that needs the process, the pipeline never looks it up,
+// yet `warden conns` names the process behind a live connection (found when asked).
+func TestConnsNameProcessWithoutAppRules(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.writeConfig(noTelnet)
+	e.startDaemon()
+	app, exe := e.startAppAgent()
+	dst := hp(sandbox.ServiceV4, 80)
+	h := call(t, app, sandbox.Request{Op: "hold", Dst: dst, TimeoutMS: 3000})
+	expectServer(t, "held connection", h, "A")
+	var found bool
+	for _, c := range e.conns() {
+		if c.Local != h.Local || c.Remote != dst {
+			continue
+		}
+		found = true
+		if c.PID != int32(app.PID()) || c.App != exe {
+			t.Errorf("held connection shows process %d %q, want %d %q", c.PID, c.App, app.PID(), exe)
+		}
+	}
+	if !found {
+		t.Fatalf("conns has no connection %s -> %s", h.Local, dst)
+	}
+	if st := e.status(); st.Pipeline.ProcessLookups != 0 {
+		t.Errorf("the pipeline looked up %d processes although no rule needs one", st.Pipeline.ProcessLookups)
 	}
 }
