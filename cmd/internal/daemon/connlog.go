@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/firewall"
 )
 
@@ -16,8 +17,11 @@ import (
 // channel so the deciding goroutine never waits for the disk; when the buffer is full, entries are dropped
 // and counted rather than slowing the firewall down.
 type connLogger struct {
-	path    string
-	log     *slog.Logger
+	path string
+	log  *slog.Logger
+	// procs names the process of connections decided without one (no rule needed it); nil: such lines keep
+	// pid -1.
+	procs   backend.ProcessResolver
 	ch      chan connRecord
 	dropped atomic.Uint64
 	done    chan struct{}
@@ -39,11 +43,14 @@ type connRecord struct {
 	Verdict   string    `json:"verdict"`
 	Rule      string    `json:"rule"`
 	Source    string    `json:"source"`
+
+	key backend.ConnKey
+	dir backend.Direction
 }
 
 // openConnLog opens the connection log, or returns a disabled logger for an empty path.
-func openConnLog(path string, log *slog.Logger) (*connLogger, error) {
-	l := &connLogger{path: path, log: log}
+func openConnLog(path string, log *slog.Logger, procs backend.ProcessResolver) (*connLogger, error) {
+	l := &connLogger{path: path, log: log, procs: procs}
 	if path == "" {
 		return l, nil
 	}
@@ -65,7 +72,8 @@ func (l *connLogger) Log(c *firewall.Conn) {
 	}
 	ci := c.Info()
 	r := connRecord{Time: time.Unix(0, c.Created), Protocol: ci.Protocol, Direction: ci.Direction, Local: ci.Local,
-		Remote: ci.Remote, Domain: ci.Domain, PID: ci.PID, App: ci.App, UID: ci.UID, Verdict: ci.Verdict, Rule: ci.Rule, Source: ci.Source}
+		Remote: ci.Remote, Domain: ci.Domain, PID: ci.PID, App: ci.App, UID: ci.UID, Verdict: ci.Verdict, Rule: ci.Rule, Source: ci.Source,
+		key: c.Key, dir: c.Direction}
 	select {
 	case l.ch <- r:
 	default:
@@ -76,6 +84,7 @@ func (l *connLogger) Log(c *firewall.Conn) {
 func (l *connLogger) writer() {
 	defer close(l.done)
 	for r := range l.ch {
+		l.nameProcess(&r)
 		b, err := json.Marshal(r)
 		if err != nil {
 			continue
@@ -86,6 +95,32 @@ func (l *connLogger) writer() {
 		l.mu.Unlock()
 		if err != nil {
 			l.log.Warn("writing connection log", "err", err)
+		}
+	}
+}
+
+// nameProcess fills in the process of a connection decided without one. It runs on the writer, off the packet
+// path. A lookup that may have to wait (reading /proc) is made only while the writer keeps up: once a quarter
+// of the queue is waiting, lines are written with what the resolver knows at once, so that enriching them never
+// costs a line.
+func (l *connLogger) nameProcess(r *connRecord) {
+	if r.PID >= 0 || l.procs == nil || !r.key.Protocol.HasPorts() {
+		return
+	}
+	info := backend.Info{Protocol: r.key.Protocol, Direction: r.dir, Local: r.key.Local, Remote: r.key.Remote,
+		PID: backend.Unknown, UID: r.UID}
+	var p backend.Process
+	var ok bool
+	if now, immediate := l.procs.(backend.ImmediateProcessResolver); immediate {
+		p, ok = now.ResolveProcessNow(&info)
+	}
+	if !ok && len(l.ch) < cap(l.ch)/4 {
+		p, ok = l.procs.ResolveProcess(&info)
+	}
+	if ok {
+		r.PID, r.App = p.PID, p.Path
+		if r.UID < 0 {
+			r.UID = p.UID
 		}
 	}
 }

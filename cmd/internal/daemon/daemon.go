@@ -173,10 +173,6 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	}
 	d.backend = b
 
-	if d.connLog, err = openConnLog(cfg.Log.Connections, d.log); err != nil {
-		return err
-	}
-	d.closers = append(d.closers, d.connLog.Close)
 	d.metrics = newMetrics()
 
 	po := firewall.Options{Logger: d.log, FailMode: bo.FailMode, MaxConnections: cfg.MaxConnections,
@@ -190,6 +186,10 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 		d.log.Warn("process attribution unavailable: app rules will not match", "err", err)
 	}
 	d.procs = po.Processes
+	if d.connLog, err = openConnLog(cfg.Log.Connections, d.log, d.procs); err != nil {
+		return err
+	}
+	d.closers = append(d.closers, d.connLog.Close)
 
 	// The proxy starts whenever the backend can reroute, so that a reload adding a split rule works.
 	if b.Capabilities().Reroute {

@@ -21,6 +21,7 @@ type logLine struct {
 	Local     *string    `json:"local"`
 	Remote    *string    `json:"remote"`
 	PID       *int32     `json:"pid"`
+	App       string     `json:"app"` // optional: absent when the process is unknown
 	UID       *int32     `json:"uid"`
 	Verdict   *string    `json:"verdict"`
 	Rule      *string    `json:"rule"`

@@ -112,11 +112,13 @@ func TestInsecureSocketDirRefused(t *testing.T) {
 }
 
 // TestConnsNameProcessWithoutAppRules: with no rule that needs the process, the pipeline never looks it up,
-// yet `warden conns` names the process behind a live connection (found when asked).
+// yet `warden conns` names the process behind a live connection (found when asked), and so does the
+// connection log (found when the line is written).
 func TestConnsNameProcessWithoutAppRules(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	e.writeConfig(noTelnet)
+	logPath := filepath.Join(e.dir, "conns.jsonl")
+	e.writeConfig(noTelnet + "log:\n  connections: " + logPath + "\n")
 	e.startDaemon()
 	app, exe := e.startAppAgent()
 	dst := hp(sandbox.ServiceV4, 80)
@@ -134,6 +136,10 @@ func TestConnsNameProcessWithoutAppRules(t *testing.T) {
 	}
 	if !found {
 		t.Fatalf("conns has no connection %s -> %s", h.Local, dst)
+	}
+	lines := waitLog(t, logPath, "the held connection", func(ls []logLine) bool { return len(find(ls, "tcp", h.Local, dst)) > 0 })
+	if l := find(lines, "tcp", h.Local, dst)[0]; *l.PID != int32(app.PID()) || l.App != exe {
+		t.Errorf("connection log names process %d %q, want %d %q", *l.PID, l.App, app.PID(), exe)
 	}
 	if st := e.status(); st.Pipeline.ProcessLookups != 0 {
 		t.Errorf("the pipeline looked up %d processes although no rule needs one", st.Pipeline.ProcessLookups)
