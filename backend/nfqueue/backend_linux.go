@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nslock"
 )
 
 func init() {
@@ -36,6 +37,9 @@ type Backend struct {
 	stopDL  chan struct{}
 	stopW   chan struct{}
 	wg      sync.WaitGroup
+
+	// lock is the namespace's instance lock, held while running (see lockInstance).
+	lock *nslock.Lock
 
 	// bytes reads connections' byte counts from conntrack (ConnBytes); it has its own lock.
 	bytes byteCounter
@@ -83,6 +87,15 @@ func (b *Backend) Start(ctx context.Context, h backend.Handler) (err error) {
 	if b.running {
 		return errors.New("nfqueue: already started")
 	}
+	// Before anything is touched: what looks like a crashed run's leftovers may be another instance's rules.
+	if b.lock, err = lockInstance(); err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			b.unlockInstance()
+		}
+	}()
 	fw, err := newFirewall(b.s.log, b.s.ruleParams(), b.s.cfg.NoIPv6)
 	if err != nil {
 		return err
@@ -158,7 +171,15 @@ func (b *Backend) Stop() error {
 	}
 	b.running = false
 	b.bytes.close()
-	return b.teardownLocked()
+	err := b.teardownLocked()
+	b.unlockInstance()
+	return err
+}
+
+// unlockInstance releases the instance lock, once every rule is gone.
+func (b *Backend) unlockInstance() {
+	b.lock.Release()
+	b.lock = nil
 }
 
 // teardownLocked undoes whatever Start did so far, in the order that never lets an undecided packet pass

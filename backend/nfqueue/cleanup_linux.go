@@ -19,6 +19,12 @@ func (b *Backend) Cleanup() error {
 	if b.running {
 		return errors.New("nfqueue: cleanup while running; stop the daemon first")
 	}
+	// Another process's running instance: its rules are not leftovers.
+	lock, err := lockInstance()
+	if err != nil {
+		return err
+	}
+	defer lock.Release()
 	fw, err := newFirewall(b.s.log, b.s.ruleParams(), b.s.cfg.NoIPv6)
 	if err != nil {
 		return err

@@ -1,6 +1,7 @@
 package nfqueue
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -642,5 +643,39 @@ func TestKernelConnBytes(t *testing.T) {
 	if tx < size/10 || tx > size/2 || rx < size || rx > size+size/4 {
 		t.Errorf("inbound: counted %d/%d bytes sent/received, want about %d/%d", tx, rx, size/10, size)
 	}
+	w.stop(t)
+}
+
+// A second instance in the same namespace refuses to start and touches nothing: before the instance lock, it
+// removed the running one's rules as a crashed run's leftovers. Once the first has stopped, a new one starts.
+func TestKernelSecondInstanceRefused(t *testing.T) {
+	t.Parallel()
+	n := newTestNet(t)
+	listenTCP(t, n.server, portBlock)
+	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
+	before4, before6 := withoutCounters(save(t, n.client, false)), withoutCounters(save(t, n.client, true))
+
+	j, err := json.Marshal(childConfig{Rules: verdictRules(), FailMode: "open"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := netnstest.Child(ctx, t, n.client, childEnv+"="+string(j)).CombinedOutput()
+	want := fmt.Sprintf("another warden runs in this network namespace (pid %d)", w.cmd.Process.Pid)
+	if err == nil || !strings.Contains(string(out), want) {
+		t.Errorf("second instance: %v, output %q; want a refusal saying %q", err, out, want)
+	}
+	if diff := cmp.Diff(before4, withoutCounters(save(t, n.client, false))); diff != "" {
+		t.Errorf("the second instance changed the IPv4 rules (-before +after):\n%s", diff)
+	}
+	if diff := cmp.Diff(before6, withoutCounters(save(t, n.client, true))); diff != "" {
+		t.Errorf("the second instance changed the IPv6 rules (-before +after):\n%s", diff)
+	}
+	if _, err := dial(t, n.client, net.Dialer{}, "tcp", netip.AddrPortFrom(n.ServerV4, portBlock), 3*time.Second); !isRefused(err) {
+		t.Errorf("blocked port after the refused start: %v, want refused", err)
+	}
+	w.stop(t)
+	w = startWarden(t, n.client, childConfig{Rules: verdictRules()})
 	w.stop(t)
 }

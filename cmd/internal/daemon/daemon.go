@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nslock"
 	"github.com/warden-fw/warden/config"
 	"github.com/warden-fw/warden/firewall"
 	"github.com/warden-fw/warden/proxy/dns"
@@ -148,6 +149,9 @@ func usesSplit(cfg *config.Config) bool {
 	return false
 }
 
+// instanceLock names the daemon's lock in its network namespace (see nslock).
+const instanceLock = "warden-daemon"
+
 // Run starts everything and blocks until ctx ends or a stop signal arrives; then it stops everything. A
 // failure while starting undoes what was started.
 func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Policy) (err error) {
@@ -157,6 +161,17 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	d.log = NewLogger(d.Stderr, cfg.Log)
 	d.cfg = cfg
 	d.started = time.Now()
+	// One daemon per network namespace, checked before anything is touched: a second one would take a running
+	// daemon's split routes and rules for a crashed run's leftovers and remove them. The lock goes last.
+	lock, err := nslock.Acquire(instanceLock)
+	if err != nil {
+		var held *nslock.HeldError
+		if errors.As(err, &held) && held.PID > 0 {
+			return fmt.Errorf("another warden daemon runs in this network namespace (pid %d); stop it first", held.PID)
+		}
+		return fmt.Errorf("another warden daemon may run in this network namespace: %w", err)
+	}
+	d.closers = append(d.closers, func() error { lock.Release(); return nil })
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, d.shutdown())

@@ -149,3 +149,34 @@ func TestExitCodes(t *testing.T) {
 		}
 	}
 }
+
+// TestSecondDaemonRefused: a second `warden run` in the namespace of a running daemon (another config, another
+// control socket) exits with a clear error before touching anything: the first one's rules and split routes
+// stay as they were and it keeps answering. Without the check, the second took them for a crashed run's
+// leftovers and removed them.
+func TestSecondDaemonRefused(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.writeConfig(strings.NewReplacer("%APP%", "/nonexistent", "%DOWN%", "block", "%MODE%", "route").Replace(splitConfig))
+	d := e.startDaemon()
+	rulesBefore, routesBefore := ipt(t, e.top.Client), ipRules(t, e.top.Client)
+
+	second := filepath.Join(e.dir, "second.yaml")
+	writeFile(t, second, "control: {socket: "+filepath.Join(e.dir, "run", "second.sock")+"}\n"+noTelnet)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := sandbox.Command(ctx, e.top.Client, wardenBin, "run", "-c", second).CombinedOutput()
+	want := "another warden daemon runs in this network namespace (pid " + strconv.Itoa(d.PID()) + ")"
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), want) {
+		t.Errorf("second daemon: %v, output:\n%s\nwant exit 1 saying %q", err, out, want)
+	}
+	if diff := cmp.Diff(rulesBefore, ipt(t, e.top.Client)); diff != "" {
+		t.Errorf("the second daemon changed the rules (-before +after):\n%s", diff)
+	}
+	if diff := cmp.Diff(routesBefore, ipRules(t, e.top.Client)); diff != "" {
+		t.Errorf("the second daemon changed the ip rules (-before +after):\n%s", diff)
+	}
+	if st := e.status(); st.Backend != "nfqueue" {
+		t.Errorf("the first daemon's status after the refusal: %+v", st)
+	}
+}
