@@ -238,12 +238,15 @@ func (b *Backend) watch(fw *firewall, stop <-chan struct{}) {
 	haveGen := false
 	t := time.NewTicker(b.s.cfg.WatchInterval)
 	defer t.Stop()
-	for {
+	for tick := 0; ; tick++ {
 		select {
 		case <-stop:
 			return
 		case <-t.C:
 		}
+		// Without the generation, listing every chain costs an iptables run each: the chains are checked on
+		// every tenth tick, the jumps (which other programs move far more often) on every one.
+		checkChains := gw != nil || tick%10 == 0
 		if gw != nil {
 			g, err := gw.generation()
 			if err == nil && haveGen && g == lastGen {
@@ -256,6 +259,11 @@ func (b *Backend) watch(fw *firewall, stop <-chan struct{}) {
 				continue
 			} else if err != nil {
 				b.s.log.Debug("reading the jump rules through nf_tables netlink", "err", err)
+			}
+		}
+		if checkChains {
+			if _, err := fw.enforceChains(); err != nil {
+				b.s.log.Warn("checking Warden's chains", "err", err)
 			}
 		}
 		if _, err := fw.enforceFirst(); err != nil {

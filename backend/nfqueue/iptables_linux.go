@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -21,9 +22,27 @@ type iptablesRunner interface {
 	Insert(table, chain string, pos int, rulespec ...string) error
 	List(table, chain string) ([]string, error)
 	DeleteById(table, chain string, id int) error
+	// Restore applies iptables-restore input without flushing what it does not name: a chain it declares is
+	// emptied (or created) and refilled in one transaction.
+	Restore(input string) error
 }
 
-var _ iptablesRunner = (*iptables.IPTables)(nil)
+// runner is the real iptablesRunner: go-iptables, plus iptables-restore of the same family and variant.
+type runner struct {
+	*iptables.IPTables
+	restore string // "iptables-restore" or "ip6tables-restore"
+}
+
+func (r runner) Restore(input string) error {
+	cmd := exec.Command(r.restore, "--noflush", "--wait", "5")
+	cmd.Stdin = strings.NewReader(input)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s: %w: %s", r.restore, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+var _ iptablesRunner = runner{}
 
 // family is one address family's rule set and the iptables command that programs it.
 type family struct {
@@ -55,11 +74,11 @@ func newFirewall(log *slog.Logger, p ruleParams, noIPv6 bool) (*firewall, error)
 		}
 		v6 := proto == iptables.ProtocolIPv6
 		chains, jumps := buildRules(v6, p)
-		name := "ipv4"
+		name, restore := "ipv4", "iptables-restore"
 		if v6 {
-			name = "ipv6"
+			name, restore = "ipv6", "ip6tables-restore"
 		}
-		fw.fams = append(fw.fams, family{name: name, ipt: ipt, chains: chains, jumps: jumps})
+		fw.fams = append(fw.fams, family{name: name, ipt: runner{ipt, restore}, chains: chains, jumps: jumps})
 	}
 	return fw, nil
 }
@@ -250,6 +269,86 @@ func (fw *firewall) enforceFirst() (int, error) {
 		}
 	}
 	return repaired, errors.Join(errs...)
+}
+
+// enforceChains checks that each of our chains holds as many rules as it should, and rewrites those that do
+// not, one iptables-restore transaction per table. Another program flushing or deleting chains (`iptables -F`,
+// `iptables -X`, a firewall manager's reload) is what happens in practice: a flushed WARDEN-FILTER enforces no
+// verdict and empty ingest chains queue nothing, so every connection would pass undecided while the daemon
+// looks healthy. Run before enforceFirst: a deleted chain must exist again before a jump to it. It returns the
+// number of chains rewritten.
+func (fw *firewall) enforceChains() (int, error) {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	repaired := 0
+	var errs []error
+	for _, f := range fw.fams {
+		broken := map[string][]chainRules{}
+		var tables []string // in install order
+		for _, c := range f.chains {
+			// Asked first: iptables-nft 1.8 lists a chain that does not exist as "incompatible", not as missing.
+			exists, err := f.ipt.ChainExists(c.Table, c.Chain)
+			if err != nil && !isNotExist(err) {
+				errs = append(errs, fmt.Errorf("%s: checking chain %s %s: %w", f.name, c.Table, c.Chain, err))
+				continue
+			}
+			have := -1 // the chain is gone
+			if exists {
+				listing, err := f.ipt.List(c.Table, c.Chain)
+				if err != nil {
+					errs = append(errs, fmt.Errorf("%s: listing %s %s: %w", f.name, c.Table, c.Chain, err))
+					continue
+				}
+				have = 0
+				for _, l := range listing {
+					if strings.HasPrefix(l, "-A ") {
+						have++
+					}
+				}
+			}
+			if have == len(c.Rules) {
+				continue
+			}
+			fw.log.Warn("chain changed by another program; restoring it", "family", f.name, "table", c.Table,
+				"chain", c.Chain, "rules", have, "want", len(c.Rules))
+			if _, ok := broken[c.Table]; !ok {
+				tables = append(tables, c.Table)
+			}
+			broken[c.Table] = append(broken[c.Table], c)
+		}
+		for _, t := range tables {
+			if err := f.ipt.Restore(restoreInput(t, broken[t])); err != nil {
+				errs = append(errs, fmt.Errorf("%s: restoring chains of table %s: %w", f.name, t, err))
+				continue
+			}
+			repaired += len(broken[t])
+		}
+	}
+	return repaired, errors.Join(errs...)
+}
+
+// restoreInput renders chains of one table as iptables-restore input that declares (so empties or creates)
+// each and appends its rules.
+func restoreInput(table string, chains []chainRules) string {
+	var b strings.Builder
+	b.WriteString("*" + table + "\n")
+	for _, c := range chains {
+		b.WriteString(":" + c.Chain + " - [0:0]\n")
+	}
+	for _, c := range chains {
+		for _, r := range c.Rules {
+			b.WriteString("-A " + c.Chain)
+			for _, a := range r {
+				if strings.ContainsAny(a, " \t\"") {
+					a = strconv.Quote(a)
+				}
+				b.WriteString(" " + a)
+			}
+			b.WriteString("\n")
+		}
+	}
+	b.WriteString("COMMIT\n")
+	return b.String()
 }
 
 // iptablesIsNFT reports whether the iptables command is the nf_tables variant, whose changes the nf_tables

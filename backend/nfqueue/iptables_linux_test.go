@@ -3,6 +3,7 @@ package nfqueue
 import (
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -64,6 +65,30 @@ func (f *fakeIPT) DeleteById(table, chain string, id int) error {
 	k := table + "/" + chain
 	f.chains[k] = slices.Delete(f.chains[k], id-1, id)
 	f.log = append(f.log, fmt.Sprintf("delete %s %s %d", table, chain, id))
+	return nil
+}
+
+// Restore applies iptables-restore --noflush input: a declared chain is created or emptied, then refilled.
+func (f *fakeIPT) Restore(input string) error {
+	table := ""
+	var declared []string
+	for _, l := range strings.Split(strings.TrimSpace(input), "\n") {
+		switch {
+		case strings.HasPrefix(l, "*"):
+			table = l[1:]
+		case strings.HasPrefix(l, ":"):
+			chain, _, _ := strings.Cut(l[1:], " ")
+			f.chains[table+"/"+chain] = nil
+			declared = append(declared, chain)
+		case strings.HasPrefix(l, "-A "):
+			chain, _, _ := strings.Cut(l[3:], " ")
+			f.chains[table+"/"+chain] = append(f.chains[table+"/"+chain], l)
+		case l == "COMMIT":
+		default:
+			return fmt.Errorf("restore: unexpected line %q", l)
+		}
+	}
+	f.log = append(f.log, "restore "+table+" "+strings.Join(declared, " "))
 	return nil
 }
 
@@ -142,5 +167,42 @@ func TestEnforceFirstInsertsBeforeDeleting(t *testing.T) {
 	}
 	if diff := cmp.Diff([]string{"-A OUTPUT -j WARDEN-REDIRECT", "-A OUTPUT -j RETURN"}, f.chains["nat/OUTPUT"]); diff != "" {
 		t.Errorf("nat OUTPUT (-want +got):\n%s", diff)
+	}
+}
+
+// A chain another program flushed or deleted is rewritten whole, in one restore per table, with the exact
+// rules an install writes; chains left alone are not touched.
+func TestEnforceChainsRestoresFlushedAndDeletedChains(t *testing.T) {
+	f := newFakeIPT()
+	fw := testFirewall(f)
+	if err := fw.install(); err != nil {
+		t.Fatal(err)
+	}
+	installed := maps.Clone(f.chains)
+	if n, err := fw.enforceChains(); n != 0 || err != nil {
+		t.Fatalf("intact rule set: %d chains rewritten, %v", n, err)
+	}
+	f.chains["filter/"+chainFilter] = nil                                           // iptables -F
+	delete(f.chains, "mangle/"+chainForeignOutput)                                  // iptables -X (after a flush)
+	f.chains["mangle/"+chainIngestInput] = f.chains["mangle/"+chainIngestInput][:2] // rules deleted
+	f.log = nil
+	n, err := fw.enforceChains()
+	if n != 3 || err != nil {
+		t.Fatalf("%d chains rewritten, %v; want 3", n, err)
+	}
+	want := []string{"restore mangle " + chainForeignOutput + " " + chainIngestInput, "restore filter " + chainFilter}
+	if diff := cmp.Diff(want, f.log); diff != "" {
+		t.Errorf("operations (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(installed, f.chains); diff != "" {
+		t.Errorf("rule set after the repair differs from the installed one (-installed +repaired):\n%s", diff)
+	}
+}
+
+func TestRestoreInputQuotes(t *testing.T) {
+	got := restoreInput("filter", []chainRules{{Table: "filter", Chain: "C", Rules: [][]string{{"-m", "comment", "--comment", "a b", "-j", "RETURN"}}}})
+	want := "*filter\n:C - [0:0]\n-A C -m comment --comment \"a b\" -j RETURN\nCOMMIT\n"
+	if got != want {
+		t.Errorf("restoreInput:\n%s\nwant\n%s", got, want)
 	}
 }

@@ -679,3 +679,39 @@ func TestKernelSecondInstanceRefused(t *testing.T) {
 	w = startWarden(t, n.client, childConfig{Rules: verdictRules()})
 	w.stop(t)
 }
+
+// Another program flushing every chain (`iptables -F`, also in mangle), or flushing and deleting them
+// (`iptables -F; iptables -X`), takes Warden's rules with it; the watcher rewrites them, and blocking works
+// again, without a restart.
+func TestKernelFlushedRulesRestored(t *testing.T) {
+	t.Parallel()
+	n := newTestNet(t)
+	listenTCP(t, n.server, portBlock)
+	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
+	clean4, clean6 := withoutCounters(save(t, n.client, false)), withoutCounters(save(t, n.client, true))
+	for _, attack := range [][]string{
+		{"-F", "-t mangle -F"},
+		{"-F", "-X", "-t mangle -F", "-t mangle -X"},
+	} {
+		for _, tool := range []string{"iptables", "ip6tables"} {
+			for _, args := range attack {
+				netnstest.Run(t, append([]string{"ip", "netns", "exec", n.client, tool}, strings.Fields(args)...)...)
+			}
+		}
+		if s := save(t, n.client, false); strings.Contains(s, "-A WARDEN-FILTER") {
+			t.Fatalf("%v left Warden's filter rules in place:\n%s", attack, s)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for withoutCounters(save(t, n.client, false)) != clean4 || withoutCounters(save(t, n.client, true)) != clean6 {
+			if time.Now().After(deadline) {
+				t.Fatalf("after %v the rules were not restored in 10 s (-clean +now):\n%s", attack,
+					cmp.Diff(clean4, withoutCounters(save(t, n.client, false))))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if _, err := dial(t, n.client, net.Dialer{}, "tcp", netip.AddrPortFrom(n.ServerV4, portBlock), 3*time.Second); !isRefused(err) {
+			t.Errorf("blocked port after %v and the repair: %v, want refused", attack, err)
+		}
+	}
+	w.stop(t)
+}

@@ -240,6 +240,16 @@ func (fw *firewall) jumpsFirst(g *genWatcher) (bool, error) {
 		if f.name == "ipv6" {
 			proto = nfprotoIPv6
 		}
+		// Our own chains hold their rules (see enforceChains); a chain that is gone fails the dump.
+		for _, c := range f.chains {
+			rules, err := g.chainJumps(proto, c.Table, c.Chain)
+			if err != nil {
+				return false, err
+			}
+			if len(rules) != len(c.Rules) {
+				return false, nil
+			}
+		}
 		for _, j := range f.jumps {
 			jumps, err := g.chainJumps(proto, j.Table, j.Builtin)
 			if err != nil {
