@@ -36,6 +36,10 @@ var _ KernelRouter = (*linuxPlatform)(nil)
 
 func (*linuxPlatform) ResetRoutes() error { return splitroute.Cleanup() }
 
+func (*linuxPlatform) RouteIntact(n uint8, failClosed bool) (bool, error) {
+	return splitroute.Intact(n, failClosed)
+}
+
 // InstallRoute installs the policy route and loosens strict reverse-path filtering on the interface, which
 // would otherwise drop the replies (they arrive on ifc for an address the main table routes elsewhere).
 func (p *linuxPlatform) InstallRoute(n uint8, ifc *netif.Interface, failClosed bool) error {

@@ -228,6 +228,10 @@ func (p *Proxy) Start() error {
 			_ = p.res.Run(p.ctx, p.cfg.InterfacePoll)
 		}()
 	}
+	if p.routes != nil {
+		p.loops.Add(1)
+		go p.guardRoutes()
+	}
 	for _, ln := range p.tcpLns {
 		p.loops.Add(1)
 		go p.acceptLoop(ln)
@@ -459,6 +463,24 @@ func family(a netip.AddrPort) string {
 
 // isUnsupported reports whether err says the platform cannot tell (so the table alone decides).
 func isUnsupported(err error) bool { return errors.Is(err, backend.ErrUnsupported) }
+
+// routeCheckInterval is how often route mode checks that its kernel routes are still in place.
+var routeCheckInterval = 2 * time.Second
+
+// guardRoutes puts back, until Close, the kernel routes another program took apart (see routes.verify).
+func (p *Proxy) guardRoutes() {
+	defer p.loops.Done()
+	t := time.NewTicker(routeCheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.ctx.Done():
+			return
+		case <-t.C:
+			p.routes.verify(p.cfg.OnInterfaceDown != DownDirect, p.log)
+		}
+	}
+}
 
 // retryDelay backs off accept/read loops on unexpected errors (e.g. EMFILE) without spinning.
 func retryDelay(attempt int) time.Duration {

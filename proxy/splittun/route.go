@@ -3,6 +3,7 @@ package splittun
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"sync"
 
@@ -21,6 +22,9 @@ type KernelRouter interface {
 	InstallRoute(n uint8, ifc *netif.Interface, failClosed bool) error
 	// RemoveRoute removes route n.
 	RemoveRoute(n uint8) error
+	// RouteIntact reports whether the parts of route n whose loss would let its packets take the normal route
+	// are still in place (on Linux: its ip rules, and with failClosed its unreachable defaults).
+	RouteIntact(n uint8, failClosed bool) (bool, error)
 }
 
 // routeSlot is one interface spec's kernel route.
@@ -29,6 +33,7 @@ type routeSlot struct {
 	spec string
 	// ifIndex is the link the route was last installed for; 0 while it must be (re)installed.
 	ifIndex int
+	ifc     netif.Interface // that link
 }
 
 // routes assigns kernel routes to interface specs and keeps them installed.
@@ -142,8 +147,30 @@ func (r *routes) installLocked(s *routeSlot, st netif.State, failClosed bool) er
 		s.ifIndex = 0
 		return err
 	}
-	s.ifIndex = ifc.Index
+	s.ifIndex, s.ifc = ifc.Index, ifc
 	return nil
+}
+
+// verify reinstalls the installed routes another program took apart (an `ip rule flush`, a VPN client
+// rewriting the rules): without its ip rule a route's packets would leave through the default interface,
+// which is exactly what a split rule is there to prevent. Routes it cannot check are left alone.
+func (r *routes) verify(failClosed bool, log *slog.Logger) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, s := range r.slots {
+		if s.ifIndex == 0 {
+			continue
+		}
+		if ok, err := r.kr.RouteIntact(s.n, failClosed); err != nil || ok {
+			continue
+		}
+		log.Warn("split tunnel: kernel route changed by another program; restoring it", "route", s.n,
+			"interface", s.spec)
+		if err := r.kr.InstallRoute(s.n, &s.ifc, failClosed); err != nil {
+			log.Error("split tunnel: restoring a kernel route", "route", s.n, "interface", s.spec, "err", err)
+			s.ifIndex = 0 // installed again on the next connection that needs it
+		}
+	}
 }
 
 // changed follows an interface state change. The kernel deletes a link's routes when it goes down, so a

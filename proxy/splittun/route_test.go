@@ -24,6 +24,7 @@ type routingPlatform struct {
 	mu      sync.Mutex
 	calls   []string
 	failing bool
+	broken  map[uint8]bool // routes RouteIntact says were taken apart
 }
 
 func (r *routingPlatform) log(format string, args ...any) {
@@ -46,6 +47,12 @@ func (r *routingPlatform) InstallRoute(n uint8, ifc *netif.Interface, failClosed
 }
 
 func (r *routingPlatform) RemoveRoute(n uint8) error { r.log("remove %d", n); return nil }
+
+func (r *routingPlatform) RouteIntact(n uint8, failClosed bool) (bool, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return !r.broken[n], nil
+}
 
 func (r *routingPlatform) took() []string {
 	r.mu.Lock()
@@ -230,5 +237,32 @@ func TestModeSelection(t *testing.T) {
 		case p.Mode() != c.want:
 			t.Errorf("mode %s on %T: %s, want %s", c.mode, c.plat, p.Mode(), c.want)
 		}
+	}
+}
+
+// A route another program took apart is installed again, by the guard's check; a route that is intact, or
+// one whose interface is down, is left alone.
+func TestRouteGuardRestores(t *testing.T) {
+	p, plat, _, _ := newRouteProxy(t, Config{})
+	p.RouteSplit(backend.TCP, v4dst, "", true)
+	p.RouteSplit(backend.TCP, v4dst, "up1", true)
+	plat.took()
+	p.routes.verify(true, p.log)
+	if calls := plat.took(); len(calls) != 0 {
+		t.Errorf("intact routes: kernel calls %v", calls)
+	}
+	plat.mu.Lock()
+	plat.broken = map[uint8]bool{2: true}
+	plat.mu.Unlock()
+	p.routes.verify(true, p.log)
+	if diff := cmp.Diff([]string{"install 2 up1/8 closed=true"}, plat.took()); diff != "" {
+		t.Errorf("a broken route (-want +got):\n%s", diff)
+	}
+	p.routes.mu.Lock()
+	p.routes.slots["up1"].ifIndex = 0 // its interface went down
+	p.routes.mu.Unlock()
+	p.routes.verify(true, p.log)
+	if calls := plat.took(); len(calls) != 0 {
+		t.Errorf("a route whose interface is down: kernel calls %v", calls)
 	}
 }

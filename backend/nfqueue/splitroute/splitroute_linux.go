@@ -144,6 +144,52 @@ func addRule(fam int, n uint8) error {
 	return nil
 }
 
+// Intact reports whether route n's ip rules are in place for every family and, with failClosed, its
+// unreachable defaults: the parts whose loss lets the route's packets fall through to the main table, out of
+// the default interface. (The default route through the link is the kernel's to remove when the link goes
+// down; the proxy follows the link's state for that.)
+func Intact(n uint8, failClosed bool) (bool, error) {
+	if err := checkRoute(n); err != nil {
+		return false, err
+	}
+	m := marks.SplitRoute(n)
+	for _, fam := range families {
+		if fam == netlink.FAMILY_V6 && ipv6Off() {
+			continue
+		}
+		rules, err := netlink.RuleListFiltered(fam, rule(fam, n), netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return false, fmt.Errorf("split route %d: listing ip rules (family %d): %w", n, fam, err)
+		}
+		found := false
+		for i := range rules {
+			if rules[i].Mark == m && rules[i].Table == int(m) {
+				found = true
+			}
+		}
+		if !found {
+			return false, nil
+		}
+		if !failClosed {
+			continue
+		}
+		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: int(m)}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return false, fmt.Errorf("split route %d: listing table %d (family %d): %w", n, m, fam, err)
+		}
+		found = false
+		for i := range routes {
+			if routes[i].Type == unix.RTN_UNREACHABLE {
+				found = true
+			}
+		}
+		if !found {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
 // flushTable deletes every route of one family in table.
 func flushTable(fam, table int) error {
 	routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)

@@ -27,7 +27,8 @@ func TestMain(m *testing.M) {
 // child runs one command in the namespace it was started in and reports errors on stderr.
 func child(cmd string) int {
 	var err error
-	switch verb, arg, _ := strings.Cut(cmd, " "); verb {
+	verb, arg, _ := strings.Cut(cmd, " ")
+	switch verb {
 	case "install":
 		var idx int
 		if idx, err = strconv.Atoi(arg); err == nil {
@@ -37,6 +38,11 @@ func child(cmd string) int {
 		var idx int
 		if idx, err = strconv.Atoi(arg); err == nil {
 			err = Install(3, idx, false)
+		}
+	case "intact", "intact-open":
+		var ok bool
+		if ok, err = Intact(3, verb == "intact"); err == nil {
+			fmt.Print(ok)
 		}
 	case "remove":
 		err = Remove(3)
@@ -170,6 +176,43 @@ func TestInstallRemoveCleanup(t *testing.T) {
 		t.Errorf("after Cleanup:\n%s", got)
 	}
 	inNS(t, ns, "cleanup") // nothing left to remove: no error
+}
+
+// Intact tells whether the parts of a route whose loss would let its packets fall through to the main table
+// are there: the ip rules, and with failClosed the unreachable defaults.
+func TestIntact(t *testing.T) {
+	t.Parallel()
+	ns, idx := newNS(t)
+	if got := inNS(t, ns, "intact"); got != "false" {
+		t.Errorf("before Install: intact = %s", got)
+	}
+	inNS(t, ns, fmt.Sprintf("install %d", idx))
+	if got := inNS(t, ns, "intact"); got != "true" {
+		t.Fatalf("after Install: intact = %s\n%s", got, policy(t, ns))
+	}
+	for _, c := range []struct {
+		name   string
+		cmd    []string
+		intact string // "intact" or "intact-open"
+	}{
+		{"ipv4 rule deleted", []string{"-4", "rule", "del", "fwmark", "0x6c2", "lookup", "1730"}, "intact-open"},
+		{"ipv6 rule deleted", []string{"-6", "rule", "del", "fwmark", "0x6c2", "lookup", "1730"}, "intact-open"},
+		{"ipv4 unreachable deleted", []string{"-4", "route", "del", "unreachable", "default", "table", "1730", "metric", "4294967295"}, "intact"},
+	} {
+		netnstest.Run(t, append([]string{"ip", "-n", ns}, c.cmd...)...)
+		if got := inNS(t, ns, c.intact); got != "false" {
+			t.Errorf("%s: %s = %s\n%s", c.name, c.intact, got, policy(t, ns))
+		}
+		inNS(t, ns, fmt.Sprintf("install %d", idx))
+		if got := inNS(t, ns, "intact"); got != "true" {
+			t.Errorf("%s, installed again: intact = %s", c.name, got)
+		}
+	}
+	// The link's own default route going away (the kernel's doing when the link goes down) is not a loss.
+	netnstest.Run(t, "ip", "-n", ns, "-4", "route", "del", "default", "table", "1730", "dev", "up0")
+	if got := inNS(t, ns, "intact"); got != "true" {
+		t.Errorf("without the link's default route: intact = %s", got)
+	}
 }
 
 // Strict reverse-path filtering on the link is loosened to 2 and put back; anything else is left alone.

@@ -17,6 +17,9 @@ func Install(uint8, int, bool) error { return errUnsupported }
 // Remove reports that kernel routing of split connections is Linux-only.
 func Remove(uint8) error { return errUnsupported }
 
+// Intact fails: there are no routes here.
+func Intact(uint8, bool) (bool, error) { return false, errUnsupported }
+
 // Cleanup has nothing to remove here.
 func Cleanup() error { return nil }
 

@@ -288,3 +288,33 @@ func TestSplitInterfaceDownDirect(t *testing.T) {
 	e.waitStatus("the split interface to be up", func(st control.Status) bool { return e.split(st).Interface.Up })
 	expectServer(t, "tcp split, B back", call(t, e.client, tcpReq(dst4)), "B")
 }
+
+// TestSplitRouteRestored: in route mode, another program deleting Warden's ip rules (which would send split
+// connections out of the default uplink) has them put back within seconds, and split connections leave
+// through B again.
+func TestSplitRouteRestored(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.writeConfig(strings.NewReplacer("%APP%", "/nonexistent", "%DOWN%", "block", "%MODE%", "route").Replace(splitConfig))
+	e.startDaemon()
+	dst := hp(sandbox.ServiceV4, 8080)
+	expectServer(t, "split before", call(t, e.client, tcpReq(dst)), "B")
+	installed := ipRules(t, e.top.Client)
+	if !strings.Contains(installed, "fwmark") {
+		t.Fatalf("no split ip rule installed:\n%s", installed)
+	}
+	for _, fam := range []string{"-4", "-6"} {
+		out, err := exec.Command("ip", "-n", e.top.Client, fam, "rule", "del", "fwmark", "0x6c0", "lookup", "1728").CombinedOutput()
+		if err != nil {
+			t.Fatalf("deleting the %s rule: %v: %s", fam, err, out)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for ipRules(t, e.top.Client) != installed {
+		if time.Now().After(deadline) {
+			t.Fatalf("ip rules not restored in 10 s:\n--- installed\n%s--- now\n%s", installed, ipRules(t, e.top.Client))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	expectServer(t, "split after the repair", call(t, e.client, tcpReq(dst)), "B")
+}
