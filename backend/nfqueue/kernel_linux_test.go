@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
@@ -680,37 +681,54 @@ func TestKernelSecondInstanceRefused(t *testing.T) {
 	w.stop(t)
 }
 
-// Another program flushing every chain (`iptables -F`, also in mangle), or flushing and deleting them
-// (`iptables -F; iptables -X`), takes Warden's rules with it; the watcher rewrites them, and blocking works
-// again, without a restart.
+// Another program flushing every chain (`iptables -F`, also in mangle), or replacing whole tables with
+// iptables-restore (a firewall manager's reload: every chain it does not declare is gone), takes Warden's
+// rules with it; the watcher rewrites them, and blocking works again, without a restart. The watcher runs
+// while the test does this, so what proves the rules were taken is that they come back as new rules (new
+// nf_tables handles), not a look between the two.
 func TestKernelFlushedRulesRestored(t *testing.T) {
 	t.Parallel()
 	n := newTestNet(t)
 	listenTCP(t, n.server, portBlock)
 	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
 	clean4, clean6 := withoutCounters(save(t, n.client, false)), withoutCounters(save(t, n.client, true))
-	for _, attack := range [][]string{
-		{"-F", "-t mangle -F"},
-		{"-F", "-X", "-t mangle -F", "-t mangle -X"},
-	} {
-		for _, tool := range []string{"iptables", "ip6tables"} {
-			for _, args := range attack {
-				netnstest.Run(t, append([]string{"ip", "netns", "exec", n.client, tool}, strings.Fields(args)...)...)
+	handles := func() string {
+		out := netnstest.Run(t, "ip", "netns", "exec", n.client, "nft", "-a", "list", "chain", "ip", "filter", chainFilter)
+		return strings.Join(regexp.MustCompile(`# handle \d+`).FindAllString(out, -1), " ")
+	}
+	const builtins = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n" +
+		"*mangle\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n"
+	for _, attack := range []struct {
+		name string
+		run  func(tool string)
+	}{
+		{"iptables -F", func(tool string) {
+			netnstest.Run(t, "ip", "netns", "exec", n.client, tool, "-F")
+			netnstest.Run(t, "ip", "netns", "exec", n.client, tool, "-t", "mangle", "-F")
+		}},
+		{"iptables-restore of the built-in chains", func(tool string) {
+			cmd := exec.Command("ip", "netns", "exec", n.client, tool+"-restore")
+			cmd.Stdin = strings.NewReader(builtins)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("%s-restore: %v: %s", tool, err, out)
 			}
-		}
-		if s := save(t, n.client, false); strings.Contains(s, "-A WARDEN-FILTER") {
-			t.Fatalf("%v left Warden's filter rules in place:\n%s", attack, s)
+		}},
+	} {
+		before := handles()
+		for _, tool := range []string{"iptables", "ip6tables"} {
+			attack.run(tool)
 		}
 		deadline := time.Now().Add(10 * time.Second)
-		for withoutCounters(save(t, n.client, false)) != clean4 || withoutCounters(save(t, n.client, true)) != clean6 {
+		for withoutCounters(save(t, n.client, false)) != clean4 || withoutCounters(save(t, n.client, true)) != clean6 ||
+			handles() == before {
 			if time.Now().After(deadline) {
-				t.Fatalf("after %v the rules were not restored in 10 s (-clean +now):\n%s", attack,
+				t.Fatalf("after %s the rules were not restored in 10 s (-clean +now):\n%s", attack.name,
 					cmp.Diff(clean4, withoutCounters(save(t, n.client, false))))
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
 		if _, err := dial(t, n.client, net.Dialer{}, "tcp", netip.AddrPortFrom(n.ServerV4, portBlock), 3*time.Second); !isRefused(err) {
-			t.Errorf("blocked port after %v and the repair: %v, want refused", attack, err)
+			t.Errorf("blocked port after %s and the repair: %v, want refused", attack.name, err)
 		}
 	}
 	w.stop(t)
