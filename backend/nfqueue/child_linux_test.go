@@ -39,6 +39,8 @@ type childConfig struct {
 	FailMode string        `json:"fail_mode"`
 	Timeout  time.Duration `json:"timeout"`
 	Rules    []childRule   `json:"rules"`
+	// Watch is the watcher's interval; default 200 ms.
+	Watch time.Duration `json:"watch"`
 }
 
 // childPolicy decides by the first matching rule; the default is a permanent accept.
@@ -144,7 +146,11 @@ func childMain(cfgJSON string) int {
 	if cfg.FailMode == "closed" {
 		o.FailMode = backend.FailClosed
 	}
-	b, err := New(o, Config{WatchInterval: 200 * time.Millisecond})
+	watch := cfg.Watch
+	if watch == 0 {
+		watch = 200 * time.Millisecond
+	}
+	b, err := New(o, Config{WatchInterval: watch})
 	if err != nil {
 		fmt.Println("err", err)
 		return 1

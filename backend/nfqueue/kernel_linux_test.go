@@ -690,7 +690,9 @@ func TestKernelFlushedRulesRestored(t *testing.T) {
 	t.Parallel()
 	n := newTestNet(t)
 	listenTCP(t, n.server, portBlock)
-	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
+	// The watcher's tick is an hour: only the kernel's change announcements can bring the repair within the
+	// test's 10 seconds.
+	w := startWarden(t, n.client, childConfig{Rules: verdictRules(), Watch: time.Hour})
 	clean4, clean6 := withoutCounters(save(t, n.client, false)), withoutCounters(save(t, n.client, true))
 	handles := func() string {
 		out := netnstest.Run(t, "ip", "netns", "exec", n.client, "nft", "-a", "list", "chain", "ip", "filter", chainFilter)

@@ -85,6 +85,39 @@ func (g *genWatcher) generation() (uint32, error) {
 
 func (g *genWatcher) Close() error { return g.c.Close() }
 
+// nfnlgrpNFTables is NFNLGRP_NFTABLES, the netlink group on which the kernel announces every committed
+// nf_tables change (linux/netfilter/nfnetlink.h).
+const nfnlgrpNFTables = 7
+
+// notifyChanges subscribes to the kernel's announcements of nf_tables changes (any program's, in this
+// network namespace) and signals wake, without blocking, after each; the watcher then checks at once
+// instead of at its next tick. A lost announcement (the socket's buffer overran) signals too. The returned
+// function ends the subscription. An error means the watcher must poll.
+func notifyChanges(wake chan<- struct{}) (stop func(), err error) {
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{Groups: 1 << (nfnlgrpNFTables - 1)})
+	if err != nil {
+		return nil, fmt.Errorf("subscribing to nf_tables changes: %w", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			_, err := c.Receive()
+			if err != nil && !errors.Is(err, unix.ENOBUFS) {
+				return // closed, or broken: the ticker still checks
+			}
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return func() {
+		c.Close()
+		<-done
+	}, nil
+}
+
 // Reading a chain's rules from nf_tables directly. Checking with iptables that the jumps are still first takes
 // one iptables process per chain and family (12 with IPv6), each of which reads the whole rule set: about
 // 130 ms of CPU, at the watcher's first check and after every change another program makes. One netlink dump
