@@ -569,6 +569,17 @@ func TestKernelConnBytes(t *testing.T) {
 	const portInbound uint16 = 8010
 	rules := append(verdictRules(), childRule{Dir: "in", Port: portInbound, Verdict: "accept", Permanent: true})
 	w := startWarden(t, n.client, childConfig{Rules: rules})
+	// exchange writes send bytes on c and reads recv bytes back.
+	exchange := func(c net.Conn, send, recv int) {
+		t.Helper()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(make([]byte, send)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, make([]byte, recv)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// echo sends size bytes over a new connection and reads them back; it returns the connection's call
 	// argument for the child's "bytes" command.
 	echo := func(size int) string {
@@ -577,13 +588,7 @@ func TestKernelConnBytes(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-		if _, err := c.Write(make([]byte, size)); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, make([]byte, size)); err != nil {
-			t.Fatal(err)
-		}
+		exchange(c, size, size)
 		return c.LocalAddr().String() + " " + c.RemoteAddr().String()
 	}
 
@@ -631,13 +636,7 @@ func TestKernelConnBytes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := c.Write(make([]byte, size)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(c, make([]byte, size/10)); err != nil {
-		t.Fatal(err)
-	}
+	exchange(c, size, size/10)
 	if _, err := fmt.Sscanf(w.call(t, "bytes "+c.RemoteAddr().String()+" "+c.LocalAddr().String()), "bytes %d %d", &tx, &rx); err != nil {
 		t.Fatalf("inbound: %v", err)
 	}
