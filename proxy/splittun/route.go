@@ -153,23 +153,38 @@ func (r *routes) installLocked(s *routeSlot, st netif.State, failClosed bool) er
 
 // verify reinstalls the installed routes another program took apart (an `ip rule flush`, a VPN client
 // rewriting the rules): without its ip rule a route's packets would leave through the default interface,
-// which is exactly what a split rule is there to prevent. Routes it cannot check are left alone.
+// which is exactly what a split rule is there to prevent. Routes it cannot check are left alone. The kernel is
+// asked without the lock, which split decisions on the packet path take.
 func (r *routes) verify(failClosed bool, log *slog.Logger) {
+	type installed struct {
+		n       uint8
+		ifIndex int
+	}
 	r.mu.Lock()
-	defer r.mu.Unlock()
+	var check []installed
 	for _, s := range r.slots {
-		if s.ifIndex == 0 {
+		if s.ifIndex != 0 {
+			check = append(check, installed{s.n, s.ifIndex})
+		}
+	}
+	r.mu.Unlock()
+	for _, c := range check {
+		if ok, err := r.kr.RouteIntact(c.n, failClosed); err != nil || ok {
 			continue
 		}
-		if ok, err := r.kr.RouteIntact(s.n, failClosed); err != nil || ok {
-			continue
+		r.mu.Lock()
+		for _, s := range r.slots {
+			if s.n != c.n || s.ifIndex != c.ifIndex {
+				continue // reinstalled or gone meanwhile
+			}
+			log.Warn("split tunnel: kernel route changed by another program; restoring it", "route", s.n,
+				"interface", s.spec)
+			if err := r.kr.InstallRoute(s.n, &s.ifc, failClosed); err != nil {
+				log.Error("split tunnel: restoring a kernel route", "route", s.n, "interface", s.spec, "err", err)
+				s.ifIndex = 0 // installed again on the next connection that needs it
+			}
 		}
-		log.Warn("split tunnel: kernel route changed by another program; restoring it", "route", s.n,
-			"interface", s.spec)
-		if err := r.kr.InstallRoute(s.n, &s.ifc, failClosed); err != nil {
-			log.Error("split tunnel: restoring a kernel route", "route", s.n, "interface", s.spec, "err", err)
-			s.ifIndex = 0 // installed again on the next connection that needs it
-		}
+		r.mu.Unlock()
 	}
 }
 
