@@ -41,8 +41,10 @@ func Acquire(name string) (*Lock, error) {
 	}
 	err = unix.Bind(fd, &unix.SockaddrUnix{Name: "@" + name})
 	if err == nil {
-		// Listening lets another process connect and learn who holds the lock; nothing is ever accepted.
-		err = unix.Listen(fd, 1)
+		// Listening lets another process connect and learn who holds the lock. Nothing is ever accepted, so
+		// each such check leaves a pending connection: the backlog bounds them, and checks beyond it learn no
+		// PID.
+		err = unix.Listen(fd, 64)
 	}
 	if err == nil {
 		return &Lock{fd: fd}, nil
