@@ -1,6 +1,7 @@
 package splittun
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -38,6 +39,10 @@ func (*linuxPlatform) ResetRoutes() error { return splitroute.Cleanup() }
 
 func (*linuxPlatform) RouteIntact(n uint8, failClosed bool) (bool, error) {
 	return splitroute.Intact(n, failClosed)
+}
+
+func (*linuxPlatform) WatchRoutes(ctx context.Context, notify func()) error {
+	return splitroute.WatchPolicy(ctx, notify)
 }
 
 // InstallRoute installs the policy route and loosens strict reverse-path filtering on the interface, which

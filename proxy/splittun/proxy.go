@@ -464,21 +464,43 @@ func family(a netip.AddrPort) string {
 // isUnsupported reports whether err says the platform cannot tell (so the table alone decides).
 func isUnsupported(err error) bool { return errors.Is(err, backend.ErrUnsupported) }
 
-// routeCheckInterval is how often route mode checks that its kernel routes are still in place.
+// routeCheckInterval is how often route mode checks that its kernel routes are still in place when it cannot
+// watch the routing policy; while it can, it checks at every change and ten times less often besides.
 var routeCheckInterval = 2 * time.Second
 
 // guardRoutes puts back, until Close, the kernel routes another program took apart (see routes.verify).
 func (p *Proxy) guardRoutes() {
 	defer p.loops.Done()
-	t := time.NewTicker(routeCheckInterval)
+	wake := make(chan struct{}, 1)
+	watching := make(chan error, 1)
+	p.loops.Add(1)
+	go func() {
+		defer p.loops.Done()
+		watching <- p.routes.kr.WatchRoutes(p.ctx, func() {
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
+		})
+	}()
+	interval := routeCheckInterval * 10
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-p.ctx.Done():
 			return
+		case err := <-watching:
+			if err != nil && p.ctx.Err() == nil {
+				p.log.Debug("split tunnel: watching the routing policy failed; polling", "err", err)
+			}
+			t.Reset(routeCheckInterval)
+			watching = nil
+			continue
 		case <-t.C:
-			p.routes.verify(p.cfg.OnInterfaceDown != DownDirect, p.log)
+		case <-wake:
 		}
+		p.routes.verify(p.cfg.OnInterfaceDown != DownDirect, p.log)
 	}
 }
 

@@ -1,6 +1,7 @@
 package splittun
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,6 +26,9 @@ type KernelRouter interface {
 	// RouteIntact reports whether the parts of route n whose loss would let its packets take the normal route
 	// are still in place (on Linux: its ip rules, and with failClosed its unreachable defaults).
 	RouteIntact(n uint8, failClosed bool) (bool, error)
+	// WatchRoutes calls notify after every change to the kernel's routing policy until ctx ends, or fails at
+	// once when it cannot; the guard then polls alone.
+	WatchRoutes(ctx context.Context, notify func()) error
 }
 
 // routeSlot is one interface spec's kernel route.

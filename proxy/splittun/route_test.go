@@ -1,6 +1,7 @@
 package splittun
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -47,6 +48,10 @@ func (r *routingPlatform) InstallRoute(n uint8, ifc *netif.Interface, failClosed
 }
 
 func (r *routingPlatform) RemoveRoute(n uint8) error { r.log("remove %d", n); return nil }
+
+func (r *routingPlatform) WatchRoutes(context.Context, func()) error {
+	return errors.New("not watched here")
+}
 
 func (r *routingPlatform) RouteIntact(n uint8, failClosed bool) (bool, error) {
 	r.mu.Lock()

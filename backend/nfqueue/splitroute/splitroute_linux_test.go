@@ -2,12 +2,14 @@ package splitroute
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/warden-fw/warden/backend/netnstest"
 )
@@ -43,6 +45,21 @@ func child(cmd string) int {
 		var ok bool
 		if ok, err = Intact(3, verb == "intact"); err == nil {
 			fmt.Print(ok)
+		}
+	case "watch":
+		// Report the first change to the routing policy, within 10 s.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		changed := false
+		err = WatchPolicy(ctx, func() {
+			changed = true
+			cancel()
+		})
+		if err == nil && !changed {
+			err = errors.New("no change seen in 10 s")
+		}
+		if err == nil {
+			fmt.Print("changed")
 		}
 	case "remove":
 		err = Remove(3)
@@ -176,6 +193,41 @@ func TestInstallRemoveCleanup(t *testing.T) {
 		t.Errorf("after Cleanup:\n%s", got)
 	}
 	inNS(t, ns, "cleanup") // nothing left to remove: no error
+}
+
+// WatchPolicy reports a change to the ip rules. The rule is added and deleted again until the watcher, which
+// subscribes at some moment after it starts, has seen one (bounded by the child's own 10 s).
+func TestWatchPolicy(t *testing.T) {
+	t.Parallel()
+	ns, _ := newNS(t)
+	done := make(chan string, 1)
+	go func() {
+		out, err := netnstest.Child(context.Background(), t, ns, childEnv+"=watch").Output()
+		if err != nil {
+			out = append(out, []byte(" "+err.Error())...)
+		}
+		done <- string(out)
+	}()
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for i := 0; ; i++ {
+		select {
+		case out := <-done:
+			if out != "changed" {
+				t.Fatalf("watch: %q, want changed", out)
+			}
+			return
+		case <-tick.C:
+			if i > 60 {
+				t.Fatal("the watcher neither saw a change nor gave up")
+			}
+			op := "add"
+			if i%2 == 1 {
+				op = "del"
+			}
+			netnstest.Run(t, "ip", "-n", ns, "rule", op, "fwmark", "0x99", "lookup", "99", "priority", "99")
+		}
+	}
 }
 
 // Intact tells whether the parts of a route whose loss would let its packets fall through to the main table

@@ -3,6 +3,7 @@
 package splitroute
 
 import (
+	"context"
 	"fmt"
 	"runtime"
 
@@ -16,6 +17,9 @@ func Install(uint8, int, bool) error { return errUnsupported }
 
 // Remove reports that kernel routing of split connections is Linux-only.
 func Remove(uint8) error { return errUnsupported }
+
+// WatchPolicy fails: there are no routes to watch here.
+func WatchPolicy(context.Context, func()) error { return errUnsupported }
 
 // Intact fails: there are no routes here.
 func Intact(uint8, bool) (bool, error) { return false, errUnsupported }
