@@ -2,13 +2,13 @@ package netif
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/warden-fw/warden/backend/rtnlwatch"
 )
 
 // SystemSource returns the Source for this host: rtnetlink in the network namespace of the calling thread when
@@ -93,38 +93,6 @@ func (netlinkSource) DefaultRoutes() ([]Route, error) {
 // Watch subscribes to rtnetlink's link, address and route groups and calls notify for every message. It only
 // needs to know that something changed; the Resolver re-reads the full state.
 func (netlinkSource) Watch(ctx context.Context, notify func()) error {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("opening rtnetlink socket: %w", err)
-	}
-	groups := uint32(unix.RTMGRP_LINK | unix.RTMGRP_IPV4_IFADDR | unix.RTMGRP_IPV6_IFADDR |
-		unix.RTMGRP_IPV4_ROUTE | unix.RTMGRP_IPV6_ROUTE)
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: groups}); err != nil {
-		unix.Close(fd)
-		return fmt.Errorf("subscribing to rtnetlink groups: %w", err)
-	}
-	// A non-blocking fd wrapped in an os.File uses the runtime poller, so Close interrupts a pending Read.
-	f := os.NewFile(uintptr(fd), "rtnetlink")
-	stop := context.AfterFunc(ctx, func() { f.Close() })
-	defer func() {
-		if stop() {
-			f.Close()
-		}
-	}()
-	buf := make([]byte, 64<<10)
-	for {
-		_, err := f.Read(buf)
-		if ctx.Err() != nil {
-			return nil
-		}
-		if err != nil {
-			if errors.Is(err, unix.ENOBUFS) {
-				// Messages were lost; a refresh reads the whole state anyway.
-				notify()
-				continue
-			}
-			return fmt.Errorf("reading rtnetlink: %w", err)
-		}
-		notify()
-	}
+	return rtnlwatch.Watch(ctx, unix.RTMGRP_LINK|unix.RTMGRP_IPV4_IFADDR|unix.RTMGRP_IPV6_IFADDR|
+		unix.RTMGRP_IPV4_ROUTE|unix.RTMGRP_IPV6_ROUTE, notify)
 }

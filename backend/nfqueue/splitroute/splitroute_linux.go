@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/warden-fw/warden/backend/nfqueue/marks"
+	"github.com/warden-fw/warden/backend/rtnlwatch"
 )
 
 // families are the address families every route is installed for.
@@ -191,41 +192,12 @@ func Intact(n uint8, failClosed bool) (bool, error) {
 	return true, nil
 }
 
-// rtnlgrpIPv6Rule is RTNLGRP_IPV6_RULE (linux/rtnetlink.h); its legacy group bit is not in x/sys/unix.
-const rtnlgrpIPv6Rule = 19
-
 // WatchPolicy calls notify after every change to the ip rules or routes (IPv4 and IPv6) of the calling
 // thread's network namespace, until ctx ends: the route guard then checks at once instead of at its next
-// tick. Lost notifications (the socket's buffer overran) call notify too.
+// tick.
 func WatchPolicy(ctx context.Context, notify func()) error {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("opening rtnetlink socket: %w", err)
-	}
-	groups := uint32(unix.RTMGRP_IPV4_RULE | 1<<(rtnlgrpIPv6Rule-1) | unix.RTMGRP_IPV4_ROUTE | unix.RTMGRP_IPV6_ROUTE)
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: groups}); err != nil {
-		unix.Close(fd)
-		return fmt.Errorf("subscribing to rtnetlink rule and route groups: %w", err)
-	}
-	// A non-blocking fd wrapped in an os.File uses the runtime poller, so Close interrupts a pending Read.
-	f := os.NewFile(uintptr(fd), "rtnetlink-policy")
-	stop := context.AfterFunc(ctx, func() { f.Close() })
-	defer func() {
-		if stop() {
-			f.Close()
-		}
-	}()
-	buf := make([]byte, 32<<10)
-	for {
-		_, err := f.Read(buf)
-		if ctx.Err() != nil {
-			return nil
-		}
-		if err != nil && !errors.Is(err, unix.ENOBUFS) {
-			return fmt.Errorf("reading rtnetlink: %w", err)
-		}
-		notify()
-	}
+	return rtnlwatch.Watch(ctx, unix.RTMGRP_IPV4_RULE|rtnlwatch.GroupIPv6Rule|unix.RTMGRP_IPV4_ROUTE|
+		unix.RTMGRP_IPV6_ROUTE, notify)
 }
 
 // flushTable deletes every route of one family in table.
