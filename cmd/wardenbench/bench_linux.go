@@ -524,7 +524,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 			err = errors.Join(err, b.command(fw.c, "stop"))
 		}
 		if perf != nil {
-			err = errors.Join(err, b.finishPerf(perf))
+			err = errors.Join(err, b.finishPerf(perf, res.Ops, fwPID))
 		}
 		if bpfRec != nil {
 			perOp, berr := bpfRec.finish(filepath.Join(o.profile, r.config+"-"+r.workload+".bpf.txt"), res.Ops)
@@ -550,6 +550,9 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		if countsOps && res.Ops > 0 {
 			ops := float64(res.Ops)
 			s.machineUS = cpu1.busyTimeSince(cpu0).Seconds() * 1e6 / ops
+			if cpu1.switches > cpu0.switches {
+				s.switches = float64(cpu1.switches-cpu0.switches) / ops
+			}
 			if fw0 >= 0 && fw1 > fw0 {
 				s.fwUS = (fw1 - fw0).Seconds() * 1e6 / ops
 			}
@@ -570,7 +573,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		b.col.add(r.workload, r.config, unit, s)
 		costs := ""
 		if s.machineUS > 0 {
-			costs = fmt.Sprintf(" machine %.0fµs/op", s.machineUS)
+			costs = fmt.Sprintf(" machine %.0fµs/op %.1fcs/op", s.machineUS, s.switches)
 		}
 		if s.fwUS > 0 {
 			costs += fmt.Sprintf(" firewall %.1fµs/op", s.fwUS)
@@ -613,13 +616,14 @@ func (b *bench) startPerf(name string) *exec.Cmd {
 	return cmd
 }
 
-// finishPerf waits for a recording and writes its flat report (by symbol, with the command) beside it.
-func (b *bench) finishPerf(cmd *exec.Cmd) error {
+// finishPerf waits for a recording and writes beside it its flat report (by symbol, with the command) and its
+// split into the parts of a connection's cost per operation (see costParts).
+func (b *bench) finishPerf(cmd *exec.Cmd, ops uint64, fwPID int) error {
 	if err := cmd.Wait(); err != nil {
 		b.logf("perf record: %v", err)
 		return nil
 	}
-	data := cmd.Args[len(cmd.Args)-4] // -o value
+	var data string
 	for i, a := range cmd.Args {
 		if a == "-o" {
 			data = cmd.Args[i+1]
@@ -631,7 +635,29 @@ func (b *bench) finishPerf(cmd *exec.Cmd) error {
 		b.logf("perf report: %v", err)
 		return nil
 	}
-	return os.WriteFile(strings.TrimSuffix(data, ".perf.data")+".perf.txt", out, 0o644)
+	base := strings.TrimSuffix(data, ".perf.data")
+	if err := os.WriteFile(base+".perf.txt", out, 0o644); err != nil {
+		return err
+	}
+	script := exec.Command(cmd.Path, "script", "-i", data, "-F", "pid,period,ip,sym")
+	stdout, err := script.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := script.Start(); err != nil {
+		b.logf("perf script: %v", err)
+		return nil
+	}
+	split, serr := splitPerfScript(stdout, fwPID)
+	_, _ = io.Copy(io.Discard, stdout) // let perf finish writing after a parse error
+	if err := script.Wait(); err != nil || serr != nil {
+		b.logf("perf script: %v", errors.Join(err, serr))
+		return nil
+	}
+	var buf strings.Builder
+	writeSplit(&buf, split, ops)
+	b.logf("  perf per operation: %s", split.summary(ops))
+	return os.WriteFile(base+".split.txt", []byte(buf.String()), 0o644)
 }
 
 // runMemory starts a fresh Warden, reads its resident memory idle, makes it track o.memFlows new UDP flows
@@ -694,17 +720,31 @@ func (b *bench) runMemory(rep int) (err error) {
 	return nil
 }
 
-// cpuTimes are the machine's total and idle CPU time (jiffies) from /proc/stat.
-type cpuTimes struct{ total, idle uint64 }
+// cpuTimes are the machine's total and idle CPU time (jiffies) and its context switches since boot, from
+// /proc/stat.
+type cpuTimes struct{ total, idle, switches uint64 }
 
 func readCPU() cpuTimes {
 	data, err := os.ReadFile("/proc/stat")
 	if err != nil {
 		return cpuTimes{}
 	}
-	line, _, _ := strings.Cut(string(data), "\n")
-	f := strings.Fields(line)
+	return parseStat(string(data))
+}
+
+// parseStat reads the aggregate "cpu" line and the "ctxt" line of /proc/stat's text.
+func parseStat(data string) cpuTimes {
 	var t cpuTimes
+	for l := range strings.SplitSeq(data, "\n") {
+		if v, ok := strings.CutPrefix(l, "ctxt "); ok {
+			t.switches, _ = strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	line, _, _ := strings.Cut(data, "\n")
+	f := strings.Fields(line)
+	if len(f) == 0 || f[0] != "cpu" {
+		return t
+	}
 	for i, s := range f[1:] {
 		v, _ := strconv.ParseUint(s, 10, 64)
 		if i >= 8 { // guest times are already in user and nice

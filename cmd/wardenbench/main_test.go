@@ -137,8 +137,8 @@ func TestMedianAndPercentiles(t *testing.T) {
 func TestRatiosAndTargets(t *testing.T) {
 	c := newCollector()
 	for _, v := range []float64{900, 1000, 1100} {
-		c.add(wlTCPConnect, cfgBare, "conn/s", sample{value: v, p50: 100, p99: v / 10, machineUS: v / 5, fwUS: v / 20})
-		c.add(wlTCPConnect, cfgWarden, "conn/s", sample{value: v * 0.8, p50: 100, p99: v / 5, machineUS: v / 4, fwUS: v * 0.06})
+		c.add(wlTCPConnect, cfgBare, "conn/s", sample{value: v, p50: 100, p99: v / 10, machineUS: v / 5, fwUS: v / 20, switches: 6})
+		c.add(wlTCPConnect, cfgWarden, "conn/s", sample{value: v * 0.8, p50: 100, p99: v / 5, machineUS: v / 4, fwUS: v * 0.06, switches: 7.5})
 	}
 	c.add(wlBulk, cfgKernel, "MB/s", sample{value: 2000})
 	c.add(wlBulk, cfgWarden, "MB/s", sample{value: 1960})
@@ -155,6 +155,7 @@ func TestRatiosAndTargets(t *testing.T) {
 		// Per-connection costs: medians 250 / 200 of the machine's, 60 / 50 of the firewall's.
 		"warden_vs_bare_machine_per_tcp_connect":      1.25,
 		"warden_vs_bare_firewall_cpu_per_tcp_connect": 1.2,
+		"warden_vs_bare_switches_per_tcp_connect":     1.25,
 	}
 	if d := cmp.Diff(want, got); d != "" {
 		t.Errorf("ratios (-want +got):\n%s", d)
@@ -175,7 +176,11 @@ func TestRatiosAndTargets(t *testing.T) {
 	if r.MachineUS == nil || *r.MachineUS != 250 || r.FirewallCPUUS == nil || *r.FirewallCPUUS != 60 {
 		t.Errorf("warden tcp_connect costs per connection: machine %v, firewall %v; want 250, 60", r.MachineUS, r.FirewallCPUUS)
 	}
-	if r, _ := find(rs, wlBulk, cfgKernel); r.P50 != nil || r.P99 != nil || r.MachineUS != nil || r.FirewallCPUUS != nil {
+	if r.MachineSwitches == nil || *r.MachineSwitches != 7.5 {
+		t.Errorf("warden tcp_connect context switches per connection %v, want 7.5", r.MachineSwitches)
+	}
+	if r, _ := find(rs, wlBulk, cfgKernel); r.P50 != nil || r.P99 != nil || r.MachineUS != nil || r.FirewallCPUUS != nil ||
+		r.MachineSwitches != nil {
 		t.Errorf("bulk has latencies or costs per operation: %+v", r)
 	}
 	var buf bytes.Buffer

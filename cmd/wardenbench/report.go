@@ -70,6 +70,10 @@ type Result struct {
 	// connection moves much less, so these tell a cost change from noise.
 	MachineUS     *float64 `json:"machine_us_per_op,omitempty"`
 	FirewallCPUUS *float64 `json:"firewall_cpu_us_per_op,omitempty"`
+	// MachineSwitches is the machine's context switches per operation (all CPUs, from /proc/stat): a
+	// hand-over between threads costs a switch on each side, and on a virtual machine a switch is expensive,
+	// so a design that wakes another thread per connection shows here before it shows in the rate.
+	MachineSwitches *float64 `json:"machine_cs_per_op,omitempty"`
 }
 
 // Report is what --out writes.
@@ -127,8 +131,9 @@ type sample struct {
 	// queueDrops counts the packets the firewall's queues dropped during the run.
 	queueDrops uint64
 	cpuBusy    float64
-	// machineUS and fwUS are per-operation CPU times (see Result); 0 when not measured.
-	machineUS, fwUS float64
+	// machineUS and fwUS are per-operation CPU times, switches the machine's context switches per operation
+	// (see Result); 0 when not measured.
+	machineUS, fwUS, switches float64
 }
 
 // collector gathers samples and turns them into results.
@@ -170,7 +175,7 @@ func (c *collector) results() []Result {
 		wl, cfg, _ := strings.Cut(k, "/")
 		ss := c.data[k]
 		r := Result{Workload: wl, Config: cfg, Unit: c.units[k]}
-		var vals, p50s, p99s, busy, machine, fw []float64
+		var vals, p50s, p99s, busy, machine, fw, switches []float64
 		for _, s := range ss {
 			vals = append(vals, s.value)
 			busy = append(busy, s.cpuBusy)
@@ -179,6 +184,9 @@ func (c *collector) results() []Result {
 			}
 			if s.fwUS > 0 {
 				fw = append(fw, s.fwUS)
+			}
+			if s.switches > 0 {
+				switches = append(switches, s.switches)
 			}
 			r.Errors += s.errors
 			r.QueueDrops += s.queueDrops
@@ -197,6 +205,10 @@ func (c *collector) results() []Result {
 		if len(fw) > 0 {
 			v := round(median(fw))
 			r.FirewallCPUUS = &v
+		}
+		if len(switches) > 0 {
+			v := round(median(switches))
+			r.MachineSwitches = &v
 		}
 		if len(p99s) > 0 {
 			p50, p99 := round(median(p50s)), round(median(p99s))
@@ -253,6 +265,7 @@ const (
 	metricP99
 	metricMachineUS
 	metricFirewallCPUUS
+	metricMachineSwitches
 )
 
 // of returns r's measure m, false when r has none.
@@ -267,6 +280,8 @@ func (m metric) of(r Result) (float64, bool) {
 		p = r.MachineUS
 	case metricFirewallCPUUS:
 		p = r.FirewallCPUUS
+	case metricMachineSwitches:
+		p = r.MachineSwitches
 	}
 	if p == nil {
 		return 0, false
@@ -296,6 +311,8 @@ var ratioSpecs = []ratioSpec{
 	{name: "warden_vs_bare_firewall_cpu_per_udp_flow", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, metric: metricFirewallCPUUS},
 	{name: "warden_vs_bare_machine_per_tcp_connect", workload: wlTCPConnect, num: cfgWarden, den: cfgBare, metric: metricMachineUS},
 	{name: "warden_vs_bare_machine_per_udp_flow", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, metric: metricMachineUS},
+	{name: "warden_vs_bare_switches_per_tcp_connect", workload: wlTCPConnect, num: cfgWarden, den: cfgBare, metric: metricMachineSwitches},
+	{name: "warden_vs_bare_switches_per_udp_flow", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, metric: metricMachineSwitches},
 }
 
 // bytesPerConnTarget is the issue's memory goal: at most 1 KiB per tracked connection.
@@ -339,14 +356,15 @@ func ratios(rs []Result) (map[string]float64, []Target) {
 // writeTable prints the results and the targets for people.
 func writeTable(w io.Writer, rep *Report) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "WORKLOAD\tCONFIG\tMEDIAN\tUNIT\tP50 µs\tP99 µs\tCPU BUSY\tMACHINE µs/OP\tFIREWALL µs/OP\tERRORS\tRUNS")
+	fmt.Fprintln(tw, "WORKLOAD\tCONFIG\tMEDIAN\tUNIT\tP50 µs\tP99 µs\tCPU BUSY\tMACHINE µs/OP\tFIREWALL µs/OP\tSWITCHES/OP\tERRORS\tRUNS")
 	for _, r := range rep.Results {
 		busy := "-"
 		if r.CPUBusy > 0 {
 			busy = fmt.Sprintf("%.0f%%", r.CPUBusy*100)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Workload, r.Config, fmtNum(r.Value), r.Unit,
-			fmtPtr(r.P50), fmtPtr(r.P99), busy, fmtPtr(r.MachineUS), fmtPtr(r.FirewallCPUUS), r.Errors, fmtRuns(r.Runs))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Workload, r.Config, fmtNum(r.Value), r.Unit,
+			fmtPtr(r.P50), fmtPtr(r.P99), busy, fmtPtr(r.MachineUS), fmtPtr(r.FirewallCPUUS), fmtPtr(r.MachineSwitches),
+			r.Errors, fmtRuns(r.Runs))
 	}
 	tw.Flush()
 	if rep.Partial {
