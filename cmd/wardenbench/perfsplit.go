@@ -23,6 +23,7 @@ var costParts = []costPart{
 	{"netfilter rule chains (nft_do_chain)", "rule chains", []string{"nft_do_chain"}},
 	{"  of them xtables matches and targets", "", []string{"nft_match_eval", "nft_target_eval_xt"}},
 	{"NAT hooks (nf_nat_inet_fn)", "NAT", []string{"nf_nat_inet_fn"}},
+	{"  of them null bindings (connections no NAT rule changes)", "", []string{"__nf_nat_alloc_null_binding"}},
 	{"conntrack (nf_conntrack_in, confirm)", "conntrack", []string{"nf_conntrack_in", "__nf_conntrack_confirm"}},
 	{"queueing packets to user space", "", []string{"__nfqnl_enqueue_packet", "nfqnl_enqueue_packet"}},
 	{"verdicts (nfqnl_recv_verdict and the path it carries the packet on)", "", []string{"nfqnl_recv_verdict"}},

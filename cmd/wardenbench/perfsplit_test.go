@@ -31,6 +31,13 @@ const perfScriptText = `    0     250000
   4242     500000 
 	0000000000498765 github.com/warden-fw/warden/firewall.(*Pipeline).decide
 
+  5555     250000 
+	ffffffff81aa0020 nf_conntrack_tuple_taken
+	ffffffff81aa0021 nf_nat_setup_info
+	ffffffff81aa0022 __nf_nat_alloc_null_binding
+	ffffffff81aa0012 nf_nat_inet_fn
+	ffffffff81aa0023 nf_hook_slow
+
   7777     250000 
 	ffffffff81bb0001 __cgroup_bpf_run_filter_sock_ops
 	ffffffff81bb0002 tcp_connect
@@ -45,14 +52,15 @@ func TestSplitPerfScript(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Every sample but the idle one is busy: 5 samples, 250 µs each, one of them 500 µs.
-	if s.busyNS != 1_500_000 || s.firewallNS != 750_000 {
-		t.Errorf("busy %d ns, firewall %d ns; want 1500000, 750000", s.busyNS, s.firewallNS)
+	// Every sample but the idle one is busy: 6 samples, 250 µs each, one of them 500 µs.
+	if s.busyNS != 1_750_000 || s.firewallNS != 750_000 {
+		t.Errorf("busy %d ns, firewall %d ns; want 1750000, 750000", s.busyNS, s.firewallNS)
 	}
 	want := map[string]uint64{
 		"netfilter rule chains (nft_do_chain)":                                500_000, // the softirq's and the verdict's
 		"  of them xtables matches and targets":                               250_000,
-		"NAT hooks (nf_nat_inet_fn)":                                          250_000,
+		"NAT hooks (nf_nat_inet_fn)":                                          500_000,
+		"  of them null bindings (connections no NAT rule changes)":           250_000,
 		"conntrack (nf_conntrack_in, confirm)":                                0,
 		"verdicts (nfqnl_recv_verdict and the path it carries the packet on)": 250_000,
 		"cgroup eBPF programs (attribution)":                                  250_000,
@@ -64,17 +72,17 @@ func TestSplitPerfScript(t *testing.T) {
 		}
 	}
 	var b strings.Builder
-	writeSplit(&b, s, 100) // 100 operations: 1.5 ms busy is 15 µs each
+	writeSplit(&b, s, 100) // 100 operations: 1.75 ms busy is 17.5 µs each
 	rows := map[string]string{}
 	for _, line := range strings.Split(b.String(), "\n") {
 		if name, v, ok := strings.Cut(strings.TrimSpace(line), "  "); ok {
 			rows[name] = strings.TrimSpace(v)
 		}
 	}
-	if rows["machine busy (every process, kernel and user)"] != "15.00" || rows["NAT hooks (nf_nat_inet_fn)"] != "2.50" {
+	if rows["machine busy (every process, kernel and user)"] != "17.50" || rows["NAT hooks (nf_nat_inet_fn)"] != "5.00" {
 		t.Errorf("split table:\n%s", b.String())
 	}
-	if got := s.summary(100); !strings.HasPrefix(got, "busy 15.0 µs, firewall 7.5, rule chains 5.0, NAT 2.5") {
+	if got := s.summary(100); !strings.HasPrefix(got, "busy 17.5 µs, firewall 7.5, rule chains 5.0, NAT 5.0") {
 		t.Errorf("summary %q", got)
 	}
 }
