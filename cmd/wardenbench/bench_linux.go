@@ -736,23 +736,21 @@ func readCPU() cpuTimes {
 func parseStat(data string) cpuTimes {
 	var t cpuTimes
 	for l := range strings.SplitSeq(data, "\n") {
-		if v, ok := strings.CutPrefix(l, "ctxt "); ok {
-			t.switches, _ = strconv.ParseUint(strings.TrimSpace(v), 10, 64)
-		}
-	}
-	line, _, _ := strings.Cut(data, "\n")
-	f := strings.Fields(line)
-	if len(f) == 0 || f[0] != "cpu" {
-		return t
-	}
-	for i, s := range f[1:] {
-		v, _ := strconv.ParseUint(s, 10, 64)
-		if i >= 8 { // guest times are already in user and nice
-			break
-		}
-		t.total += v
-		if i == 3 || i == 4 { // idle, iowait
-			t.idle += v
+		f := strings.Fields(l)
+		switch {
+		case len(f) == 2 && f[0] == "ctxt":
+			t.switches, _ = strconv.ParseUint(f[1], 10, 64)
+		case len(f) > 1 && f[0] == "cpu":
+			for i, s := range f[1:] {
+				if i >= 8 { // guest times are already in user and nice
+					break
+				}
+				v, _ := strconv.ParseUint(s, 10, 64)
+				t.total += v
+				if i == 3 || i == 4 { // idle, iowait
+					t.idle += v
+				}
+			}
 		}
 	}
 	return t

@@ -119,7 +119,7 @@ func writeSplit(w io.Writer, s perfSplit, ops uint64) {
 		fmt.Fprintln(w, "no operations counted")
 		return
 	}
-	per := func(ns uint64) string { return strconv.FormatFloat(float64(ns)/1e3/float64(ops), 'f', 2, 64) }
+	per := func(ns uint64) string { return strconv.FormatFloat(usPerOp(ns, ops), 'f', 2, 64) }
 	fmt.Fprintf(w, "CPU time per operation (%d operations) by what the sampled stacks held; a sample counts in every\n"+
 		"line whose function its stack holds, so the lines overlap.\n\n", ops)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -137,13 +137,15 @@ func (s perfSplit) summary(ops uint64) string {
 	if ops == 0 {
 		return "no operations counted"
 	}
-	us := func(ns uint64) float64 { return float64(ns) / 1e3 / float64(ops) }
 	var b strings.Builder
-	fmt.Fprintf(&b, "busy %.1f µs, firewall %.1f", us(s.busyNS), us(s.firewallNS))
+	fmt.Fprintf(&b, "busy %.1f µs, firewall %.1f", usPerOp(s.busyNS, ops), usPerOp(s.firewallNS, ops))
 	for i, p := range costParts {
 		if p.short != "" {
-			fmt.Fprintf(&b, ", %s %.1f", p.short, us(s.partNS[i]))
+			fmt.Fprintf(&b, ", %s %.1f", p.short, usPerOp(s.partNS[i], ops))
 		}
 	}
 	return b.String()
 }
+
+// usPerOp is ns nanoseconds of CPU time in microseconds per operation (ops > 0).
+func usPerOp(ns, ops uint64) float64 { return float64(ns) / 1e3 / float64(ops) }

@@ -3,6 +3,8 @@ package main
 import (
 	"strings"
 	"testing"
+
+	"github.com/google/go-cmp/cmp"
 )
 
 // A perf script text as `perf script -F pid,period,ip,sym` prints call chains: a header per sample, then one
@@ -13,6 +15,8 @@ const perfScriptText = `    0     250000
 	ffffffff813d09d6 do_idle
 
     0     250000 
+	ffffffff81aa0030 __nfqnl_enqueue_packet
+	ffffffff81aa0031 nf_queue
 	ffffffff81aa0001 nft_do_chain
 	ffffffff81aa0002 nf_hook_slow
 	ffffffff81aa0003 ip_local_deliver
@@ -62,14 +66,18 @@ func TestSplitPerfScript(t *testing.T) {
 		"NAT hooks (nf_nat_inet_fn)":                                          500_000,
 		"  of them null bindings (connections no NAT rule changes)":           250_000,
 		"conntrack (nf_conntrack_in, confirm)":                                0,
+		"queueing packets to user space":                                      250_000, // the softirq's NFQUEUE
 		"verdicts (nfqnl_recv_verdict and the path it carries the packet on)": 250_000,
 		"cgroup eBPF programs (attribution)":                                  250_000,
 		"context switches (finish_task_switch)":                               250_000,
 	}
+	// Every part is expected: a part added or renamed without a case here fails.
+	got := map[string]uint64{}
 	for i, p := range costParts {
-		if w, ok := want[p.name]; ok && s.partNS[i] != w {
-			t.Errorf("%s: %d ns, want %d", p.name, s.partNS[i], w)
-		}
+		got[p.name] = s.partNS[i]
+	}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("parts in ns (-want +got):\n%s", d)
 	}
 	var b strings.Builder
 	writeSplit(&b, s, 100) // 100 operations: 1.75 ms busy is 17.5 µs each

@@ -198,18 +198,7 @@ func (c *collector) results() []Result {
 		r.Value = round(median(vals))
 		r.Runs = roundAll(vals)
 		r.CPUBusy = math.Round(median(busy)*100) / 100
-		if len(machine) > 0 {
-			v := round(median(machine))
-			r.MachineUS = &v
-		}
-		if len(fw) > 0 {
-			v := round(median(fw))
-			r.FirewallCPUUS = &v
-		}
-		if len(switches) > 0 {
-			v := round(median(switches))
-			r.MachineSwitches = &v
-		}
+		r.MachineUS, r.FirewallCPUUS, r.MachineSwitches = medianOrNil(machine), medianOrNil(fw), medianOrNil(switches)
 		if len(p99s) > 0 {
 			p50, p99 := round(median(p50s)), round(median(p99s))
 			r.P50, r.P99 = &p50, &p99
@@ -217,6 +206,15 @@ func (c *collector) results() []Result {
 		out = append(out, r)
 	}
 	return out
+}
+
+// medianOrNil is the rounded median of xs, or nil (no such measure) when xs is empty.
+func medianOrNil(xs []float64) *float64 {
+	if len(xs) == 0 {
+		return nil
+	}
+	v := round(median(xs))
+	return &v
 }
 
 func round(v float64) float64 {
