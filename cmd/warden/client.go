@@ -97,9 +97,15 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if a.EBPF {
 					src = "eBPF owner map"
 				}
-				if a.Mirror {
+				switch {
+				case a.SocketStorage:
+					src = fmt.Sprintf("eBPF socket storage, events mirrored in memory (%d sockets, %d lookups answered there, %d events, %d resets)",
+						a.MirrorSockets, a.MirrorAnswers, a.MirrorEvents, a.MirrorResets)
+				case a.Mirror:
 					src = fmt.Sprintf("eBPF maps mirrored in memory (%d sockets, %d lookups without bpf(2), %d resets)",
 						a.MirrorSockets, a.MirrorAnswers, a.MirrorResets)
+				case a.TupleMap:
+					src = "eBPF owner and tuple maps"
 				}
 				fmt.Fprintf(tw, "process attribution\t%s: %d from the map (%d without a system call, %d without sock_diag, %d on the packet's goroutine), %d from /proc, %d map misses, %d stale\n",
 					src, a.MapAnswers, a.MapFast, a.TupleAnswers, a.Immediate, a.ProcAnswers, a.MapMisses, a.MapStale)

@@ -591,8 +591,8 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 				st.Pipeline.Packets, st.Pipeline.Connections, st.Pipeline.ProcessLookups, st.Pipeline.ProcessInline,
 				st.Pipeline.ProcessUnknown, st.Pipeline.ProcessSkipped, st.Pipeline.Failures)
 			if a := st.Attribution; a != nil {
-				b.logf("  attribution: ebpf %v, %d map answers (%d without a system call, %d from the tuple map, %d from its mirror), %d sock_diag queries, %d /proc, %d map misses, %d stale, %d mirror resets",
-					a.EBPF, a.MapAnswers, a.MapFast, a.TupleAnswers, a.MirrorAnswers, a.DiagLookups, a.ProcAnswers, a.MapMisses, a.MapStale, a.MirrorResets)
+				b.logf("  attribution: ebpf %v (socket storage %v), %d map answers (%d without a system call, %d by the tuple, %d from the mirror), %d sock_diag queries, %d /proc, %d map misses, %d stale, %d mirror events, %d resets",
+					a.EBPF, a.SocketStorage, a.MapAnswers, a.MapFast, a.TupleAnswers, a.MirrorAnswers, a.DiagLookups, a.ProcAnswers, a.MapMisses, a.MapStale, a.MirrorEvents, a.MirrorResets)
 			}
 		}
 	}

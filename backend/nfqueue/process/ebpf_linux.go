@@ -46,9 +46,12 @@ var errBPFUnavailable = errors.New("kernel feature missing")
 
 // bpfOwners is the loaded owner map with its programs and links.
 type bpfOwners struct {
+	mode   bpfMode      // fixed at creation
 	mu     sync.RWMutex // held for reading by lookups, for writing by close, so no lookup uses a closed fd
 	owners *ebpf.Map
-	fd     int // owners.FD(); -1 once closed
+	// storage is the per-socket storage that replaces both maps in modeStorage; lookups then read the mirror.
+	storage *ebpf.Map
+	fd      int // owners.FD() or storage.FD(); -1 once closed
 	// tuples is the connection tuple map (tuple -> socket cookie) when its programs are loaded, else nil.
 	tuples  *ebpf.Map
 	tupleFD int // tuples.FD(); -1 when there is none or once closed
@@ -76,6 +79,9 @@ const (
 	sockSrcIP4Off   = 24 // offsetof(struct bpf_sock, src_ip4): the bound address
 	sockSrcIP6Off   = 28 // offsetof(struct bpf_sock, src_ip6)
 	sockSrcPortOff  = 44 // offsetof(struct bpf_sock, src_port): host byte order
+	sockDstPortOff  = 48 // offsetof(struct bpf_sock, dst_port): network byte order, 16 bits
+	sockDstIP4Off   = 52 // offsetof(struct bpf_sock, dst_ip4)
+	sockDstIP6Off   = 56 // offsetof(struct bpf_sock, dst_ip6)
 
 	sockAddrUserIP4Off  = 4  // offsetof(struct bpf_sock_addr, user_ip4)
 	sockAddrUserIP6Off  = 8  // offsetof(struct bpf_sock_addr, user_ip6)
@@ -111,12 +117,13 @@ const (
 	lostKeyOff  = tupleValOff - 8 // the lost-event counter's array index (0)
 )
 
-// progMaps is what the programs are built with: the maps' descriptors and the network namespace whose
-// connections go into the tuple map.
+// progMaps is what the programs are built with: the maps' descriptors (-1 for one not loaded) and the network
+// namespace whose connections go into the tuple map.
 type progMaps struct {
-	owners int
-	tuples int // -1: no tuple map
-	netns  uint64
+	owners  int
+	tuples  int
+	storage int // the socket storage (modeStorage)
+	netns   uint64
 	// ring receives an event for every map write and socket release (see mirror_linux.go), and lost counts the
 	// events a full ring refused; -1: no mirror.
 	ring, lost int
@@ -190,13 +197,7 @@ func emitInsns(m progMaps, off int16, size int32, done string) asm.Instructions 
 // key, and reports the write to the mirror.
 func storeOwner(m progMaps) asm.Instructions {
 	mapFD := m.owners
-	insns := asm.Instructions{
-		asm.StoreMem(asm.RFP, valueOff, asm.R7, asm.Word),
-		asm.StoreImm(asm.RFP, valueOff+4, 0, asm.Word),
-		asm.FnKtimeGetBootNs.Call(),
-		asm.StoreMem(asm.RFP, valueOff+8, asm.R0, asm.DWord),
-	}
-	insns = append(insns, currentComm()...)
+	insns := ownerValueInsns()
 	insns = append(insns,
 		asm.LoadMapPtr(asm.R1, mapFD),
 		asm.Mov.Reg(asm.R2, asm.RFP),
@@ -207,6 +208,17 @@ func storeOwner(m progMaps) asm.Instructions {
 		asm.FnMapUpdateElem.Call(),
 	)
 	return append(insns, emitInsns(m, valueOff, ownerEventSize, "o_emitted")...)
+}
+
+// ownerValueInsns builds the owner value at the frame's value: the tgid from R7, the time, the thread's name.
+func ownerValueInsns() asm.Instructions {
+	insns := asm.Instructions{
+		asm.StoreMem(asm.RFP, valueOff, asm.R7, asm.Word),
+		asm.StoreImm(asm.RFP, valueOff+4, 0, asm.Word),
+		asm.FnKtimeGetBootNs.Call(),
+		asm.StoreMem(asm.RFP, valueOff+8, asm.R0, asm.DWord),
+	}
+	return append(insns, currentComm()...)
 }
 
 // allow ends a program with 1: the socket call goes ahead unchanged.
@@ -562,7 +574,11 @@ func cmpXchg64(dst, src asm.Register) asm.Instruction {
 // An IPv6 socket connecting to an IPv4-mapped address is an IPv4 connection (tcp_v4_connect): its IPv4 fields
 // are used then. (Recent kernels also fill in its mapped IPv6 local address before this callback, older ones
 // only after it.)
-func sockOpsInsns(m progMaps) asm.Instructions {
+func sockOpsInsns(m progMaps) asm.Instructions { return sockOpsProgram(m, tupleRecordInsns) }
+
+// sockOpsProgram builds the sock_ops program around record, which gets the frame's tuple key and the socket's
+// cookie in R7 and ends by jumping to "allow".
+func sockOpsProgram(m progMaps, record func(progMaps) asm.Instructions) asm.Instructions {
 	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),
 		asm.LoadMem(asm.R2, asm.R6, sockOpsOpOff, asm.Word),
@@ -609,7 +625,7 @@ func sockOpsInsns(m progMaps) asm.Instructions {
 		asm.FnGetSocketCookie.Call(),
 		asm.Mov.Reg(asm.R7, asm.R0),
 	)
-	insns = append(insns, tupleRecordInsns(m)...)
+	insns = append(insns, record(m)...)
 	return append(insns, allow()...)
 }
 
@@ -655,32 +671,58 @@ var tupleHook = bpfHook{"warden_sock_ops", ebpf.SockOps, ebpf.AttachCGroupSockOp
 // tupleMapEntries bounds the tuple map; an evicted tuple is resolved by sock_diag.
 const tupleMapEntries = 1 << 16
 
-// newBPFOwners creates the owner map, loads the programs and attaches them to the cgroup v2 root. With
-// withTuples it also creates the tuple map, for the connections of the network namespace with cookie netns. An
-// error wrapping errBPFUnavailable means the system cannot run them; any other is a bug (a rejected program).
-func newBPFOwners(withTuples bool, netns uint64) (_ *bpfOwners, err error) {
+// bpfMode is which programs and maps newBPFOwners loads.
+type bpfMode int
+
+const (
+	// modeOwners: the owner map alone; outbound connections are resolved through sock_diag.
+	modeOwners bpfMode = iota
+	// modeTupleMaps: the owner and tuple maps, and the event ring that mirrors them.
+	modeTupleMaps
+	// modeStorage: per-socket storage and the event ring, no hash maps (see storage_linux.go). The mirror is
+	// then the only record of owners and tuples.
+	modeStorage
+)
+
+func (m bpfMode) String() string {
+	return [...]string{"owner map", "owner and tuple maps", "socket storage"}[m]
+}
+
+// newBPFOwners loads mode's maps and programs, for the connections of the network namespace with cookie netns,
+// and attaches them to the cgroup v2 root. An error wrapping errBPFUnavailable means the system cannot run them;
+// any other is a bug (a rejected program).
+func newBPFOwners(mode bpfMode, netns uint64) (_ *bpfOwners, err error) {
 	if !initialPidNS() {
 		return nil, fmt.Errorf("%w: not in the initial pid namespace (the programs would record other PIDs than /proc shows)", errBPFUnavailable)
 	}
-	m, err := ebpf.NewMap(&ebpf.MapSpec{
-		Name:       "warden_owners",
-		Type:       ebpf.LRUHash,
-		KeySize:    ownerKeySize,
-		ValueSize:  ownerValueSize,
-		MaxEntries: ownerMapEntries,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("creating socket owner map: %w", classify(err))
-	}
-	b := &bpfOwners{owners: m, fd: m.FD(), tupleFD: -1}
+	b := &bpfOwners{mode: mode, fd: -1, tupleFD: -1}
 	defer func() {
 		if err != nil {
 			b.close()
 		}
 	}()
-	pm := progMaps{owners: b.fd, tuples: -1, netns: netns, ring: -1, lost: -1}
+	pm := progMaps{owners: -1, tuples: -1, storage: -1, netns: netns, ring: -1, lost: -1}
+	if mode == modeStorage {
+		if b.storage, err = newSocketStorage(); err != nil {
+			return nil, fmt.Errorf("creating the socket storage: %w", classify(err))
+		}
+		b.fd = b.storage.FD()
+		pm.storage = b.fd
+	} else {
+		if b.owners, err = ebpf.NewMap(&ebpf.MapSpec{
+			Name:       "warden_owners",
+			Type:       ebpf.LRUHash,
+			KeySize:    ownerKeySize,
+			ValueSize:  ownerValueSize,
+			MaxEntries: ownerMapEntries,
+		}); err != nil {
+			return nil, fmt.Errorf("creating socket owner map: %w", classify(err))
+		}
+		b.fd = b.owners.FD()
+		pm.owners = b.fd
+	}
 	b.hooks = bpfHooks
-	if withTuples {
+	if mode == modeTupleMaps {
 		if b.tuples, err = ebpf.NewMap(&ebpf.MapSpec{
 			Name:       "warden_tuples",
 			Type:       ebpf.LRUHash,
@@ -692,6 +734,12 @@ func newBPFOwners(withTuples bool, netns uint64) (_ *bpfOwners, err error) {
 		}
 		b.tupleFD = b.tuples.FD()
 		pm.tuples = b.tupleFD
+		b.hooks = append(slices.Clone(bpfHooks), tupleHook)
+	}
+	if mode == modeStorage {
+		b.hooks = storageHooks
+	}
+	if mode != modeOwners {
 		if b.ringMap, err = ebpf.NewMap(&ebpf.MapSpec{Name: "warden_events", Type: ebpf.RingBuf, MaxEntries: uint32(mirrorRingSize)}); err != nil {
 			return nil, fmt.Errorf("creating the socket event ring: %w", classify(err))
 		}
@@ -704,7 +752,6 @@ func newBPFOwners(withTuples bool, netns uint64) (_ *bpfOwners, err error) {
 			return nil, fmt.Errorf("%w: %w", errBPFUnavailable, err)
 		}
 		pm.ring, pm.lost = b.ringMap.FD(), b.lostMap.FD()
-		b.hooks = append(slices.Clone(bpfHooks), tupleHook)
 	}
 	for _, h := range b.hooks {
 		p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
@@ -837,6 +884,9 @@ type mapElemAttr struct {
 // lookup returns the recorded owner of the socket with this cookie. It calls bpf(2) directly with stack
 // buffers: the library's Lookup boxes key and value in interfaces, which allocates on every call.
 func (b *bpfOwners) lookup(cookie uint64) (ownerEntry, bool) {
+	if b.mode == modeStorage {
+		return b.mirror.owner(cookie) // the mirror is the only record (it answers nothing once closed)
+	}
 	var v [ownerValueSize]byte
 	attr := mapElemAttr{
 		key:   uint64(uintptr(unsafe.Pointer(&cookie))),
@@ -880,8 +930,9 @@ func (b *bpfOwners) lookupTuple(k *[tupleKeySize]byte) (uint64, bool) {
 	return cookie, errno == 0
 }
 
-// hasTuples reports whether the tuple map is loaded.
-func (b *bpfOwners) hasTuples() bool { return b.tuples != nil }
+// hasTuples reports whether outbound connections' tuples are recorded (in the tuple map, or as events for the
+// mirror alone).
+func (b *bpfOwners) hasTuples() bool { return b.mode != modeOwners }
 
 // netnsCookie returns the cookie of the network namespace the socket fd is in (SO_NETNS_COOKIE, Linux 5.14).
 func netnsCookie(fd int) (uint64, error) {
@@ -910,6 +961,10 @@ func (b *bpfOwners) close() {
 	if b.tuples != nil {
 		b.tuples.Close()
 		b.tuples = nil
+	}
+	if b.storage != nil {
+		b.storage.Close()
+		b.storage = nil
 	}
 	if b.mirror != nil {
 		b.mirror.close()

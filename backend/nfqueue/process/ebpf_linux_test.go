@@ -265,7 +265,7 @@ func TestEBPFAttributionInNetns(t *testing.T) {
 	}
 	defer old.Close()
 	r := newEBPFResolver(t)
-	if r.Stats() != (Stats{EBPF: true, TupleMap: r.bpf.hasTuples(), Mirror: r.bpf.hasTuples()}) {
+	if r.Stats() != (Stats{EBPF: true, TupleMap: r.bpf.hasTuples(), SocketStorage: r.bpf.mode == modeStorage, Mirror: r.mirror != nil}) {
 		t.Fatalf("fresh resolver stats %+v", r.Stats())
 	}
 
@@ -725,8 +725,8 @@ func BenchmarkResolve(b *testing.B) {
 
 // BenchmarkSocketLifecycle measures what the attribution programs add to an application's own system calls:
 // a UDP flow (socket, bind, sendto, close) and a TCP connection (socket, connect, close, with the loopback
-// server accepting and closing), without the programs and with them attached. The difference is paid by every
-// application on the host, not by Warden.
+// server accepting and closing), without the programs, with the hash map programs and with the socket storage
+// programs attached. The difference is paid by every application on the host, not by Warden.
 func BenchmarkSocketLifecycle(b *testing.B) {
 	lo := [4]byte{127, 0, 0, 1}
 	udpFlow := func(b *testing.B, dst *unix.SockaddrInet4) {
@@ -755,20 +755,21 @@ func BenchmarkSocketLifecycle(b *testing.B) {
 		unix.Close(fd)
 	}
 	for _, proto := range []string{"udp", "tcp"} {
-		for _, programs := range []bool{false, true} {
-			name := proto + "/without"
-			if programs {
-				name = proto + "/with-programs"
-			}
-			b.Run(name, func(b *testing.B) {
+		for _, programs := range []string{"without", "hash-maps", "socket-storage"} {
+			b.Run(proto+"/"+programs, func(b *testing.B) {
 				netnstest.RequireRoot(b)
-				if programs {
-					r, err := NewWithOptions(nil, Options{})
+				var lifecycleR *Resolver
+				if programs != "without" {
+					r, err := NewWithOptions(nil, Options{DisableMirror: programs == "hash-maps"})
 					if err != nil {
 						b.Fatal(err)
 					}
 					b.Cleanup(func() { r.Close() })
 					requireBPF(b, r)
+					if got, want := r.Stats().SocketStorage, programs == "socket-storage"; got != want {
+						b.Fatalf("socket storage programs: %v, want %v", got, want)
+					}
+					lifecycleR = r
 				}
 				var dst unix.SockaddrInet4
 				op := udpFlow
@@ -806,8 +807,24 @@ func BenchmarkSocketLifecycle(b *testing.B) {
 						}
 					}()
 				}
+				var r0 time.Duration
+				var progs []*ebpf.Program
+				if programs != "without" {
+					// The kernel's BPF run-time statistics: the programs' own CPU time per operation, which the
+					// wall time per operation shows only through the noise of the system calls around them.
+					stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+					if err != nil {
+						b.Fatalf("BPF run-time statistics: %v", err)
+					}
+					defer stats.Close()
+					progs = lifecycleR.bpf.progs
+					r0 = progRuntime(b, progs)
+				}
 				for b.Loop() {
 					op(b, &dst)
+				}
+				if progs != nil {
+					b.ReportMetric(float64((progRuntime(b, progs)-r0).Nanoseconds())/float64(b.N), "bpf-ns/op")
 				}
 			})
 		}
@@ -901,4 +918,18 @@ func openLoopbackSockets(t *testing.T) ([]uint64, error) {
 		cookies = append(cookies, c)
 	}
 	return cookies, nil
+}
+
+// progRuntime sums the run time the kernel's statistics hold for progs.
+func progRuntime(tb testing.TB, progs []*ebpf.Program) time.Duration {
+	tb.Helper()
+	var total time.Duration
+	for _, p := range progs {
+		st, err := p.Stats()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		total += st.Runtime
+	}
+	return total
 }

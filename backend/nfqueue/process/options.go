@@ -7,8 +7,9 @@ type Options struct {
 	// DisableTupleMap keeps the eBPF programs from recording outbound connections' tuples: every lookup then
 	// asks sock_diag for the socket first.
 	DisableTupleMap bool
-	// DisableMirror makes lookups read the eBPF maps with bpf(2) instead of their user-space mirror (for
-	// comparison; the mirror is on by default wherever the tuple map is).
+	// DisableMirror makes the programs keep their records in the eBPF hash maps and lookups read those with
+	// bpf(2) instead of the user-space mirror (for comparison; by default the programs keep what they need in
+	// socket storage and report to the mirror, which holds the only record).
 	DisableMirror bool
 }
 
@@ -29,8 +30,12 @@ type Stats struct {
 	// MapFast counts the MapAnswers given from what the resolver already knew of the process, without any
 	// system call (the others read /proc/<pid>/stat to check the PID still names the process the map does).
 	MapFast uint64 `json:"map_fast"`
-	// TupleMap reports whether the eBPF connection tuple map is in use.
+	// TupleMap reports whether outbound connections' tuples are recorded (in the eBPF tuple map, or in the mirror
+	// alone with SocketStorage).
 	TupleMap bool `json:"tuple_map"`
+	// SocketStorage reports whether the programs keep their records in socket storage instead of hash maps: the
+	// mirror then answers what the maps did.
+	SocketStorage bool `json:"socket_storage"`
 	// TupleAnswers counts the MapAnswers given for outbound connections from the tuple map, without asking
 	// sock_diag for the socket.
 	TupleAnswers uint64 `json:"tuple_answers"`
@@ -48,4 +53,6 @@ type Stats struct {
 	// cleared (events lost to a full ring, or its size bound).
 	MirrorSockets int    `json:"mirror_sockets"`
 	MirrorResets  uint64 `json:"mirror_resets"`
+	// MirrorEvents counts the programs' events the mirror replayed: about three per short-lived socket.
+	MirrorEvents uint64 `json:"mirror_events"`
 }

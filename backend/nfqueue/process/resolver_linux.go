@@ -145,7 +145,7 @@ func NewWithOptions(logger *slog.Logger, opts Options) (*Resolver, error) {
 		return nil, err
 	}
 	if !opts.DisableEBPF {
-		r.bpf, r.bpfErr = r.loadBPF(pool.slots[0].c.fd, !opts.DisableTupleMap)
+		r.bpf, r.bpfErr = r.loadBPF(pool.slots[0].c.fd, !opts.DisableTupleMap, opts.DisableMirror)
 		if r.bpfErr != nil {
 			r.log.Info("process attribution runs on /proc alone: eBPF socket owner map unavailable", "reason", r.bpfErr)
 		}
@@ -157,23 +157,30 @@ func NewWithOptions(logger *slog.Logger, opts Options) (*Resolver, error) {
 	return r, nil
 }
 
-// loadBPF loads the eBPF programs, with the tuple map for the namespace of the socket fd when wanted and
-// possible; when the tuple map's part cannot be loaded (a kernel without SO_NETNS_COOKIE, atomics or
-// bpf_get_netns_cookie for sock_ops), it logs why and loads the rest.
-func (r *Resolver) loadBPF(fd int, withTuples bool) (*bpfOwners, error) {
+// loadBPF loads the eBPF programs. With withTuples it records outbound connections' tuples for the namespace
+// of the socket fd: through socket storage and the mirror alone, or, with noStorage or where the kernel lacks
+// what that needs, through the tuple map; when neither can be loaded (a kernel without SO_NETNS_COOKIE, atomics
+// or bpf_get_netns_cookie for sock_ops), it logs why and loads the owner map alone.
+func (r *Resolver) loadBPF(fd int, withTuples, noStorage bool) (*bpfOwners, error) {
 	if !withTuples {
-		return newBPFOwners(false, 0)
+		return newBPFOwners(modeOwners, 0)
 	}
 	netns, err := netnsCookie(fd)
 	if err == nil {
 		var b *bpfOwners
-		if b, err = newBPFOwners(true, netns); err == nil {
+		if !noStorage {
+			if b, err = newBPFOwners(modeStorage, netns); err == nil {
+				return b, nil
+			}
+			r.log.Info("the attribution programs keep their records in hash maps: socket storage unavailable", "reason", err)
+		}
+		if b, err = newBPFOwners(modeTupleMaps, netns); err == nil {
 			return b, nil
 		}
 	}
 	r.tupleErr = err
 	r.log.Info("outbound connections are resolved through sock_diag: eBPF connection tuple map unavailable", "reason", err)
-	return newBPFOwners(false, 0)
+	return newBPFOwners(modeOwners, 0)
 }
 
 func newResolver(logger *slog.Logger, proc procFS, find socketFinder, alive func(int32) bool) *Resolver {
@@ -262,12 +269,12 @@ func (r *Resolver) Close() error {
 // Stats returns how lookups have been answered so far.
 func (r *Resolver) Stats() Stats {
 	var sockets int
-	var resets uint64
+	var resets, events uint64
 	if r.mirror != nil {
-		sockets, resets = r.mirror.stats()
+		sockets, resets, events = r.mirror.stats()
 	}
 	return Stats{
-		MirrorSockets: sockets, MirrorResets: resets,
+		MirrorSockets: sockets, MirrorResets: resets, MirrorEvents: events,
 		EBPF:          r.bpf != nil,
 		MapAnswers:    r.mapAnswers.Load(),
 		ProcAnswers:   r.procAnswers.Load(),
@@ -275,6 +282,7 @@ func (r *Resolver) Stats() Stats {
 		MapStale:      r.mapStale.Load(),
 		MapFast:       r.mapFast.Load(),
 		TupleMap:      r.bpf != nil && r.bpf.hasTuples(),
+		SocketStorage: r.bpf != nil && r.bpf.mode == modeStorage,
 		TupleAnswers:  r.tupleHits.Load(),
 		DiagLookups:   r.diagLookups.Load(),
 		Immediate:     r.immediate.Load(),

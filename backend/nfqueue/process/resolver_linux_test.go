@@ -157,9 +157,13 @@ func runChild(fam string) error {
 	return nil
 }
 
+// testOptions are the options newTestResolver uses; tests that run against the hash map programs set them (see
+// TestHashMapPrograms).
+var testOptions Options
+
 func newTestResolver(t testing.TB) *Resolver {
 	t.Helper()
-	r, err := New(nil)
+	r, err := NewWithOptions(nil, testOptions)
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

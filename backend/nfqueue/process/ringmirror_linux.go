@@ -79,6 +79,7 @@ type mirrorRing struct {
 	ring   *ringReader
 	lost   []byte // the lost-event counter's array map, mapped
 	seen   uint64 // lost events already accounted for
+	events uint64 // events replayed so far
 	mirror *socketMirror
 }
 
@@ -99,12 +100,18 @@ func newMirrorRing(ringFD, ringSize, lostFD int) (*mirrorRing, error) {
 // cleared, and learns afresh from the next events. The counter is read after the ring: a program counts a loss
 // before the socket call that caused it returns, so before any packet that depends on it can be queued.
 func (m *mirrorRing) syncLocked() int {
-	n := m.ring.drain(m.mirror.apply)
+	n := m.ring.drain(m.apply)
 	if lost := atomic.LoadUint64((*uint64)(unsafe.Pointer(&m.lost[0]))); lost != m.seen {
 		m.seen = lost
 		m.mirror.reset()
 	}
 	return n
+}
+
+// apply replays one event and counts it.
+func (m *mirrorRing) apply(ev []byte) {
+	m.events++
+	m.mirror.apply(ev)
 }
 
 // lookup brings the mirror up to date and resolves k.
@@ -118,6 +125,18 @@ func (m *mirrorRing) lookup(k *tupleKey) (ownerEntry, mirrorAnswer) {
 	return m.mirror.lookup(k)
 }
 
+// owner brings the mirror up to date and returns the recorded owner of the open socket with this cookie.
+func (m *mirrorRing) owner(cookie uint64) (ownerEntry, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ring == nil {
+		return ownerEntry{}, false
+	}
+	m.syncLocked()
+	o, ok := m.mirror.owners[cookie]
+	return o.e, ok
+}
+
 // sync drains the ring without a lookup, so it does not fill up while no connection needs resolving. It
 // returns the bytes it drained and the ring's size (0 once closed).
 func (m *mirrorRing) sync() (drained, size int) {
@@ -129,11 +148,11 @@ func (m *mirrorRing) sync() (drained, size int) {
 	return m.syncLocked(), int(m.ring.mask + 1)
 }
 
-// stats returns the mirror's size and how often it was reset.
-func (m *mirrorRing) stats() (sockets int, resets uint64) {
+// stats returns the mirror's size, how often it was reset, and the events it replayed.
+func (m *mirrorRing) stats() (sockets int, resets, events uint64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return len(m.mirror.owners), m.mirror.resets
+	return len(m.mirror.owners), m.mirror.resets, m.events
 }
 
 func (m *mirrorRing) close() {

@@ -320,8 +320,36 @@ func newTupleResolver(t *testing.T) *Resolver {
 	if !r.Stats().TupleMap {
 		t.Fatalf("eBPF connection tuple map not loaded: %v", r.tupleErr)
 	}
+	// The default programs keep their records in socket storage; the kernels these tests run on have it, so
+	// falling back to the hash maps would be a bug here.
+	if want := !testOptions.DisableMirror; r.Stats().SocketStorage != want {
+		t.Fatalf("socket storage programs loaded: %v, want %v", r.Stats().SocketStorage, want)
+	}
 	r.tupleTTL = 0
 	return r
+}
+
+// TestHashMapPrograms runs the attribution tests against the hash map programs (Options.DisableMirror), which
+// keep the owner and tuple maps in the kernel and are what a kernel without socket storage for these programs
+// gets. The tests themselves run against the default socket storage programs.
+func TestHashMapPrograms(t *testing.T) {
+	for _, test := range []struct {
+		name string
+		run  func(*testing.T)
+	}{
+		{"AttributionInNetns", TestEBPFAttributionInNetns},
+		{"SocketOutlivesCreator", TestEBPFSocketOutlivesCreator},
+		{"TupleMapAnswersOutbound", TestTupleMapAnswersOutbound},
+		{"TupleClosedSocketPortReused", TestTupleClosedSocketPortReused},
+		{"TupleSharedPort", TestTupleSharedPort},
+		{"ProgramsSkipOtherNamespaces", TestProgramsSkipOtherNamespaces},
+	} {
+		t.Run(test.name, func(t *testing.T) {
+			defer func(o Options) { testOptions = o }(testOptions)
+			testOptions = Options{DisableMirror: true}
+			test.run(t)
+		})
+	}
 }
 
 // tuplePath is how a lookup was answered.
@@ -811,4 +839,93 @@ func TestMirrorLostEvents(t *testing.T) {
 			after.MirrorResets, before.MirrorAnswers, after.MirrorAnswers)
 	}
 	checkTupleLookup(t, r, "socket made after the reset", connected(), me, byTuple)
+}
+
+// TestRepeatedSendsReportNothing checks what the socket storage programs report of UDP sockets that send again
+// and again, as DNS clients, QUIC and games do: a send to the peer a socket reported last, or to the peer it is
+// connected to, reports nothing (no event for the mirror, no map operation), while each change of peer is
+// reported, so every peer is answered from the tuple.
+func TestRepeatedSendsReportNothing(t *testing.T) {
+	if !runInNetns(t) {
+		return
+	}
+	r := newTupleResolver(t)
+	if r.mirror == nil {
+		t.Fatal("no socket mirror")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid := int32(os.Getuid())
+	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: uid}
+	lo := net.IPv4(127, 0, 0, 1)
+	var peers [2]netip.AddrPort
+	for i := range peers {
+		sink, err := net.ListenUDP("udp4", &net.UDPAddr{IP: lo})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sink.Close()
+		peers[i] = sink.LocalAddr().(*net.UDPAddr).AddrPort()
+	}
+	// events brings the mirror up to date and returns how many events it has replayed.
+	events := func() uint64 {
+		r.mirror.sync()
+		return r.Stats().MirrorEvents
+	}
+	// sendto sends n datagrams to peer with an explicit destination, which is what runs the sendmsg program.
+	sendto := func(c *net.UDPConn, peer netip.AddrPort, n int) {
+		t.Helper()
+		raw, err := c.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sa := &unix.SockaddrInet4{Addr: peer.Addr().As4(), Port: int(peer.Port())}
+		for range n {
+			var serr error
+			if err := raw.Write(func(fd uintptr) bool { serr = unix.Sendto(int(fd), []byte("x"), 0, sa); return true }); err != nil {
+				t.Fatal(err)
+			}
+			if serr != nil {
+				t.Fatal(serr)
+			}
+		}
+	}
+	out := func(c *net.UDPConn, peer netip.AddrPort) backend.Info {
+		return backend.Info{Protocol: backend.UDP, Direction: backend.Outbound,
+			Local: c.LocalAddr().(*net.UDPAddr).AddrPort(), Remote: peer, UID: uid}
+	}
+
+	u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: lo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	sendto(u, peers[0], 1)
+	checkTupleLookup(t, r, "first send", out(u, peers[0]), me, byTuple)
+	before := events()
+	sendto(u, peers[0], 50)
+	if got := events() - before; got != 0 {
+		t.Errorf("50 more sends to the same peer reported %d events, want none", got)
+	}
+	sendto(u, peers[1], 1)
+	checkTupleLookup(t, r, "another peer", out(u, peers[1]), me, byTuple)
+	sendto(u, peers[0], 1)
+	checkTupleLookup(t, r, "the first peer again", out(u, peers[0]), me, byTuple)
+
+	// Bound before it connects, so connect4 reports its tuple.
+	c, err := net.DialUDP("udp4", &net.UDPAddr{IP: lo}, net.UDPAddrFromAddrPort(peers[1]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	checkTupleLookup(t, r, "connected", out(c, peers[1]), me, byTuple)
+	before = events()
+	sendto(c, peers[1], 50)
+	if got := events() - before; got != 0 {
+		t.Errorf("50 sends to the connected peer reported %d events, want none", got)
+	}
+	sendto(c, peers[0], 1)
+	checkTupleLookup(t, r, "connected socket sending to another peer", out(c, peers[0]), me, byTuple)
 }
