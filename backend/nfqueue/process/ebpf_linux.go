@@ -684,10 +684,6 @@ const (
 	modeStorage
 )
 
-func (m bpfMode) String() string {
-	return [...]string{"owner map", "owner and tuple maps", "socket storage"}[m]
-}
-
 // newBPFOwners loads mode's maps and programs, for the connections of the network namespace with cookie netns,
 // and attaches them to the cgroup v2 root. An error wrapping errBPFUnavailable means the system cannot run them;
 // any other is a bug (a rejected program).

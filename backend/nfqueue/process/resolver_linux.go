@@ -320,8 +320,8 @@ func (r *Resolver) ResolveProcess(info *backend.Info) (backend.Process, bool) {
 }
 
 // ResolveProcessNow answers what it can without blocking: from the answer cache, or for an outbound
-// connection from the eBPF tuple map when the owner's record is trusted as it is (two bpf(2) map lookups, no
-// sock_diag, no /proc). ok false means "ask ResolveProcess".
+// connection by its tuple (the socket mirror, or two bpf(2) map lookups without it; no sock_diag, no /proc)
+// when the owner's record is trusted as it is. ok false means "ask ResolveProcess".
 func (r *Resolver) ResolveProcessNow(info *backend.Info) (backend.Process, bool) {
 	key, ok := r.lookupKey(info)
 	if !ok {
