@@ -760,7 +760,7 @@ func BenchmarkSocketLifecycle(b *testing.B) {
 				netnstest.RequireRoot(b)
 				var lifecycleR *Resolver
 				if programs != "without" {
-					r, err := NewWithOptions(nil, Options{DisableMirror: programs == "hash-maps"})
+					r, err := NewWithOptions(nil, Options{DisableSocketStorage: programs == "hash-maps"})
 					if err != nil {
 						b.Fatal(err)
 					}

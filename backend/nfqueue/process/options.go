@@ -11,6 +11,9 @@ type Options struct {
 	// bpf(2) instead of the user-space mirror (for comparison; by default the programs keep what they need in
 	// socket storage and report to the mirror, which holds the only record).
 	DisableMirror bool
+	// DisableSocketStorage loads the hash map programs, as on a kernel that cannot give the programs socket
+	// storage: the mirror then mirrors the maps, which answer what it cannot.
+	DisableSocketStorage bool
 }
 
 // Stats counts how a Resolver answered lookups that missed its 5-tuple cache.

@@ -66,7 +66,7 @@ type Resolver struct {
 	mapFast     atomic.Uint64
 	tupleHits   atomic.Uint64
 	immediate   atomic.Uint64
-	// mirror is the socket mirror of the eBPF maps, nil without one (or with Options.DisableMirror).
+	// mirror replays the programs' events (see mirror_linux.go), nil without one (or with Options.DisableMirror).
 	mirror        *mirrorRing
 	mirrorAnswers atomic.Uint64
 	diagLookups   atomic.Uint64
@@ -145,7 +145,7 @@ func NewWithOptions(logger *slog.Logger, opts Options) (*Resolver, error) {
 		return nil, err
 	}
 	if !opts.DisableEBPF {
-		r.bpf, r.bpfErr = r.loadBPF(pool.slots[0].c.fd, !opts.DisableTupleMap, opts.DisableMirror)
+		r.bpf, r.bpfErr = r.loadBPF(pool.slots[0].c.fd, !opts.DisableTupleMap, opts.DisableMirror || opts.DisableSocketStorage)
 		if r.bpfErr != nil {
 			r.log.Info("process attribution runs on /proc alone: eBPF socket owner map unavailable", "reason", r.bpfErr)
 		}

@@ -322,16 +322,17 @@ func newTupleResolver(t *testing.T) *Resolver {
 	}
 	// The default programs keep their records in socket storage; the kernels these tests run on have it, so
 	// falling back to the hash maps would be a bug here.
-	if want := !testOptions.DisableMirror; r.Stats().SocketStorage != want {
+	if want := !testOptions.DisableMirror && !testOptions.DisableSocketStorage; r.Stats().SocketStorage != want {
 		t.Fatalf("socket storage programs loaded: %v, want %v", r.Stats().SocketStorage, want)
 	}
 	r.tupleTTL = 0
 	return r
 }
 
-// TestHashMapPrograms runs the attribution tests against the hash map programs (Options.DisableMirror), which
-// keep the owner and tuple maps in the kernel and are what a kernel without socket storage for these programs
-// gets. The tests themselves run against the default socket storage programs.
+// TestHashMapPrograms runs the attribution tests against the hash map programs, which keep the owner and tuple
+// maps in the kernel and are what a kernel without socket storage for these programs gets
+// (Options.DisableSocketStorage: the mirror mirrors the maps). The tests themselves run against the default
+// socket storage programs.
 func TestHashMapPrograms(t *testing.T) {
 	for _, test := range []struct {
 		name string
@@ -343,10 +344,11 @@ func TestHashMapPrograms(t *testing.T) {
 		{"TupleClosedSocketPortReused", TestTupleClosedSocketPortReused},
 		{"TupleSharedPort", TestTupleSharedPort},
 		{"ProgramsSkipOtherNamespaces", TestProgramsSkipOtherNamespaces},
+		{"MirrorLostEvents", TestMirrorLostEvents},
 	} {
 		t.Run(test.name, func(t *testing.T) {
 			defer func(o Options) { testOptions = o }(testOptions)
-			testOptions = Options{DisableMirror: true}
+			testOptions = Options{DisableSocketStorage: true}
 			test.run(t)
 		})
 	}
@@ -781,8 +783,9 @@ func TestTupleMapDisabled(t *testing.T) {
 }
 
 // TestMirrorLostEvents fills a one-page event ring while the mirror cannot read it, so the programs lose
-// events, and checks the mirror notices: it is reset, the next lookup is answered right through the maps, and
-// sockets made after that are answered by the mirror again.
+// events, and checks the mirror notices: it is reset, the next lookup is still answered right (through sock_diag
+// and /proc; the hash map programs' maps, which the mirror only mirrors, answer it without them), and sockets
+// made after that are answered by the mirror again.
 func TestMirrorLostEvents(t *testing.T) {
 	if !runInNetns(t) {
 		return
