@@ -107,7 +107,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 				case a.TupleMap:
 					src = "eBPF owner and tuple maps"
 				}
-				fmt.Fprintf(tw, "process attribution\t%s: %d from the map (%d without a system call, %d without sock_diag, %d on the packet's goroutine), %d from /proc, %d map misses, %d stale\n",
+				fmt.Fprintf(tw, "process attribution\t%s: %d from the programs' records (%d without a system call, %d without sock_diag, %d on the packet's goroutine), %d from /proc, %d not recorded, %d stale\n",
 					src, a.MapAnswers, a.MapFast, a.TupleAnswers, a.Immediate, a.ProcAnswers, a.MapMisses, a.MapStale)
 			}
 			if ns := s.Nameserver; ns != nil {
