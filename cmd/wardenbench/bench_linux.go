@@ -547,8 +547,13 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		// Costs per operation for the workloads that count operations (the latency ones count connections too,
 		// but at a fixed rate that leaves the machine mostly idle, so their costs would measure waiting).
 		countsOps := r.workload == wlTCPConnect || r.workload == wlUDPFlows || r.workload == wlProxyUDP
-		if countsOps && res.Ops > 0 {
-			ops := float64(res.Ops)
+		ops := float64(res.Ops)
+		if r.workload == wlBulk || r.workload == wlProxyBulk {
+			// The bulk workloads' operation is a megabyte moved: their machine time per MB shows what a byte
+			// costs each configuration, which moves less from run to run than the rate.
+			countsOps, ops = true, float64(res.Bytes)/1e6
+		}
+		if countsOps && ops > 0 {
 			s.machineUS = cpu1.busyTimeSince(cpu0).Seconds() * 1e6 / ops
 			if cpu1.switches > cpu0.switches {
 				s.switches = float64(cpu1.switches-cpu0.switches) / ops

@@ -140,8 +140,8 @@ func TestRatiosAndTargets(t *testing.T) {
 		c.add(wlTCPConnect, cfgBare, "conn/s", sample{value: v, p50: 100, p99: v / 10, machineUS: v / 5, fwUS: v / 20, switches: 6})
 		c.add(wlTCPConnect, cfgWarden, "conn/s", sample{value: v * 0.8, p50: 100, p99: v / 5, machineUS: v / 4, fwUS: v * 0.06, switches: 7.5})
 	}
-	c.add(wlBulk, cfgKernel, "MB/s", sample{value: 2000})
-	c.add(wlBulk, cfgWarden, "MB/s", sample{value: 1960})
+	c.add(wlBulk, cfgKernel, "MB/s", sample{value: 2000, machineUS: 700})
+	c.add(wlBulk, cfgWarden, "MB/s", sample{value: 1960, machineUS: 714})
 	c.add(wlLatency, cfgBare, "us (p50)", sample{value: 50, p50: 50, p99: 100})
 	c.add(wlLatency, cfgWarden, "us (p50)", sample{value: 60, p50: 60, p99: 151})
 	c.add(wlBytesPerCon, cfgWarden, "bytes", sample{value: 900})
@@ -156,6 +156,7 @@ func TestRatiosAndTargets(t *testing.T) {
 		"warden_vs_bare_machine_per_tcp_connect":      1.25,
 		"warden_vs_bare_firewall_cpu_per_tcp_connect": 1.2,
 		"warden_vs_bare_switches_per_tcp_connect":     1.25,
+		"warden_vs_kernel_machine_per_bulk_mb":        1.02,
 	}
 	if d := cmp.Diff(want, got); d != "" {
 		t.Errorf("ratios (-want +got):\n%s", d)
@@ -179,9 +180,9 @@ func TestRatiosAndTargets(t *testing.T) {
 	if r.MachineSwitches == nil || *r.MachineSwitches != 7.5 {
 		t.Errorf("warden tcp_connect context switches per connection %v, want 7.5", r.MachineSwitches)
 	}
-	if r, _ := find(rs, wlBulk, cfgKernel); r.P50 != nil || r.P99 != nil || r.MachineUS != nil || r.FirewallCPUUS != nil ||
-		r.MachineSwitches != nil {
-		t.Errorf("bulk has latencies or costs per operation: %+v", r)
+	if r, _ := find(rs, wlBulk, cfgKernel); r.P50 != nil || r.P99 != nil || r.MachineUS == nil || *r.MachineUS != 700 ||
+		r.FirewallCPUUS != nil || r.MachineSwitches != nil {
+		t.Errorf("bulk has latencies, or lacks its machine time per MB (700): %+v", r)
 	}
 	var buf bytes.Buffer
 	writeTable(&buf, &Report{Results: rs, Ratios: got, Targets: targets})

@@ -311,6 +311,10 @@ var ratioSpecs = []ratioSpec{
 	{name: "warden_vs_bare_machine_per_udp_flow", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, metric: metricMachineUS},
 	{name: "warden_vs_bare_switches_per_tcp_connect", workload: wlTCPConnect, num: cfgWarden, den: cfgBare, metric: metricMachineSwitches},
 	{name: "warden_vs_bare_switches_per_udp_flow", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, metric: metricMachineSwitches},
+	// The machine's time per megabyte moved (above 1: a byte costs more than without the firewall or proxy).
+	{name: "warden_vs_kernel_machine_per_bulk_mb", workload: wlBulk, num: cfgWarden, den: cfgKernel, metric: metricMachineUS},
+	{name: "proxy_vs_direct_machine_per_mb", workload: wlProxyBulk, num: cfgProxy, den: cfgDirect, metric: metricMachineUS},
+	{name: "route_vs_direct_machine_per_mb", workload: wlProxyBulk, num: cfgRoute, den: cfgDirect, metric: metricMachineUS},
 }
 
 // bytesPerConnTarget is the memory goal: at most 1 KiB per tracked connection.
