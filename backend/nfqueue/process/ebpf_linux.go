@@ -117,6 +117,10 @@ const (
 	lostKeyOff  = tupleValOff - 8 // the lost-event counter's array index (0)
 )
 
+// The tuple value and key, the owner value and the key lie in that order, next to each other: one copy from
+// tupleValOff is a tuple event followed by an owner event (connectEventSize bytes).
+var _ = [1]struct{}{}[tupleValOff+connectEventSize-(keyOff+ownerKeySize)]
+
 // progMaps is what the programs are built with: the maps' descriptors (-1 for one not loaded) and the network
 // namespace whose connections go into the tuple map.
 type progMaps struct {
@@ -421,9 +425,14 @@ func storeMappedV4(off int16, src asm.Register) asm.Instructions {
 // IP_PKTINFO, or the bound address), else the address the socket is bound to, else none (the wildcard). R6
 // holds the bpf_sock_addr context.
 func udpTupleKey(m progMaps, v6, sendmsg bool, then asm.Instructions) asm.Instructions {
+	return udpTupleKeyOr(m, v6, sendmsg, "allow", then)
+}
+
+// udpTupleKeyOr is udpTupleKey jumping to skip instead of "allow" for another protocol or an unbound socket.
+func udpTupleKeyOr(m progMaps, v6, sendmsg bool, skip string, then asm.Instructions) asm.Instructions {
 	insns := asm.Instructions{
 		asm.LoadMem(asm.R2, asm.R6, sockAddrProtocolOff, asm.Word),
-		asm.JNE.Imm(asm.R2, ipprotoUDP, "allow"),
+		asm.JNE.Imm(asm.R2, ipprotoUDP, skip),
 	}
 	// The program's socketFilter has checked the namespace.
 	insns = append(insns, zeroTupleKey()...)
@@ -432,7 +441,7 @@ func udpTupleKey(m progMaps, v6, sendmsg bool, then asm.Instructions) asm.Instru
 		// R1 holds the socket from here on: no helper is called until then.
 		asm.LoadMem(asm.R1, asm.R6, sockAddrSkOff, asm.DWord),
 		asm.LoadMem(asm.R2, asm.R1, sockSrcPortOff, asm.Word),
-		asm.JEq.Imm(asm.R2, 0, "allow"),
+		asm.JEq.Imm(asm.R2, 0, skip),
 		asm.HostTo(asm.BE, asm.R2, asm.Half),
 		asm.StoreMem(asm.RFP, tupleKeyOff+tupleLPortOff, asm.R2, asm.Half),
 		// The low 16 bits hold the port as it is in memory, in network order: stored as they are.

@@ -13,10 +13,12 @@ import "encoding/binary"
 //	ownerEventSize:   owner value (ownerValueSize bytes, see ownermap.go), then the u64 socket cookie
 //	tupleEventSize:   u64 tuple value (a cookie, or tupleAmbiguous), then the tuple key (tupleKeySize bytes)
 //	releaseEventSize: u64 socket cookie
+//	connectEventSize: a tuple event, then an owner event (a UDP socket's connect: its user and its tuple)
 const (
 	ownerEventSize   = ownerValueSize + ownerKeySize
 	tupleEventSize   = tupleValueSize + tupleKeySize
 	releaseEventSize = ownerKeySize
+	connectEventSize = tupleEventSize + ownerEventSize
 )
 
 // mirrorMaxSockets bounds the mirror's owner entries (open sockets) and, with mirrorTupleSlack, its tuple
@@ -55,6 +57,10 @@ func newSocketMirror() *socketMirror {
 func (m *socketMirror) apply(ev []byte) {
 	ne := binary.NativeEndian
 	switch len(ev) {
+	case connectEventSize:
+		// The owner first: the tuple is the socket's, whose user the event names.
+		m.apply(ev[tupleEventSize:])
+		m.apply(ev[:tupleEventSize])
 	case ownerEventSize:
 		cookie := ne.Uint64(ev[ownerValueSize:])
 		e := decodeOwnerValue((*[ownerValueSize]byte)(ev[:ownerValueSize]))

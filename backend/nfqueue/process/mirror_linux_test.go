@@ -22,6 +22,10 @@ func tupleEvent(val uint64, k tupleKey) []byte {
 
 func releaseEvent(cookie uint64) []byte { return binary.NativeEndian.AppendUint64(nil, cookie) }
 
+func connectEvent(val, cookie uint64, k tupleKey, tgid int32, comm string) []byte {
+	return append(tupleEvent(val, k), ownerEvent(cookie, tgid, comm)...)
+}
+
 func testKey(t *testing.T, lport uint16) tupleKey {
 	t.Helper()
 	k, ok := encodeTupleKey(ipprotoTCP, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), lport),
@@ -82,6 +86,24 @@ func TestSocketMirrorReplaysEvents(t *testing.T) {
 	m.apply(tupleEvent(10, k3))
 	expectMirror(t, m, "k3 taken over", k3, mirrorFound, 500)
 
+	// A UDP socket's connect: its user and its tuple in one event.
+	k4 := testKey(t, 1003)
+	m.apply(connectEvent(13, 13, k4, 700, "dig"))
+	expectMirror(t, m, "connect event", k4, mirrorFound, 700)
+	// A connect that another open socket's key makes ambiguous.
+	m.apply(connectEvent(14, 14, k4, 800, "dig2"))
+	expectMirror(t, m, "connect event on an open socket's key", k4, mirrorNone, 0)
+	if o, ok := m.owners[14]; !ok || o.e.tgid != 800 {
+		t.Errorf("connect event's owner: %+v %v", o, ok)
+	}
+	// The tuple a connect event reports is its socket's first, which the socket's release removes.
+	m2 := newSocketMirror()
+	m2.apply(connectEvent(21, 21, k4, 900, "nc"))
+	m2.apply(releaseEvent(21))
+	if len(m2.tuples) != 0 || len(m2.owners) != 0 {
+		t.Errorf("after a connect event and the release: %d tuples, %d owners", len(m2.tuples), len(m2.owners))
+	}
+
 	// An event the mirror does not understand: everything it knew may be wrong, so it knows nothing.
 	m.apply([]byte{1, 2, 3})
 	if m.complete || m.resets != 1 {
@@ -130,6 +152,7 @@ func TestSocketMirrorBounded(t *testing.T) {
 
 func FuzzSocketMirror(f *testing.F) {
 	f.Add(ownerEvent(1, 2, "a"), tupleEvent(1, tupleKey{}), releaseEvent(1))
+	f.Add(connectEvent(1, 1, tupleKey{}, 2, "a"), connectEvent(2, 2, tupleKey{}, 3, "b"), releaseEvent(1))
 	f.Fuzz(func(t *testing.T, a, b, c []byte) {
 		m := newSocketMirror()
 		for _, ev := range [][]byte{a, b, c, a} {

@@ -102,16 +102,32 @@ func storageSockCreateInsns(m progMaps) asm.Instructions {
 
 // storageConnectInsns is the connect4/connect6 program: it reports the connecting process as the socket's user
 // (a socket may have been made by another process: a parent that forked), and for a UDP socket already bound to
-// a port its tuple (see connectInsns). A socket connects once, so nothing is remembered to skip a repeat.
+// a port its tuple too (see connectInsns), in one event. A socket connects once, so nothing is remembered to
+// skip a repeat.
 func storageConnectInsns(v6 bool) func(progMaps) asm.Instructions {
 	return func(m progMaps) asm.Instructions {
 		insns := asm.Instructions{asm.Mov.Reg(asm.R6, asm.R1)}
 		insns = append(insns, socketFilter(m, sockAddrProtocolOff)...)
 		insns = append(insns, cookieAndTgid()...)
 		insns = append(insns, ownerValueInsns()...)
-		insns = append(insns, emitInsns(m, valueOff, ownerEventSize, "u_emitted")...)
-		insns = append(insns, asm.Mov.Imm(asm.R8, 0)) // no storage: the tuple is always reported
-		insns = append(insns, udpTupleKey(m, v6, false, storageTupleInsns(m))...)
+		// The tuple's value: the cookie, or ambiguous for a socket that may share its port.
+		tuple := reuseCheckInsns("t_shared")
+		tuple = append(tuple,
+			asm.LoadMem(asm.R1, asm.RFP, keyOff, asm.DWord),
+			asm.StoreMem(asm.RFP, tupleValOff, asm.R1, asm.DWord),
+			asm.Ja.Label("t_emit"),
+			asm.Mov.Imm(asm.R1, tupleAmbiguous).WithSymbol("t_shared"),
+			asm.StoreMem(asm.RFP, tupleValOff, asm.R1, asm.DWord),
+		)
+		both := emitInsns(m, tupleValOff, connectEventSize, "t_emitted")
+		both[0] = both[0].WithSymbol("t_emit")
+		tuple = append(tuple, both...)
+		tuple = append(tuple, asm.Ja.Label("allow"))
+		insns = append(insns, udpTupleKeyOr(m, v6, false, "c_owner", tuple)...)
+		// Another protocol, or a socket without its port yet: its user alone.
+		owner := emitInsns(m, valueOff, ownerEventSize, "c_emitted")
+		owner[0] = owner[0].WithSymbol("c_owner")
+		insns = append(insns, owner...)
 		return append(insns, allow()...)
 	}
 }
