@@ -211,3 +211,27 @@ func TestConnTablePresized(t *testing.T) {
 		t.Errorf("table holds %d, want %d", tab.len(), n)
 	}
 }
+
+// BenchmarkConnTableChurn is a full table with the churn of a busy host: every new connection's look-up misses,
+// its insert evicts another, and as many connections end as begin. Go maps pay for this churn in tombstones
+// (docs/performance.md, session 8).
+func BenchmarkConnTableChurn(b *testing.B) {
+	const size = 1 << 16
+	tab := newConnTable(size)
+	conn := func(i int) *Conn {
+		c := testConn(i, "/usr/bin/app", "")
+		c.Key.Remote = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 24), byte(i >> 16), byte(i >> 8)}), uint16(i))
+		return c
+	}
+	for i := range size {
+		tab.insert(conn(i), 1)
+	}
+	i := size
+	for b.Loop() {
+		c := conn(i)
+		tab.touch(&c.Key, 2)
+		tab.insert(c, 2)
+		tab.remove(conn(i - size/2).Key)
+		i++
+	}
+}
