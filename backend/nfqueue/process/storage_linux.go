@@ -135,11 +135,11 @@ func storageConnectInsns(v6 bool) func(progMaps) asm.Instructions {
 // storageSendmsgInsns is the sendmsg4/sendmsg6 program (UDP sends that name a destination). A send to the peer
 // the socket is connected to adds nothing: connect4 reported the tuple if the socket had its port by then, and
 // if it had not, the socket's sends are left to sock_diag, as its sends without a destination (which run no
-// program) always are. Otherwise, like sockAddrInsns, it reports the
-// process using the socket when it is not the one recorded in the socket's storage, or its thread has another
-// name, and then the tuple (see udpTupleKey) unless it is the one the socket reported last: a socket sending to
-// one peer after another reports each change, and a repeat costs neither an event nor a map operation. The
-// storage is made at the socket's first such send.
+// program) always are. Otherwise, like sockAddrInsns, it reports the process using the socket when it is not
+// the one recorded in the socket's storage, or its thread has another name, and then the tuple (see
+// udpTupleKey) unless it is the one the socket reported last: a socket sending to one peer after another
+// reports each change, and a repeat costs neither an event nor a map operation. The storage is made at the
+// socket's first such send.
 func storageSendmsgInsns(v6 bool) func(progMaps) asm.Instructions {
 	return func(m progMaps) asm.Instructions {
 		insns := asm.Instructions{asm.Mov.Reg(asm.R6, asm.R1)}
