@@ -29,6 +29,7 @@ type bench struct {
 	stderr   io.Writer
 	exe      string
 	warden   string // binary, or "builtin"
+	compare  string // --compare: a second warden binary, or ""
 	tmp      string
 	cfg      string // Warden's config file
 	cfgRoute string // the same with split_tunnel.mode: route
@@ -68,6 +69,11 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 	b := &bench{o: o, stderr: stderr, exe: exe, col: newCollector()}
 	if b.warden, err = findWarden(o.warden, exe); err != nil {
 		return err
+	}
+	if o.compare != "" {
+		if b.compare, err = exec.LookPath(o.compare); err != nil {
+			return fmt.Errorf("--compare: %w", err)
+		}
 	}
 	if o.profile != "" {
 		if err := os.MkdirAll(o.profile, 0o755); err != nil {
@@ -130,7 +136,7 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 	rep.Machine.LoadEnd = loadavg()
 	rep.Ratios, rep.Targets = ratios(rep.Results)
 	rep.Method = Method{Quick: o.quick, Reps: o.reps, DurationMS: o.duration.Milliseconds(), Clients: o.clients,
-		LatencyRate: o.latencyRate, MemFlows: o.memFlows, MemClients: o.memClients, Rules: o.rules, Workloads: o.workloads, Warden: b.warden, NoAppRules: o.noApps}
+		LatencyRate: o.latencyRate, MemFlows: o.memFlows, MemClients: o.memClients, Rules: o.rules, Workloads: o.workloads, Warden: b.warden, Compare: b.compare, NoAppRules: o.noApps}
 	writeTable(stdout, rep)
 	if o.out != "" {
 		runErr = errors.Join(runErr, writeJSON(o.out, rep))
@@ -145,12 +151,15 @@ func (b *bench) measure(policy string) error {
 		// Odd repetitions run the configurations in reverse order: the machine drifts within a run (other
 		// tenants' load, state the workloads leave behind), and a fixed order would always hand the later
 		// configurations the worse conditions.
-		order := []string{cfgKernel, cfgBare, cfgWarden, cfgRoute}
+		order := []string{cfgKernel, cfgBare, cfgWarden, cfgCompare, cfgRoute}
 		if rep%2 == 1 {
 			slices.Reverse(order)
 		}
 		for _, cfg := range order {
 			if cfg == cfgRoute && !o.has(wlProxyBulk) && !o.has(wlProxyUDP) && !o.has(wlSplitSetup) {
+				continue
+			}
+			if cfg == cfgCompare && o.compare == "" {
 				continue
 			}
 			if err := b.runConfig(cfg, rep); err != nil {
@@ -389,13 +398,16 @@ func (b *bench) startFirewall(cfg string) (*guard, error) {
 			}
 		}
 		return &guard{c: c, builtin: true}, nil
-	case cfgWarden, cfgRoute:
+	case cfgWarden, cfgRoute, cfgCompare:
 		path := b.cfg
 		if cfg == cfgRoute {
 			path = b.cfgRoute
 		}
 		argv := []string{b.warden, "run", "-c", path}
-		if b.warden == "builtin" {
+		switch {
+		case cfg == cfgCompare:
+			argv[0] = b.compare
+		case b.warden == "builtin":
 			argv = []string{b.exe, "_warden", "-c", path}
 		}
 		c, err := b.start(b.topo.client, "warden", argv, false)
@@ -405,7 +417,7 @@ func (b *bench) startFirewall(cfg string) (*guard, error) {
 		if err := b.waitWarden(c); err != nil {
 			return nil, errors.Join(err, b.stop(c))
 		}
-		return &guard{c: c, builtin: b.warden == "builtin"}, nil
+		return &guard{c: c, builtin: b.warden == "builtin" && cfg != cfgCompare}, nil
 	}
 	return nil, fmt.Errorf("unknown configuration %s", cfg)
 }
@@ -590,7 +602,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		b.logf("  %-16s %-13s %10.0f %-8s p50 %6.0fµs p99 %6.0fµs cpu %3.0f%%%s errors %d%s", r.workload, r.config,
 			s.value, unit, res.P50, res.P99, busy*100, costs, res.Errors, drops)
 	}
-	if cfg == cfgWarden {
+	if cfg == cfgWarden || cfg == cfgCompare {
 		if st, err := control.NewClient(b.socket).Status(b.ctx); err == nil {
 			b.logf("  warden: %d packets, %d connections, %d process lookups (%d inline, %d unknown, %d skipped), %d failures",
 				st.Pipeline.Packets, st.Pipeline.Connections, st.Pipeline.ProcessLookups, st.Pipeline.ProcessInline,

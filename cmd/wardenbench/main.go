@@ -32,6 +32,7 @@ type options struct {
 	memClients  int
 	rules       int
 	warden      string
+	compare     string
 	profile     string
 	keepLogs    bool
 	noApps      bool
@@ -53,6 +54,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.memClients, "mem-clients", 128, "concurrent clients making the memory workload's flows (its rate does not matter, only the count)")
 	fs.IntVar(&o.rules, "rules", 1000, "rules in Warden's policy")
 	fs.StringVar(&o.warden, "warden", "", "warden binary (default: next to wardenbench, else $PATH); \"builtin\" runs the same daemon package inside this binary")
+	fs.StringVar(&o.compare, "compare", "", "a second warden binary, measured as configuration \"compare\" right after \"warden\" in every repetition (tcp_connect, udp_flows, connect_latency, tcp_bulk): an A/B test of a change under the same conditions")
 	fs.StringVar(&o.profile, "profile", "", "directory for CPU profiles (pprof) of Warden and the bare consumer during tcp_connect and udp_flows; implies --warden builtin")
 	fs.BoolVar(&o.noApps, "no-app-rules", false, "diagnosis: Warden's policy without application rules (no process lookups); the report says so")
 	fs.BoolVar(&o.keepLogs, "keep-logs", false, "keep the temporary directory with Warden's config and logs")
@@ -103,6 +105,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	if o.profile != "" && o.warden == "" {
 		o.warden = "builtin"
+	}
+	if o.compare != "" && o.profile != "" {
+		return nil, errors.New("--compare and --profile do not go together: profiling runs Warden inside wardenbench")
 	}
 	return o, nil
 }

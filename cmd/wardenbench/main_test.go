@@ -139,6 +139,8 @@ func TestRatiosAndTargets(t *testing.T) {
 	for _, v := range []float64{900, 1000, 1100} {
 		c.add(wlTCPConnect, cfgBare, "conn/s", sample{value: v, p50: 100, p99: v / 10, machineUS: v / 5, fwUS: v / 20, switches: 6})
 		c.add(wlTCPConnect, cfgWarden, "conn/s", sample{value: v * 0.8, p50: 100, p99: v / 5, machineUS: v / 4, fwUS: v * 0.06, switches: 7.5})
+		// --compare: a second binary, 10 % faster with 5 % less of the firewall's time per connection.
+		c.add(wlTCPConnect, cfgCompare, "conn/s", sample{value: v * 0.88, p50: 100, p99: v / 5, machineUS: v / 5, fwUS: v * 0.057})
 	}
 	c.add(wlBulk, cfgKernel, "MB/s", sample{value: 2000, machineUS: 700})
 	c.add(wlBulk, cfgWarden, "MB/s", sample{value: 1960, machineUS: 714})
@@ -157,6 +159,10 @@ func TestRatiosAndTargets(t *testing.T) {
 		"warden_vs_bare_firewall_cpu_per_tcp_connect": 1.2,
 		"warden_vs_bare_switches_per_tcp_connect":     1.25,
 		"warden_vs_kernel_machine_per_bulk_mb":        1.02,
+		// Medians 880 / 800, 200 / 250 and 57 / 60.
+		"compare_vs_warden_tcp_connect":                  1.1,
+		"compare_vs_warden_machine_per_tcp_connect":      0.8,
+		"compare_vs_warden_firewall_cpu_per_tcp_connect": 0.95,
 	}
 	if d := cmp.Diff(want, got); d != "" {
 		t.Errorf("ratios (-want +got):\n%s", d)
@@ -206,6 +212,9 @@ func TestParseFlags(t *testing.T) {
 	}
 	if _, err := parseFlags([]string{"--workloads", "nope"}, &bytes.Buffer{}); err == nil {
 		t.Error("an unknown workload was accepted")
+	}
+	if _, err := parseFlags([]string{"--profile", "/tmp/x", "--compare", "/bin/true"}, &bytes.Buffer{}); err == nil {
+		t.Error("--compare with --profile accepted")
 	}
 	if o, _ := parseFlags([]string{"--profile", "/tmp/x"}, &bytes.Buffer{}); o.warden != "builtin" {
 		t.Errorf("--profile left --warden %q", o.warden)

@@ -23,6 +23,8 @@ const (
 	cfgProxy  = "proxy"
 	// cfgRoute is Warden with split_tunnel.mode: route; it runs the split workloads only.
 	cfgRoute = "route"
+	// cfgCompare is a second Warden binary (--compare), measured beside cfgWarden.
+	cfgCompare = "compare"
 )
 
 // Workloads, as they appear in the report and on the command line.
@@ -111,6 +113,7 @@ type Method struct {
 	Rules       int      `json:"warden_rules"`
 	Workloads   []string `json:"workloads"`
 	Warden      string   `json:"warden"`
+	Compare     string   `json:"compare,omitempty"`
 	NoAppRules  bool     `json:"no_app_rules,omitempty"`
 }
 
@@ -313,6 +316,15 @@ var ratioSpecs = []ratioSpec{
 	{name: "warden_vs_bare_switches_per_udp_flow", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, metric: metricMachineSwitches},
 	// The machine's time per megabyte moved (above 1: a byte costs more than without the firewall or proxy).
 	{name: "warden_vs_kernel_machine_per_bulk_mb", workload: wlBulk, num: cfgWarden, den: cfgKernel, metric: metricMachineUS},
+	// --compare: the second binary against the first (above 1 in a rate, or below 1 in a cost: it does better).
+	{name: "compare_vs_warden_tcp_connect", workload: wlTCPConnect, num: cfgCompare, den: cfgWarden},
+	{name: "compare_vs_warden_udp_flows", workload: wlUDPFlows, num: cfgCompare, den: cfgWarden},
+	{name: "compare_vs_warden_bulk", workload: wlBulk, num: cfgCompare, den: cfgWarden},
+	{name: "compare_vs_warden_connect_p99", workload: wlLatency, num: cfgCompare, den: cfgWarden, metric: metricP99},
+	{name: "compare_vs_warden_machine_per_tcp_connect", workload: wlTCPConnect, num: cfgCompare, den: cfgWarden, metric: metricMachineUS},
+	{name: "compare_vs_warden_machine_per_udp_flow", workload: wlUDPFlows, num: cfgCompare, den: cfgWarden, metric: metricMachineUS},
+	{name: "compare_vs_warden_firewall_cpu_per_tcp_connect", workload: wlTCPConnect, num: cfgCompare, den: cfgWarden, metric: metricFirewallCPUUS},
+	{name: "compare_vs_warden_firewall_cpu_per_udp_flow", workload: wlUDPFlows, num: cfgCompare, den: cfgWarden, metric: metricFirewallCPUUS},
 	{name: "proxy_vs_direct_machine_per_mb", workload: wlProxyBulk, num: cfgProxy, den: cfgDirect, metric: metricMachineUS},
 	{name: "route_vs_direct_machine_per_mb", workload: wlProxyBulk, num: cfgRoute, den: cfgDirect, metric: metricMachineUS},
 }
