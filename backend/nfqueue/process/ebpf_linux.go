@@ -225,6 +225,25 @@ func ownerValueInsns() asm.Instructions {
 	return append(insns, currentComm()...)
 }
 
+// ownerCurrentInsns jumps to "owned" when the owner value at R8 (an owner map value, or a socket's storage)
+// names the calling process, whose tgid is in R7, and the calling thread's name; else to "update". It puts the
+// thread's name at the frame's comm and clobbers R0-R5.
+func ownerCurrentInsns() asm.Instructions {
+	insns := asm.Instructions{
+		asm.LoadMem(asm.R1, asm.R8, 0, asm.Word),
+		asm.JNE.Reg(asm.R1, asm.R7, "update"),
+	}
+	insns = append(insns, currentComm()...)
+	return append(insns,
+		asm.LoadMem(asm.R1, asm.R8, ownerCommOff, asm.DWord),
+		asm.LoadMem(asm.R2, asm.RFP, commOff, asm.DWord),
+		asm.JNE.Reg(asm.R1, asm.R2, "update"),
+		asm.LoadMem(asm.R1, asm.R8, ownerCommOff+8, asm.DWord),
+		asm.LoadMem(asm.R2, asm.RFP, commOff+8, asm.DWord),
+		asm.JEq.Reg(asm.R1, asm.R2, "owned"),
+	)
+}
+
 // allow ends a program with 1: the socket call goes ahead unchanged.
 func allow() asm.Instructions {
 	return asm.Instructions{
@@ -274,20 +293,10 @@ func sockAddrInsns(m progMaps, tail asm.Instructions) asm.Instructions {
 		asm.Mov.Reg(asm.R2, asm.RFP),
 		asm.Add.Imm(asm.R2, keyOff),
 		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "update"),
-		asm.LoadMem(asm.R1, asm.R0, 0, asm.Word),
-		asm.JNE.Reg(asm.R1, asm.R7, "update"),
-		asm.Mov.Reg(asm.R8, asm.R0), // the value stays valid across the helper call (RCU), R0 does not
+		asm.Mov.Reg(asm.R8, asm.R0), // the value stays valid across helper calls (RCU), R0 does not
+		asm.JEq.Imm(asm.R8, 0, "update"),
 	)
-	insns = append(insns, currentComm()...)
-	insns = append(insns,
-		asm.LoadMem(asm.R1, asm.R8, ownerCommOff, asm.DWord),
-		asm.LoadMem(asm.R2, asm.RFP, commOff, asm.DWord),
-		asm.JNE.Reg(asm.R1, asm.R2, "update"),
-		asm.LoadMem(asm.R1, asm.R8, ownerCommOff+8, asm.DWord),
-		asm.LoadMem(asm.R2, asm.RFP, commOff+8, asm.DWord),
-		asm.JEq.Reg(asm.R1, asm.R2, "owned"),
-	)
+	insns = append(insns, ownerCurrentInsns()...)
 	store := storeOwner(m)
 	store[0] = store[0].WithSymbol("update")
 	insns = append(insns, store...)

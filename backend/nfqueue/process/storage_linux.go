@@ -110,20 +110,7 @@ func storageConnectInsns(v6 bool) func(progMaps) asm.Instructions {
 		insns = append(insns, socketFilter(m, sockAddrProtocolOff)...)
 		insns = append(insns, cookieAndTgid()...)
 		insns = append(insns, ownerValueInsns()...)
-		// The tuple's value: the cookie, or ambiguous for a socket that may share its port.
-		tuple := reuseCheckInsns("t_shared")
-		tuple = append(tuple,
-			asm.LoadMem(asm.R1, asm.RFP, keyOff, asm.DWord),
-			asm.StoreMem(asm.RFP, tupleValOff, asm.R1, asm.DWord),
-			asm.Ja.Label("t_emit"),
-			asm.Mov.Imm(asm.R1, tupleAmbiguous).WithSymbol("t_shared"),
-			asm.StoreMem(asm.RFP, tupleValOff, asm.R1, asm.DWord),
-		)
-		both := emitInsns(m, tupleValOff, connectEventSize, "t_emitted")
-		both[0] = both[0].WithSymbol("t_emit")
-		tuple = append(tuple, both...)
-		tuple = append(tuple, asm.Ja.Label("allow"))
-		insns = append(insns, udpTupleKeyOr(m, v6, false, "c_owner", tuple)...)
+		insns = append(insns, udpTupleKeyOr(m, v6, false, "c_owner", reportTupleInsns(m, connectEventSize))...)
 		// Another protocol, or a socket without its port yet: its user alone.
 		owner := emitInsns(m, valueOff, ownerEventSize, "c_emitted")
 		owner[0] = owner[0].WithSymbol("c_owner")
@@ -154,18 +141,8 @@ func storageSendmsgInsns(v6 bool) func(progMaps) asm.Instructions {
 		insns = append(insns,
 			asm.Mov.Reg(asm.R8, asm.R0), // the storage stays valid across helper calls, R0 does not
 			asm.JEq.Imm(asm.R8, 0, "update"),
-			asm.LoadMem(asm.R1, asm.R8, 0, asm.Word),
-			asm.JNE.Reg(asm.R1, asm.R7, "update"),
 		)
-		insns = append(insns, currentComm()...)
-		insns = append(insns,
-			asm.LoadMem(asm.R1, asm.R8, ownerCommOff, asm.DWord),
-			asm.LoadMem(asm.R2, asm.RFP, commOff, asm.DWord),
-			asm.JNE.Reg(asm.R1, asm.R2, "update"),
-			asm.LoadMem(asm.R1, asm.R8, ownerCommOff+8, asm.DWord),
-			asm.LoadMem(asm.R2, asm.RFP, commOff+8, asm.DWord),
-			asm.JEq.Reg(asm.R1, asm.R2, "owned"),
-		)
+		insns = append(insns, ownerCurrentInsns()...)
 		update := ownerValueInsns()
 		update[0] = update[0].WithSymbol("update")
 		insns = append(insns, update...)
@@ -229,9 +206,16 @@ func storageTupleInsns(m progMaps) asm.Instructions {
 		}
 		insns = append(insns, ld, asm.StoreMem(asm.R8, storageTupleOff+off, asm.R2, asm.DWord))
 	}
-	check := reuseCheckInsns("t_shared")
-	check[0] = check[0].WithSymbol("t_check")
-	insns = append(insns, check...)
+	report := reportTupleInsns(m, tupleEventSize)
+	report[0] = report[0].WithSymbol("t_check")
+	return append(insns, report...)
+}
+
+// reportTupleInsns sets the frame's tuple value (the cookie at the frame's key, or ambiguous for a socket that
+// may share its port: see reuseCheckInsns) and reports size bytes of the frame from it: a tuple event, or a
+// connect event with the owner value after it. It ends by jumping to "allow".
+func reportTupleInsns(m progMaps, size int32) asm.Instructions {
+	insns := reuseCheckInsns("t_shared")
 	insns = append(insns,
 		asm.LoadMem(asm.R1, asm.RFP, keyOff, asm.DWord),
 		asm.StoreMem(asm.RFP, tupleValOff, asm.R1, asm.DWord),
@@ -239,7 +223,7 @@ func storageTupleInsns(m progMaps) asm.Instructions {
 		asm.Mov.Imm(asm.R1, tupleAmbiguous).WithSymbol("t_shared"),
 		asm.StoreMem(asm.RFP, tupleValOff, asm.R1, asm.DWord),
 	)
-	emit := emitInsns(m, tupleValOff, tupleEventSize, "t_emitted")
+	emit := emitInsns(m, tupleValOff, size, "t_emitted")
 	emit[0] = emit[0].WithSymbol("t_emit")
 	insns = append(insns, emit...)
 	return append(insns, asm.Ja.Label("allow"))

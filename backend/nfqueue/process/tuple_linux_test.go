@@ -314,6 +314,16 @@ func (h *tupleHelper) next(t *testing.T) tupleReport {
 
 // newTupleResolver returns a resolver with the tuple map active and its 5-tuple cache off, so every lookup
 // takes the path measured. It fails when the kernel should run the tuple programs and does not.
+// thisProcess is the test process as the resolver reports it.
+func thisProcess(t *testing.T) *backend.Process {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
+}
+
 func newTupleResolver(t *testing.T) *Resolver {
 	t.Helper()
 	r := newEBPFResolver(t)
@@ -487,12 +497,7 @@ func TestTupleClosedSocketPortReused(t *testing.T) {
 		return
 	}
 	r := newTupleResolver(t)
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	uid := int32(os.Getuid())
-	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: uid}
+	me := thisProcess(t)
 
 	t.Run("udp", func(t *testing.T) {
 		sink, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -560,12 +565,8 @@ func TestTupleSharedPort(t *testing.T) {
 		return
 	}
 	r := newTupleResolver(t)
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	uid := int32(os.Getuid())
-	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: uid}
+	me := thisProcess(t)
 	lo := netip.MustParseAddr("127.0.0.1")
 	newPeers := func(t *testing.T) (peers [3]netip.AddrPort) {
 		for i := range peers {
@@ -773,11 +774,7 @@ func TestTupleMapDisabled(t *testing.T) {
 	if _, err := u.WriteToUDPAddrPort([]byte("x"), remote); err != nil {
 		t.Fatal(err)
 	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
+	me := thisProcess(t)
 	info := backend.Info{Protocol: backend.UDP, Direction: backend.Outbound, Local: u.LocalAddr().(*net.UDPAddr).AddrPort(), Remote: remote, UID: int32(os.Getuid())}
 	checkTupleLookup(t, r, "udp sendto", info, me, byDiagMap)
 }
@@ -796,11 +793,7 @@ func TestMirrorLostEvents(t *testing.T) {
 	if r.mirror == nil {
 		t.Fatal("no socket mirror")
 	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: int32(os.Getuid())}
+	me := thisProcess(t)
 	peer := netip.MustParseAddrPort("127.0.0.1:9")
 	// dial opens a UDP socket bound to loopback and connected to peer: its tuple is recorded at connect.
 	dial := func() (*net.UDPConn, error) {
@@ -856,12 +849,8 @@ func TestRepeatedSendsReportNothing(t *testing.T) {
 	if r.mirror == nil {
 		t.Fatal("no socket mirror")
 	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	uid := int32(os.Getuid())
-	me := &backend.Process{PID: int32(os.Getpid()), Path: self, UID: uid}
+	me := thisProcess(t)
 	lo := net.IPv4(127, 0, 0, 1)
 	var peers [2]netip.AddrPort
 	for i := range peers {
