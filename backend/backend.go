@@ -166,6 +166,16 @@ type EndNotifier interface {
 	SetConnectionEndHandler(func(ConnKey))
 }
 
+// LiveReporter is implemented by backends whose kernel keeps the table of live connections (conntrack, on
+// Linux). Only a connection's first packets reach user space there, so the end of an accepted connection is
+// known to the kernel alone; the pipeline asks now and then, to forget connections that ended and to keep
+// long-lived ones from looking idle.
+type LiveReporter interface {
+	// LiveConnections calls live with the key of every connection the kernel tracks that can still carry
+	// packets. A key that matches no connection is harmless; a live connection left out will be forgotten.
+	LiveConnections(live func(ConnKey)) error
+}
+
 // ByteCounter is implemented by backends that count bytes per connection.
 type ByteCounter interface {
 	ConnBytes(ConnKey) (tx, rx uint64, ok bool)

@@ -195,6 +195,61 @@ func (t *connTable) touch(k *backend.ConnKey, now int64) (backend.Decision, bool
 	return unpackDecision(e.decision), ok
 }
 
+// seen records that the connection with key k, if tracked, was alive at now (a listing of the kernel's live
+// connections). It never moves a last-seen time back.
+func (t *connTable) seen(k *backend.ConnKey, now int64) {
+	if !k.Protocol.HasPorts() {
+		return
+	}
+	ck := packKey(k)
+	s := t.shard(&ck)
+	s.mu.RLock()
+	e, ok := s.m[ck]
+	s.mu.RUnlock()
+	if !ok || e.lastSeen >= now {
+		return
+	}
+	s.mu.Lock()
+	if e, ok := s.m[ck]; ok && e.lastSeen < now {
+		e.lastSeen = now
+		s.m[ck] = e
+	}
+	s.mu.Unlock()
+}
+
+// forgetEnded removes the connections the kernel must be tracking while they live (a protocol with ports, a
+// decision that lets packets pass) that were last seen before cutoff, and returns how many it removed.
+func (t *connTable) forgetEnded(cutoff int64) int {
+	n := 0
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		for k, e := range s.m {
+			if e.lastSeen < cutoff && k.proto.HasPorts() && passes(unpackDecision(e.decision)) {
+				delete(s.m, k)
+				t.release(&e)
+				n++
+			}
+		}
+		s.mu.Unlock()
+	}
+	t.count.Add(int64(-n))
+	if n > 0 {
+		t.names.sweep()
+		t.rules.sweep()
+	}
+	return n
+}
+
+// passes reports whether a decision lets the connection's packets through, so that the kernel tracks it.
+func passes(d backend.Decision) bool {
+	switch d.Verdict {
+	case backend.Accept, backend.RerouteToNameserver, backend.RerouteToTunnel, backend.RerouteToSplitTun:
+		return true
+	}
+	return false
+}
+
 // get returns a copy of the connection with key k.
 func (t *connTable) get(k backend.ConnKey) (Conn, bool) {
 	ck := packKey(&k)

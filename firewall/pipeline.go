@@ -65,6 +65,14 @@ type Options struct {
 	// Nameserver lists the local nameserver's addresses. When set, applications' outbound DNS (UDP and TCP to
 	// port 53) anywhere else is rerouted to it, unless a rule blocks or drops it.
 	Nameserver []netip.AddrPort
+	// LiveConnections lists the connections the kernel still tracks (backend.LiveReporter); optional. With
+	// it the pipeline forgets accepted connections that two listings in a row left out (they ended), and
+	// counts a listed connection as seen, so that a long-lived one is neither expired as idle nor evicted
+	// before connections that are gone.
+	LiveConnections func(live func(backend.ConnKey)) error
+	// LiveInterval is the least time between two listings (default 30 s). A listing that takes long
+	// stretches it, so that listing costs at most about 0.5 % of one processor.
+	LiveInterval time.Duration
 }
 
 // DomainResolver maps an address to the domain name an application looked it up by.
@@ -89,8 +97,12 @@ type Pipeline struct {
 	immediate backend.ImmediateProcessResolver
 	jobs      chan backend.Packet
 	stop      chan struct{}
-	wg        sync.WaitGroup
-	stopOnce  sync.Once
+
+	// prevListing is when (Unix seconds) the last successful listing of live connections started; only the
+	// janitor touches it.
+	prevListing int64
+	wg          sync.WaitGroup
+	stopOnce    sync.Once
 }
 
 var _ backend.Handler = (*Pipeline)(nil)
@@ -108,6 +120,9 @@ func New(pol *Policy, o Options) *Pipeline {
 	}
 	if o.ProcessWorkers <= 0 {
 		o.ProcessWorkers = 8
+	}
+	if o.LiveInterval <= 0 {
+		o.LiveInterval = 30 * time.Second
 	}
 	p := &Pipeline{
 		log:   o.Logger,
@@ -400,12 +415,29 @@ func (p *Pipeline) janitor() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	lastSweep := time.Now()
+	nextListing := lastSweep.Add(p.opts.LiveInterval)
+	listingFails := false
 	for {
 		select {
 		case <-p.stop:
 			return
 		case now := <-tick.C:
 			p.clock.Store(now.Unix())
+			if p.opts.LiveConnections != nil && !now.Before(nextListing) {
+				ended, err := p.syncLive(now)
+				took := time.Since(now)
+				switch {
+				case err != nil && !listingFails:
+					// Once, not every interval; nothing is forgotten while listings fail.
+					p.log.Warn("listing live connections failed; ended connections stay tracked until idle", "err", err)
+				case err == nil && listingFails:
+					p.log.Info("listing live connections works again")
+				case err == nil && ended > 0:
+					p.log.Debug("forgot connections that ended", "count", ended, "took", took)
+				}
+				listingFails = err != nil
+				nextListing = now.Add(max(p.opts.LiveInterval, 200*took))
+			}
 			if now.Sub(lastSweep) >= 10*time.Second {
 				lastSweep = now
 				p.sweep(now)
@@ -413,6 +445,25 @@ func (p *Pipeline) janitor() {
 			}
 		}
 	}
+}
+
+// syncLive asks the kernel which connections still exist (Options.LiveConnections). Each one listed counts as
+// seen now. Accepted connections of protocols the kernel tracks by ports that were seen neither at this
+// listing nor since the previous one started are forgotten: two listings in a row left them out, so one
+// listing that missed an entry (the kernel's table changing under a dump) loses nothing. Blocked and dropped
+// connections never get a kernel entry and stay until idle, as before. A failed listing forgets nothing.
+func (p *Pipeline) syncLive(now time.Time) (ended int, err error) {
+	start := now.Unix()
+	if err := p.opts.LiveConnections(func(k backend.ConnKey) { p.conns.seen(&k, start) }); err != nil {
+		p.stats.listingErrors.Add(1)
+		return 0, err
+	}
+	if p.prevListing != 0 {
+		ended = p.conns.forgetEnded(p.prevListing)
+		p.stats.ended.Add(uint64(ended))
+	}
+	p.prevListing = start
+	return ended, nil
 }
 
 func (p *Pipeline) sweep(now time.Time) int {

@@ -25,6 +25,10 @@ type counters struct {
 	// counted under their verdict and finals also under finalCount.
 	verdicts   [backend.NumVerdicts]atomic.Uint64
 	finalCount atomic.Uint64
+	// ended counts connections forgotten because the kernel no longer tracked them; listingErrors the
+	// listings of live connections that failed.
+	ended         atomic.Uint64
+	listingErrors atomic.Uint64
 }
 
 func (c *counters) count(d backend.Decision) {
@@ -55,6 +59,10 @@ type Stats struct {
 	ProcessInline uint64 `json:"process_lookups_inline"`
 	Connections   int    `json:"connections"`
 	Evicted       uint64 `json:"connections_evicted"`
+	// Ended counts connections forgotten because the kernel stopped tracking them (they ended);
+	// ListingErrors counts failed listings of the kernel's live connections.
+	Ended         uint64 `json:"connections_ended"`
+	ListingErrors uint64 `json:"live_listing_errors"`
 	Rules         int    `json:"rules"`
 }
 
@@ -68,6 +76,7 @@ func (p *Pipeline) Stats() Stats {
 		ProcessUnknown: p.stats.lookupsUnknown.Load(), ProcessSkipped: p.stats.lookupsSkipped.Load(),
 		ProcessInline: p.stats.lookupsInline.Load(),
 		Connections:   p.conns.len(), Evicted: p.conns.evicted.Load(), Rules: p.policy.Load().Len(),
+		Ended: p.stats.ended.Load(), ListingErrors: p.stats.listingErrors.Load(),
 	}
 	for v := range p.stats.verdicts {
 		if n := p.stats.verdicts[v].Load(); n > 0 {

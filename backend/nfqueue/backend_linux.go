@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/ctdump"
 	"github.com/warden-fw/warden/backend/nslock"
 )
 
@@ -56,6 +57,7 @@ var (
 	_ backend.Reevaluator   = (*Backend)(nil)
 	_ backend.Resetter      = (*Backend)(nil)
 	_ backend.StatsReporter = (*Backend)(nil)
+	_ backend.LiveReporter  = (*Backend)(nil)
 )
 
 // New returns an NFQUEUE backend with o's options and c's nfqueue-specific settings. It touches nothing in
@@ -289,6 +291,21 @@ func (b *Backend) watch(fw *firewall, stop <-chan struct{}) {
 // queued again and meets the new decision.
 func (b *Backend) Reevaluate(changes []backend.ConnChange) error {
 	return deleteFlows(changes)
+}
+
+// LiveConnections lists the namespace's conntrack table (backend.LiveReporter). For every entry that can still
+// carry packets (a TCP entry in TIME_WAIT or CLOSE is over) it reports two keys: the original tuple, which is
+// how Warden keys an outbound connection (the tuple before any NAT of ours), and the reply tuple, which is how it
+// keys an inbound one (what this host sees, after any DNAT in front of it).
+func (b *Backend) LiveConnections(live func(backend.ConnKey)) error {
+	return ctdump.Dump(func(f *ctdump.Flow) {
+		p := backend.Protocol(f.Proto)
+		if !p.HasPorts() || f.Ended() {
+			return
+		}
+		live(backend.ConnKey{Protocol: p, Local: f.Orig.Src, Remote: f.Orig.Dst})
+		live(backend.ConnKey{Protocol: p, Local: f.Reply.Src, Remote: f.Reply.Dst})
+	})
 }
 
 // ResetAll forgets every decision the kernel keeps (the conntrack entries carrying Warden's permanent marks).

@@ -49,6 +49,7 @@ type childPolicy struct {
 	seen  atomic.Uint64
 	mu    sync.Mutex
 	held  []backend.Packet // packets of "none" rules, kept so they are not collected
+	keys  map[string]bool  // the keys of every connection decided, as the pipeline would key them
 }
 
 func (p *childPolicy) decide(pk backend.Packet) backend.Decision {
@@ -105,6 +106,12 @@ func (p *childPolicy) decide(pk backend.Packet) backend.Decision {
 
 func (p *childPolicy) HandlePacket(pk backend.Packet) {
 	p.seen.Add(1)
+	p.mu.Lock()
+	if p.keys == nil {
+		p.keys = map[string]bool{}
+	}
+	p.keys[pk.Info().Key().String()] = true
+	p.mu.Unlock()
 	d := p.decide(pk)
 	if d.Verdict == backend.Undecided {
 		p.mu.Lock()
@@ -121,7 +128,8 @@ func (p *childPolicy) HandlePacket(pk backend.Packet) {
 // per stdin command; at exit "stopped" and "goroutines ok" (or "goroutines leaked ...").
 //
 // Commands: "count" → "count N" (packets the policy saw); "stats" → "stats {json}"; "rules {json}" →
-// "ok"; "reeval PROTO LOCAL REMOTE" → "ok" | "err ..."; "restart" → "ok" | "err ...".
+// "ok"; "reeval PROTO LOCAL REMOTE" → "ok" | "err ..."; "restart" → "ok" | "err ..."; "live" → "live {json}",
+// every decided connection's key mapped to whether LiveConnections listed it.
 func childMain(cfgJSON string) int {
 	var cfg childConfig
 	if err := json.Unmarshal([]byte(cfgJSON), &cfg); err != nil {
@@ -215,6 +223,20 @@ loop:
 				} else {
 					fmt.Println("bytes unknown")
 				}
+			case "live":
+				listed := map[string]bool{}
+				if err := b.LiveConnections(func(k backend.ConnKey) { listed[k.String()] = true }); err != nil {
+					fmt.Println("err", err)
+					continue
+				}
+				pol.mu.Lock()
+				out := make(map[string]bool, len(pol.keys))
+				for k := range pol.keys {
+					out[k] = listed[k]
+				}
+				pol.mu.Unlock()
+				j, _ := json.Marshal(out)
+				fmt.Println("live", string(j))
 			case "restart":
 				if err := b.Stop(); err != nil {
 					fmt.Println("err", err)

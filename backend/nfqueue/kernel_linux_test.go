@@ -462,6 +462,78 @@ func TestKernelReevaluate(t *testing.T) {
 	})
 }
 
+// LiveConnections lists, by the keys the pipeline gave them, the connections conntrack still tracks: an open
+// outbound TCP connection, a UDP flow, a UDP flow DNATed to the split-tunnel proxy (keyed by the destination
+// the application used) and an inbound connection; not one that closed (TIME_WAIT).
+func TestKernelLiveConnections(t *testing.T) {
+	t.Parallel()
+	n := newTestNet(t)
+	listenTCP(t, n.server, portAllow)
+	listenTCP(t, n.client, 9001)
+	listenUDP(t, n.server, portAllow, n.ServerV4, n.ServerV6)
+	listenUDP(t, n.client, 719, netip.MustParseAddr("127.0.0.17"), netip.IPv6Loopback())
+	w := startWarden(t, n.client, childConfig{Rules: []childRule{{Dir: "out", Proto: "udp", Port: 443, Verdict: "split", Permanent: true}}})
+	families(t, n, func(t *testing.T, server, _ netip.Addr) {
+		key := func(p backend.Protocol, c net.Conn, inbound bool) string {
+			local, remote := netip.MustParseAddrPort(c.LocalAddr().String()), netip.MustParseAddrPort(c.RemoteAddr().String())
+			if inbound { // dialled from the server's namespace: Warden's side is the remote end
+				local, remote = remote, local
+			}
+			return backend.ConnKey{Protocol: p, Local: local, Remote: remote}.String()
+		}
+		mustDial := func(ns, network string, to netip.AddrPort) net.Conn {
+			t.Helper()
+			c, err := dial(t, ns, net.Dialer{}, network, to, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			echo(t, c)
+			return c
+		}
+		client := n.ClientV4
+		if server.Is6() {
+			client = n.ClientV6
+		}
+		want := map[string]bool{
+			key(backend.TCP, mustDial(n.client, "tcp", netip.AddrPortFrom(server, portAllow)), false): true,
+			key(backend.UDP, mustDial(n.client, "udp", netip.AddrPortFrom(server, portAllow)), false): true,
+			key(backend.UDP, mustDial(n.client, "udp", netip.AddrPortFrom(server, 443)), false):       true,
+			key(backend.TCP, mustDial(n.server, "tcp", netip.AddrPortFrom(client, 9001)), true):       true,
+		}
+		closed := mustDial(n.client, "tcp", netip.AddrPortFrom(server, portAllow))
+		closedKey := key(backend.TCP, closed, false)
+		want[closedKey] = false
+		closed.Close() // the client closes first, so conntrack ends in TIME_WAIT once the server's FIN is acked
+
+		var got map[string]bool
+		deadline := time.Now().Add(5 * time.Second)
+		for i := 0; i < 100; i++ {
+			r := w.call(t, "live")
+			arg, ok := strings.CutPrefix(r, "live ")
+			if !ok {
+				t.Fatalf("live: %s", r)
+			}
+			got = map[string]bool{}
+			if err := json.Unmarshal([]byte(arg), &got); err != nil {
+				t.Fatal(err)
+			}
+			if !got[closedKey] || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(50 * time.Millisecond) // the close finishes on the echo server's goroutine; no event here
+		}
+		for k, live := range want {
+			switch l, decided := got[k]; {
+			case !decided:
+				t.Errorf("%s: never decided (decided: %v)", k, got)
+			case l != live:
+				t.Errorf("%s: listed %v, want %v", k, l, live)
+			}
+		}
+	})
+}
+
 func mustJSON(t *testing.T, v any) string {
 	t.Helper()
 	j, err := json.Marshal(v)

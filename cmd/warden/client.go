@@ -68,6 +68,8 @@ func newStatusCmd(g *globals) *cobra.Command {
 			fmt.Fprintf(tw, "rules\t%d\n", s.Pipeline.Rules)
 			fmt.Fprintf(tw, "packets seen\t%d\n", s.Pipeline.Packets)
 			fmt.Fprintf(tw, "connections tracked\t%d\n", s.Pipeline.Connections)
+			fmt.Fprintf(tw, "connections ended\t%d (the kernel stopped tracking them; %d evicted from a full table)\n",
+				s.Pipeline.Ended, s.Pipeline.Evicted)
 			kinds := make([]string, 0, len(s.Pipeline.Verdicts))
 			for k := range s.Pipeline.Verdicts {
 				kinds = append(kinds, k)

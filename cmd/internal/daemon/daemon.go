@@ -241,6 +241,10 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 		}
 	}
 
+	if lr, ok := b.(backend.LiveReporter); ok {
+		// Backends whose kernel alone sees connections end (conntrack) tell which still exist.
+		po.LiveConnections = lr.LiveConnections
+	}
 	d.pipeline = firewall.New(pol, po)
 	if eh, ok := b.(backend.EndNotifier); ok {
 		// Backends that see connections end (the Windows driver) keep the connection table exact.

@@ -93,6 +93,7 @@ var (
 	descVerdicts    = prometheus.NewDesc("warden_verdicts_total", "Verdicts applied, by verdict.", []string{"verdict"}, nil)
 	descFailures    = prometheus.NewDesc("warden_decision_failures_total", "Packets answered with the fail-mode verdict because deciding failed.", nil, nil)
 	descConns       = prometheus.NewDesc("warden_tracked_connections", "Connections in the connection table.", nil, nil)
+	descEnded       = prometheus.NewDesc("warden_connections_ended_total", "Tracked connections forgotten because the kernel stopped tracking them.", nil, nil)
 	descOverruns    = prometheus.NewDesc("warden_queue_overruns_total", "Packets the kernel could not queue to Warden.", nil, nil)
 	descTimeouts    = prometheus.NewDesc("warden_verdict_timeouts_total", "Packets answered with the fail-mode verdict after the verdict timeout.", nil, nil)
 	descQueued      = prometheus.NewDesc("warden_packets_queued_total", "Packets received from the kernel.", nil, nil)
@@ -104,8 +105,8 @@ var (
 )
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPackets, descVerdicts, descFailures, descConns, descOverruns,
-		descTimeouts, descQueued, descProxyActive, descProxyTotal, descProxyBytes, descIfaceUp, descSplitRouted} {
+	for _, d := range []*prometheus.Desc{descPackets, descVerdicts, descFailures, descConns, descEnded,
+		descOverruns, descTimeouts, descQueued, descProxyActive, descProxyTotal, descProxyBytes, descIfaceUp, descSplitRouted} {
 		ch <- d
 	}
 }
@@ -118,6 +119,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descFailures, prometheus.CounterValue, float64(st.Failures))
 	ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(st.Connections))
+	ch <- prometheus.MustNewConstMetric(descEnded, prometheus.CounterValue, float64(st.Ended))
 	if sr, ok := c.d.backend.(backend.StatsReporter); ok {
 		bs := sr.Stats()
 		ch <- prometheus.MustNewConstMetric(descOverruns, prometheus.CounterValue, float64(bs.QueueOverruns))
