@@ -552,7 +552,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 			*next = res.Next
 		}
 		secs := float64(res.Elapsed) / 1e9
-		s := sample{errors: res.Errors, p50: res.P50, p99: res.P99, cpuBusy: busy}
+		s := sample{errors: res.Errors, p50: res.P50, p99: res.P99, cpuBusy: busy, stolen: cpu1.stolenSince(cpu0)}
 		if drops0 >= 0 && drops1 > drops0 {
 			s.queueDrops = uint64(drops1 - drops0)
 		}
@@ -599,8 +599,12 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		if s.queueDrops > 0 {
 			drops = fmt.Sprintf(" queue drops %d", s.queueDrops)
 		}
-		b.logf("  %-16s %-13s %10.0f %-8s p50 %6.0fµs p99 %6.0fµs cpu %3.0f%%%s errors %d%s", r.workload, r.config,
-			s.value, unit, res.P50, res.P99, busy*100, costs, res.Errors, drops)
+		stolen := ""
+		if s.stolen >= 0.001 {
+			stolen = fmt.Sprintf(" stolen %.1f%%", s.stolen*100)
+		}
+		b.logf("  %-16s %-13s %10.0f %-8s p50 %6.0fµs p99 %6.0fµs cpu %3.0f%%%s%s errors %d%s", r.workload, r.config,
+			s.value, unit, res.P50, res.P99, busy*100, stolen, costs, res.Errors, drops)
 	}
 	if cfg == cfgWarden || cfg == cfgCompare {
 		if st, err := control.NewClient(b.socket).Status(b.ctx); err == nil {
@@ -737,9 +741,10 @@ func (b *bench) runMemory(rep int) (err error) {
 	return nil
 }
 
-// cpuTimes are the machine's total and idle CPU time (jiffies) and its context switches since boot, from
-// /proc/stat.
-type cpuTimes struct{ total, idle, switches uint64 }
+// cpuTimes are the machine's total, idle and stolen CPU time (jiffies) and its context switches since boot,
+// from /proc/stat. Stolen time is time the hypervisor gave this virtual machine's CPUs to someone else: not
+// work of any configuration, so it counts as neither busy nor idle.
+type cpuTimes struct{ total, idle, steal, switches uint64 }
 
 func readCPU() cpuTimes {
 	data, err := os.ReadFile("/proc/stat")
@@ -764,8 +769,11 @@ func parseStat(data string) cpuTimes {
 				}
 				v, _ := strconv.ParseUint(s, 10, 64)
 				t.total += v
-				if i == 3 || i == 4 { // idle, iowait
+				switch i {
+				case 3, 4: // idle, iowait
 					t.idle += v
+				case 7:
+					t.steal += v
 				}
 			}
 		}
@@ -824,21 +832,33 @@ func processCPU(pid int) time.Duration {
 	return time.Duration(utime+stime) * time.Second / userHZ
 }
 
+// busy is the CPU time spent on this machine's own work.
+func (t cpuTimes) busy() uint64 { return t.total - t.idle - t.steal }
+
 // busyTimeSince returns the CPU time the machine was busy between then and t, all CPUs together.
 func (t cpuTimes) busyTimeSince(then cpuTimes) time.Duration {
-	if t.total < then.total || t.total-t.idle < then.total-then.idle {
+	if t.total < then.total || t.busy() < then.busy() {
 		return 0
 	}
-	return time.Duration((t.total-t.idle)-(then.total-then.idle)) * time.Second / userHZ
+	return time.Duration(t.busy()-then.busy()) * time.Second / userHZ
 }
 
 // busySince returns the busy share of CPU time between then and t.
 func (t cpuTimes) busySince(then cpuTimes) float64 {
 	total := t.total - then.total
-	if total == 0 || t.total < then.total {
+	if total == 0 || t.total < then.total || t.busy() < then.busy() {
 		return 0
 	}
-	return 1 - float64(t.idle-then.idle)/float64(total)
+	return float64(t.busy()-then.busy()) / float64(total)
+}
+
+// stolenSince returns the share of CPU time between then and t that the hypervisor took away.
+func (t cpuTimes) stolenSince(then cpuTimes) float64 {
+	total := t.total - then.total
+	if total == 0 || t.total < then.total || t.steal < then.steal {
+		return 0
+	}
+	return float64(t.steal-then.steal) / float64(total)
 }
 
 // vmRSS reads a process's resident set size in KiB.

@@ -65,6 +65,10 @@ type Result struct {
 	// CPUBusy is the median share of the machine's CPU time that was busy during the runs (all processes,
 	// 0-1): 1 means the workload was CPU-bound, and then any extra work costs throughput one for one.
 	CPUBusy float64 `json:"cpu_busy"`
+	// Stolen is the median share of the machine's CPU time the hypervisor gave to other guests during the
+	// runs (steal time). It is not in CPUBusy nor in MachineUS; a run with much of it ran on a crowded host,
+	// and its rates say more about the neighbours than about the configuration.
+	Stolen float64 `json:"cpu_stolen"`
 	// For workloads counted in operations (connections, flows, round trips), medians per operation in
 	// microseconds: MachineUS is the whole machine's busy CPU time (every process and the kernel: CPU BUSY x
 	// CPUs / rate), FirewallCPUUS the firewall process's own (user and system time of the bare consumer or
@@ -134,6 +138,7 @@ type sample struct {
 	// queueDrops counts the packets the firewall's queues dropped during the run.
 	queueDrops uint64
 	cpuBusy    float64
+	stolen     float64
 	// machineUS and fwUS are per-operation CPU times, switches the machine's context switches per operation
 	// (see Result); 0 when not measured.
 	machineUS, fwUS, switches float64
@@ -178,10 +183,11 @@ func (c *collector) results() []Result {
 		wl, cfg, _ := strings.Cut(k, "/")
 		ss := c.data[k]
 		r := Result{Workload: wl, Config: cfg, Unit: c.units[k]}
-		var vals, p50s, p99s, busy, machine, fw, switches []float64
+		var vals, p50s, p99s, busy, stolen, machine, fw, switches []float64
 		for _, s := range ss {
 			vals = append(vals, s.value)
 			busy = append(busy, s.cpuBusy)
+			stolen = append(stolen, s.stolen)
 			if s.machineUS > 0 {
 				machine = append(machine, s.machineUS)
 			}
@@ -201,6 +207,7 @@ func (c *collector) results() []Result {
 		r.Value = round(median(vals))
 		r.Runs = roundAll(vals)
 		r.CPUBusy = math.Round(median(busy)*100) / 100
+		r.Stolen = math.Round(median(stolen)*1000) / 1000
 		r.MachineUS, r.FirewallCPUUS, r.MachineSwitches = medianOrNil(machine), medianOrNil(fw), medianOrNil(switches)
 		if len(p99s) > 0 {
 			p50, p99 := round(median(p50s)), round(median(p99s))
@@ -370,14 +377,17 @@ func ratios(rs []Result) (map[string]float64, []Target) {
 // writeTable prints the results and the targets for people.
 func writeTable(w io.Writer, rep *Report) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "WORKLOAD\tCONFIG\tMEDIAN\tUNIT\tP50 µs\tP99 µs\tCPU BUSY\tMACHINE µs/OP\tFIREWALL µs/OP\tSWITCHES/OP\tERRORS\tRUNS")
+	fmt.Fprintln(tw, "WORKLOAD\tCONFIG\tMEDIAN\tUNIT\tP50 µs\tP99 µs\tCPU BUSY\tSTOLEN\tMACHINE µs/OP\tFIREWALL µs/OP\tSWITCHES/OP\tERRORS\tRUNS")
 	for _, r := range rep.Results {
-		busy := "-"
+		busy, stolen := "-", "-"
 		if r.CPUBusy > 0 {
 			busy = fmt.Sprintf("%.0f%%", r.CPUBusy*100)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Workload, r.Config, fmtNum(r.Value), r.Unit,
-			fmtPtr(r.P50), fmtPtr(r.P99), busy, fmtPtr(r.MachineUS), fmtPtr(r.FirewallCPUUS), fmtPtr(r.MachineSwitches),
+		if r.Stolen > 0 {
+			stolen = fmt.Sprintf("%.1f%%", r.Stolen*100)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Workload, r.Config, fmtNum(r.Value), r.Unit,
+			fmtPtr(r.P50), fmtPtr(r.P99), busy, stolen, fmtPtr(r.MachineUS), fmtPtr(r.FirewallCPUUS), fmtPtr(r.MachineSwitches),
 			r.Errors, fmtRuns(r.Runs))
 	}
 	tw.Flush()
