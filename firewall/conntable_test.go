@@ -235,3 +235,24 @@ func BenchmarkConnTableChurn(b *testing.B) {
 		i++
 	}
 }
+
+// BenchmarkConnTableFull is a full table that only grows: every insert evicts, as on a busy host whose
+// connections the kernel still tracks (or whose ends Warden cannot see).
+func BenchmarkConnTableFull(b *testing.B) {
+	const size = 1 << 16
+	tab := newConnTable(size)
+	conn := func(i int) *Conn {
+		c := testConn(i, "/usr/bin/app", "")
+		c.Key.Remote = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 24), byte(i >> 16), byte(i >> 8)}), uint16(i))
+		return c
+	}
+	for i := range size {
+		tab.insert(conn(i), 1)
+	}
+	i := size
+	for b.Loop() {
+		tab.insert(conn(i), 2)
+		i++
+	}
+	b.ReportMetric(float64(tab.evicted.Load())/float64(b.N), "evictions/op")
+}
