@@ -19,6 +19,9 @@ import (
 	"time"
 )
 
+// stealRetries bounds how often one workload run is repeated because the hypervisor stole too much CPU time.
+const stealRetries = 2
+
 // options are the command line.
 type options struct {
 	out         string
@@ -36,6 +39,9 @@ type options struct {
 	profile     string
 	keepLogs    bool
 	noApps      bool
+	// maxSteal is the share of CPU time the hypervisor may steal during one workload run before the run is
+	// repeated (at most stealRetries times); 0 never repeats.
+	maxSteal float64
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -57,6 +63,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.compare, "compare", "", "a second warden binary, measured as configuration \"compare\" right after \"warden\" in every repetition (tcp_connect, udp_flows, connect_latency, tcp_bulk): an A/B test of a change under the same conditions")
 	fs.StringVar(&o.profile, "profile", "", "directory for CPU profiles (pprof) of Warden and the bare consumer during tcp_connect and udp_flows; implies --warden builtin")
 	fs.BoolVar(&o.noApps, "no-app-rules", false, "diagnosis: Warden's policy without application rules (no process lookups); the report says so")
+	fs.Float64Var(&o.maxSteal, "max-steal", -1, fmt.Sprintf("repeat a workload run (up to %d times) when the hypervisor stole more than this share of the CPU time during it (default 0.05; quick 0: never)", stealRetries))
 	fs.BoolVar(&o.keepLogs, "keep-logs", false, "keep the temporary directory with Warden's config and logs")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: wardenbench [flags]\n\nMeasures Warden against the kernel alone and a bare NFQUEUE consumer (needs root).\n\n")
@@ -80,6 +87,17 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		if o.quick {
 			o.duration = time.Second
 		}
+	}
+	if o.maxSteal < 0 {
+		// A crowded host's steal shows in every figure of the run it hits; --quick is a smoke test and keeps
+		// its time bound instead.
+		o.maxSteal = 0.05
+		if o.quick {
+			o.maxSteal = 0
+		}
+	}
+	if o.maxSteal > 1 {
+		return nil, errors.New("--max-steal is a share of CPU time, between 0 and 1")
 	}
 	if o.memFlows <= 0 {
 		o.memFlows = 100000

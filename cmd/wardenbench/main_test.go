@@ -202,13 +202,20 @@ func TestParseFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.reps != 1 || o.duration != 300*time.Millisecond || o.memFlows != 20000 ||
+	if o.reps != 1 || o.duration != 300*time.Millisecond || o.memFlows != 20000 || o.maxSteal != 0 ||
 		!cmp.Equal(o.workloads, []string{wlTCPConnect, wlUDPFlows}) {
 		t.Errorf("quick options = %+v", o)
 	}
 	o, err = parseFlags(nil, &bytes.Buffer{})
-	if err != nil || o.reps != 4 || o.duration != 3*time.Second || o.memFlows != 100000 || len(o.workloads) != len(allWorkloads) {
+	if err != nil || o.reps != 4 || o.duration != 3*time.Second || o.memFlows != 100000 || o.maxSteal != 0.05 ||
+		len(o.workloads) != len(allWorkloads) {
 		t.Errorf("default options = %+v, %v", o, err)
+	}
+	if o, err := parseFlags([]string{"--max-steal", "0"}, &bytes.Buffer{}); err != nil || o.maxSteal != 0 {
+		t.Errorf("--max-steal 0: %+v, %v; want repeats off", o, err)
+	}
+	if _, err := parseFlags([]string{"--max-steal", "5"}, &bytes.Buffer{}); err == nil {
+		t.Error("--max-steal 5 (a percentage, not a share) accepted")
 	}
 	if _, err := parseFlags([]string{"--workloads", "nope"}, &bytes.Buffer{}); err == nil {
 		t.Error("an unknown workload was accepted")
@@ -304,4 +311,21 @@ func checkShape(t *testing.T, path string, configs, ratioNames []string) reportS
 		}
 	}
 	return rep
+}
+
+// Steal is reported as the median share over the runs, and the repeats it caused are summed.
+func TestStealInResults(t *testing.T) {
+	c := newCollector()
+	c.add(wlUDPFlows, cfgWarden, "flows/s", sample{value: 10, stolen: 0.01})
+	c.add(wlUDPFlows, cfgWarden, "flows/s", sample{value: 11, stolen: 0.2, stealRepeats: 2})
+	c.add(wlUDPFlows, cfgWarden, "flows/s", sample{value: 12, stolen: 0.03, stealRepeats: 1})
+	rs := c.results()
+	if len(rs) != 1 || rs[0].Stolen != 0.03 || rs[0].StealRepeats != 3 {
+		t.Errorf("results %+v; want stolen 0.03 (the median), 3 repeats", rs)
+	}
+	var buf bytes.Buffer
+	writeTable(&buf, &Report{Results: rs})
+	if !strings.Contains(buf.String(), "STOLEN") || !strings.Contains(buf.String(), "3.0%") {
+		t.Errorf("table without the stolen share:\n%s", buf.String())
+	}
 }

@@ -69,6 +69,10 @@ type Result struct {
 	// runs (steal time). It is not in CPUBusy nor in MachineUS; a run with much of it ran on a crowded host,
 	// and its rates say more about the neighbours than about the configuration.
 	Stolen float64 `json:"cpu_stolen"`
+	// StealRepeats counts the runs that were measured again because the hypervisor stole more than
+	// --max-steal of the CPU time during them (each run at most stealRetries times; the last measurement
+	// counts whatever its steal).
+	StealRepeats int `json:"steal_repeats,omitempty"`
 	// For workloads counted in operations (connections, flows, round trips), medians per operation in
 	// microseconds: MachineUS is the whole machine's busy CPU time (every process and the kernel: CPU BUSY x
 	// CPUs / rate), FirewallCPUUS the firewall process's own (user and system time of the bare consumer or
@@ -139,6 +143,8 @@ type sample struct {
 	queueDrops uint64
 	cpuBusy    float64
 	stolen     float64
+	// stealRepeats counts how often the run was repeated for steal before this measurement.
+	stealRepeats int
 	// machineUS and fwUS are per-operation CPU times, switches the machine's context switches per operation
 	// (see Result); 0 when not measured.
 	machineUS, fwUS, switches float64
@@ -188,6 +194,7 @@ func (c *collector) results() []Result {
 			vals = append(vals, s.value)
 			busy = append(busy, s.cpuBusy)
 			stolen = append(stolen, s.stolen)
+			r.StealRepeats += s.stealRepeats
 			if s.machineUS > 0 {
 				machine = append(machine, s.machineUS)
 			}
