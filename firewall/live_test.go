@@ -142,6 +142,29 @@ func TestLiveListingFailureForgetsNothing(t *testing.T) {
 	}
 }
 
+// A listing that panics is a failed listing: reported, counted, nothing forgotten.
+func TestLiveListingPanicIsAnError(t *testing.T) {
+	calls := 0
+	p := newPipeline(t, basicPolicy, Options{LiveConnections: func(func(backend.ConnKey)) error {
+		calls++
+		if calls > 1 {
+			panic("unexpected kernel answer")
+		}
+		return nil
+	}})
+	c := decideOutbound(t, p, backend.UDP, "10.0.0.1:40000", "10.0.0.2:5000")
+	now := time.Now().Add(time.Minute)
+	for i := range 3 {
+		_, err := p.syncLive(now.Add(time.Duration(i) * 30 * time.Second))
+		if (err != nil) != (i > 0) {
+			t.Fatalf("listing %d: err %v", i+1, err)
+		}
+	}
+	if p.Lookup(c) == nil || p.Stats().ListingErrors != 2 {
+		t.Errorf("after panicking listings: tracked %v, %d listing errors; want true, 2", p.Lookup(c) != nil, p.Stats().ListingErrors)
+	}
+}
+
 // A listed connection counts as seen: a TCP connection open for longer than the idle timeout is not expired
 // while the kernel still tracks it, and one that is gone is.
 func TestLiveListingKeepsLongConnections(t *testing.T) {

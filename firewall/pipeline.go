@@ -454,7 +454,7 @@ func (p *Pipeline) janitor() {
 // connections never get a kernel entry and stay until idle, as before. A failed listing forgets nothing.
 func (p *Pipeline) syncLive(now time.Time) (ended int, err error) {
 	start := now.Unix()
-	if err := p.opts.LiveConnections(func(k backend.ConnKey) { p.conns.seen(&k, start) }); err != nil {
+	if err := p.listLive(start); err != nil {
 		p.stats.listingErrors.Add(1)
 		return 0, err
 	}
@@ -464,6 +464,17 @@ func (p *Pipeline) syncLive(now time.Time) (ended int, err error) {
 	}
 	p.prevListing = start
 	return ended, nil
+}
+
+// listLive runs one listing, marking what it lists as seen at now. A panic in the listing (a kernel answer the
+// parser did not expect) is an error: it must not take the janitor, and the daemon, down.
+func (p *Pipeline) listLive(now int64) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("listing live connections panicked: %v", r)
+		}
+	}()
+	return p.opts.LiveConnections(func(k backend.ConnKey) { p.conns.seen(&k, now) })
 }
 
 func (p *Pipeline) sweep(now time.Time) int {
