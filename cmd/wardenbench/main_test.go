@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -327,5 +328,23 @@ func TestStealInResults(t *testing.T) {
 	writeTable(&buf, &Report{Results: rs})
 	if !strings.Contains(buf.String(), "STOLEN") || !strings.Contains(buf.String(), "3.0%") {
 		t.Errorf("table without the stolen share:\n%s", buf.String())
+	}
+}
+
+// A rate target also carries each repetition's own ratio, in repetition order; the target's value stays the
+// ratio of the medians.
+func TestPairedRuns(t *testing.T) {
+	c := newCollector()
+	for _, v := range [][2]float64{{100, 90}, {80, 88}, {120, 96}} { // bare, warden per repetition
+		c.add(wlUDPFlows, cfgBare, "flows/s", sample{value: v[0]})
+		c.add(wlUDPFlows, cfgWarden, "flows/s", sample{value: v[1]})
+	}
+	_, ts := ratios(c.results())
+	i := slices.IndexFunc(ts, func(t Target) bool { return t.Ratio == "warden_vs_bare_udp_flows" })
+	if i < 0 {
+		t.Fatalf("no UDP target in %+v", ts)
+	}
+	if got := ts[i]; got.Value != 0.9 || !cmp.Equal(got.PairedRuns, []float64{0.9, 1.1, 0.8}) {
+		t.Errorf("target %+v; want value 0.9 (90/100) and per-repetition ratios 0.9 1.1 0.8", got)
 	}
 }

@@ -132,6 +132,10 @@ type Target struct {
 	Want  string  `json:"want"`
 	Value float64 `json:"value"`
 	Met   bool    `json:"met"`
+	// PairedRuns are the ratio of each repetition on its own (the two configurations ran back to back in it),
+	// for rate ratios: their spread shows how far one run's ratio can be trusted. Value stays the ratio of the
+	// medians.
+	PairedRuns []float64 `json:"paired_runs,omitempty"`
 }
 
 // sample is one repetition's measurement of one workload in one configuration.
@@ -365,6 +369,13 @@ func ratios(rs []Result) (map[string]float64, []Target) {
 		m[s.name] = r
 		if s.target > 0 {
 			t := Target{Name: s.workload, Ratio: s.name, Value: r}
+			if s.metric == metricValue && len(a.Runs) == len(b.Runs) {
+				for i := range a.Runs {
+					if b.Runs[i] > 0 {
+						t.PairedRuns = append(t.PairedRuns, math.Round(a.Runs[i]/b.Runs[i]*1000)/1000)
+					}
+				}
+			}
 			if s.atMost {
 				t.Want, t.Met = fmt.Sprintf("<= %.2f", s.target), r <= s.target
 			} else {
@@ -403,13 +414,17 @@ func writeTable(w io.Writer, rep *Report) {
 	}
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "RATIO\tVALUE\tTARGET\tMET")
+	fmt.Fprintln(tw, "RATIO\tVALUE\tTARGET\tMET\tPER REPETITION")
 	for _, t := range rep.Targets {
 		met := "yes"
 		if !t.Met {
 			met = "NO"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.Ratio, fmtNum(t.Value), t.Want, met)
+		paired := "-"
+		if len(t.PairedRuns) > 0 {
+			paired = fmtRuns(t.PairedRuns)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.Ratio, fmtNum(t.Value), t.Want, met, paired)
 	}
 	names := make([]string, 0, len(rep.Ratios))
 	for k := range rep.Ratios {
@@ -418,7 +433,7 @@ func writeTable(w io.Writer, rep *Report) {
 	sort.Strings(names)
 	for _, k := range names {
 		if !slices.ContainsFunc(rep.Targets, func(t Target) bool { return t.Ratio == k }) {
-			fmt.Fprintf(tw, "%s\t%s\t-\t-\n", k, fmtNum(rep.Ratios[k]))
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\t\n", k, fmtNum(rep.Ratios[k]))
 		}
 	}
 	tw.Flush()
