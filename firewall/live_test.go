@@ -202,3 +202,42 @@ func TestJanitorListsLiveConnections(t *testing.T) {
 		t.Fatal("no listing within 10 s at a 1 s interval")
 	}
 }
+
+// Listing is spaced by its cost: about 0.05 % of a processor, ten times that once the table is three quarters
+// full, never more often than LiveInterval.
+func TestListingInterval(t *testing.T) {
+	p := newPipeline(t, basicPolicy, Options{MaxConnections: 64 * 2, LiveInterval: 30 * time.Second})
+	if got := p.listingInterval(time.Millisecond); got != 30*time.Second {
+		t.Errorf("cheap listing: every %v, want 30s", got)
+	}
+	if got := p.listingInterval(250 * time.Millisecond); got != 500*time.Second {
+		t.Errorf("250 ms listing, table empty: every %v, want 500s", got)
+	}
+	// Shards fill unevenly (a full one evicts), so add connections until three quarters are tracked.
+	for i := 0; p.Stats().Connections < 96; i++ {
+		if i == 1000 {
+			t.Fatalf("table holds %d of 128 after %d connections", p.Stats().Connections, i)
+		}
+		decideOutbound(t, p, backend.UDP, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(40000+i)).String(), "10.0.0.2:5000")
+	}
+	if got := p.listingInterval(250 * time.Millisecond); got != 50*time.Second {
+		t.Errorf("250 ms listing, table %d of 128: every %v, want 50s", p.Stats().Connections, got)
+	}
+}
+
+// The first listing's cost is estimated from the table's size: a daemon that started busy waits.
+func TestFirstListingWaitsForLargeTable(t *testing.T) {
+	p := newPipeline(t, basicPolicy, Options{LiveInterval: time.Second})
+	t0 := time.Now()
+	if got := p.firstListingAt(t0).Sub(t0); got != time.Second {
+		t.Errorf("empty table: first listing after %v, want 1s", got)
+	}
+	for i := range 2000 {
+		decideOutbound(t, p, backend.UDP, netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 40000).String(),
+			"10.0.0.2:5000")
+	}
+	// 2 000 entries at 2.5 µs: 5 ms, spaced to 0.05 % of a processor.
+	if got := p.firstListingAt(t0).Sub(t0); got != 10*time.Second {
+		t.Errorf("2 000 connections: first listing after %v, want 10s", got)
+	}
+}

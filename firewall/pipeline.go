@@ -71,7 +71,7 @@ type Options struct {
 	// before connections that are gone.
 	LiveConnections func(live func(backend.ConnKey)) error
 	// LiveInterval is the least time between two listings (default 30 s). A listing that takes long
-	// stretches it, so that listing costs at most about 0.5 % of one processor.
+	// stretches it (see listingInterval).
 	LiveInterval time.Duration
 }
 
@@ -415,7 +415,8 @@ func (p *Pipeline) janitor() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	lastSweep := time.Now()
-	nextListing := lastSweep.Add(p.opts.LiveInterval)
+	started := lastSweep
+	nextListing := started.Add(p.opts.LiveInterval)
 	listingFails := false
 	for {
 		select {
@@ -423,6 +424,9 @@ func (p *Pipeline) janitor() {
 			return
 		case now := <-tick.C:
 			p.clock.Store(now.Unix())
+			if p.opts.LiveConnections != nil && !now.Before(nextListing) && p.prevListing == 0 {
+				nextListing = p.firstListingAt(started)
+			}
 			if p.opts.LiveConnections != nil && !now.Before(nextListing) {
 				ended, err := p.syncLive(now)
 				took := time.Since(now)
@@ -436,7 +440,7 @@ func (p *Pipeline) janitor() {
 					p.log.Debug("forgot connections that ended", "count", ended, "took", took)
 				}
 				listingFails = err != nil
-				nextListing = now.Add(max(p.opts.LiveInterval, 200*took))
+				nextListing = now.Add(p.listingInterval(took))
 			}
 			if now.Sub(lastSweep) >= 10*time.Second {
 				lastSweep = now
@@ -445,6 +449,29 @@ func (p *Pipeline) janitor() {
 			}
 		}
 	}
+}
+
+// listingCostPerEntry is about what listing one conntrack entry costs (the kernel's dump and the parsing;
+// BenchmarkDump measures it): it estimates the first listing's cost.
+const listingCostPerEntry = 2500 * time.Nanosecond
+
+// listingInterval is the time from one listing to the next, given what a listing takes: LiveInterval, or longer
+// when listing is expensive, so that it costs about 0.05 % of one processor (a table of 100 000 entries, listed
+// in about 250 ms, every 8 minutes). A table three quarters full is listed ten times as often: listings are
+// then what keeps live connections from being the ones evicted.
+func (p *Pipeline) listingInterval(took time.Duration) time.Duration {
+	factor := time.Duration(2000)
+	if p.conns.len() >= p.opts.MaxConnections*3/4 {
+		factor = 200
+	}
+	return max(p.opts.LiveInterval, factor*took)
+}
+
+// firstListingAt is when the first listing is due for a pipeline started at started. Its cost is not known
+// yet: it is estimated from the table's size, so that a daemon that starts busy does not list a large table at
+// once.
+func (p *Pipeline) firstListingAt(started time.Time) time.Time {
+	return started.Add(p.listingInterval(time.Duration(p.conns.len()) * listingCostPerEntry))
 }
 
 // syncLive asks the kernel which connections still exist (Options.LiveConnections). Each one listed counts as
