@@ -176,17 +176,18 @@ func (t *connTable) shard(k *connKey) *connShard {
 	return &t.shards[h%connShards]
 }
 
-// touch returns the decision of the connection with key k and records that it was seen at now. Most calls
-// are misses (a new connection's first packet), which need only the read lock.
+// touch returns the decision of the connection with key k and records that it was seen at now: by a packet,
+// or by a listing of the kernel's live connections. It never moves a last-seen time back. Most calls are
+// misses (a new connection's first packet), which need only the read lock.
 func (t *connTable) touch(k *backend.ConnKey, now int64) (backend.Decision, bool) {
 	ck := packKey(k)
 	s := t.shard(&ck)
 	s.mu.RLock()
 	e, ok := s.m[ck]
 	s.mu.RUnlock()
-	if ok && e.lastSeen != now {
+	if ok && e.lastSeen < now {
 		s.mu.Lock()
-		if e2, still := s.m[ck]; still {
+		if e2, still := s.m[ck]; still && e2.lastSeen < now {
 			e2.lastSeen = now
 			s.m[ck] = e2
 		}
@@ -195,50 +196,12 @@ func (t *connTable) touch(k *backend.ConnKey, now int64) (backend.Decision, bool
 	return unpackDecision(e.decision), ok
 }
 
-// seen records that the connection with key k, if tracked, was alive at now (a listing of the kernel's live
-// connections). It never moves a last-seen time back.
-func (t *connTable) seen(k *backend.ConnKey, now int64) {
-	if !k.Protocol.HasPorts() {
-		return
-	}
-	ck := packKey(k)
-	s := t.shard(&ck)
-	s.mu.RLock()
-	e, ok := s.m[ck]
-	s.mu.RUnlock()
-	if !ok || e.lastSeen >= now {
-		return
-	}
-	s.mu.Lock()
-	if e, ok := s.m[ck]; ok && e.lastSeen < now {
-		e.lastSeen = now
-		s.m[ck] = e
-	}
-	s.mu.Unlock()
-}
-
 // forgetEnded removes the connections the kernel must be tracking while they live (a protocol with ports, a
 // decision that lets packets pass) that were last seen before cutoff, and returns how many it removed.
 func (t *connTable) forgetEnded(cutoff int64) int {
-	n := 0
-	for i := range t.shards {
-		s := &t.shards[i]
-		s.mu.Lock()
-		for k, e := range s.m {
-			if e.lastSeen < cutoff && k.proto.HasPorts() && passes(unpackDecision(e.decision)) {
-				delete(s.m, k)
-				t.release(&e)
-				n++
-			}
-		}
-		s.mu.Unlock()
-	}
-	t.count.Add(int64(-n))
-	if n > 0 {
-		t.names.sweep()
-		t.rules.sweep()
-	}
-	return n
+	return t.removeWhere(func(k *connKey, e *connEntry) bool {
+		return e.lastSeen < cutoff && k.proto.HasPorts() && passes(unpackDecision(e.decision))
+	})
 }
 
 // passes reports whether a decision lets the connection's packets through, so that the kernel tracks it.
@@ -367,15 +330,20 @@ func (t *connTable) update(f func(*Conn) (backend.Decision, *ruleRef)) {
 	}
 }
 
-// expire removes connections last seen before the cutoff for their protocol, then lets go of names no
-// connection uses any more.
+// expire removes connections last seen before the cutoff for their protocol.
 func (t *connTable) expire(cutoff func(backend.Protocol) int64) int {
+	return t.removeWhere(func(k *connKey, e *connEntry) bool { return e.lastSeen < cutoff(k.proto) })
+}
+
+// removeWhere removes the connections stale reports, returns how many, and then lets go of names no connection
+// uses any more (also those that evictions and removals left).
+func (t *connTable) removeWhere(stale func(*connKey, *connEntry) bool) int {
 	n := 0
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
 		for k, e := range s.m {
-			if e.lastSeen < cutoff(k.proto) {
+			if stale(&k, &e) {
 				delete(s.m, k)
 				t.release(&e)
 				n++

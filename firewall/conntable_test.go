@@ -212,11 +212,9 @@ func TestConnTablePresized(t *testing.T) {
 	}
 }
 
-// BenchmarkConnTableChurn is a full table with the churn of a busy host: every new connection's look-up misses,
-// its insert evicts another, and as many connections end as begin. Go maps pay for this churn in tombstones
-// (docs/performance.md, session 8).
-func BenchmarkConnTableChurn(b *testing.B) {
-	const size = 1 << 16
+// fullTable returns a table of size connections, full, and how the benchmarks make their i-th connection
+// (each with its own remote address, so that they spread over the shards).
+func fullTable(size int) (*connTable, func(i int) *Conn) {
 	tab := newConnTable(size)
 	conn := func(i int) *Conn {
 		c := testConn(i, "/usr/bin/app", "")
@@ -226,6 +224,15 @@ func BenchmarkConnTableChurn(b *testing.B) {
 	for i := range size {
 		tab.insert(conn(i), 1)
 	}
+	return tab, conn
+}
+
+// BenchmarkConnTableChurn is a full table with the churn of a busy host: every new connection's look-up misses,
+// its insert evicts another, and as many connections end as begin. Go maps pay for this churn in tombstones
+// (docs/performance.md, session 8).
+func BenchmarkConnTableChurn(b *testing.B) {
+	const size = 1 << 16
+	tab, conn := fullTable(size)
 	i := size
 	for b.Loop() {
 		c := conn(i)
@@ -240,15 +247,7 @@ func BenchmarkConnTableChurn(b *testing.B) {
 // connections the kernel still tracks (or whose ends Warden cannot see).
 func BenchmarkConnTableFull(b *testing.B) {
 	const size = 1 << 16
-	tab := newConnTable(size)
-	conn := func(i int) *Conn {
-		c := testConn(i, "/usr/bin/app", "")
-		c.Key.Remote = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 24), byte(i >> 16), byte(i >> 8)}), uint16(i))
-		return c
-	}
-	for i := range size {
-		tab.insert(conn(i), 1)
-	}
+	tab, conn := fullTable(size)
 	i := size
 	for b.Loop() {
 		tab.insert(conn(i), 2)

@@ -501,7 +501,7 @@ func (p *Pipeline) listLive(now int64) (err error) {
 			err = fmt.Errorf("listing live connections panicked: %v", r)
 		}
 	}()
-	return p.opts.LiveConnections(func(k backend.ConnKey) { p.conns.seen(&k, now) })
+	return p.opts.LiveConnections(func(k backend.ConnKey) { p.conns.touch(&k, now) })
 }
 
 func (p *Pipeline) sweep(now time.Time) int {
