@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
 )
 
 // readTimeout bounds each read of the dump, so a kernel that stops answering cannot hang the caller.
@@ -54,7 +56,7 @@ func Dump(f func(*Flow)) error {
 
 // request builds the dump request: IPCTNL_MSG_CT_GET with NLM_F_DUMP, family AF_UNSPEC (both families).
 func request(seq uint32) []byte {
-	b := make([]byte, nlmsgHdrLen+nfgenHdrLen)
+	b := make([]byte, nlwire.HdrLen+nlwire.NfgenHdrLen)
 	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
 	binary.NativeEndian.PutUint16(b[4:6], nfnlSubsysCTNetlink<<8|ipctnlMsgCTGet)
 	binary.NativeEndian.PutUint16(b[6:8], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)

@@ -13,21 +13,12 @@ import (
 	"fmt"
 	"net/netip"
 	"syscall"
+
+	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
 )
 
-// Netlink, nfnetlink and ctnetlink constants (linux/netlink.h, linux/netfilter/nfnetlink_conntrack.h).
+// ctnetlink constants (linux/netfilter/nfnetlink.h, linux/netfilter/nfnetlink_conntrack.h).
 const (
-	nlmsgHdrLen = 16
-	nfgenHdrLen = 4
-	nlmsgNoop   = 1
-	nlmsgError  = 2
-	nlmsgDone   = 3
-
-	nlaHdrLen   = 4
-	nlaFNested  = 1 << 15
-	nlaFByteOrd = 1 << 14
-	nlaTypeMask = ^uint16(nlaFNested | nlaFByteOrd)
-
 	nfnlSubsysCTNetlink = 1
 	ipctnlMsgCTNew      = 0 // dump replies carry IPCTNL_MSG_CT_NEW
 	ipctnlMsgCTGet      = 1
@@ -82,7 +73,7 @@ func (f *Flow) Ended() bool {
 
 // Errors of Parse.
 var (
-	ErrTruncated = errors.New("ctdump: truncated netlink message")
+	ErrTruncated = nlwire.ErrTruncated
 	// ErrKernel wraps an error the kernel answered the dump with.
 	ErrKernel = errors.New("ctdump: kernel error")
 )
@@ -93,40 +84,31 @@ var (
 // error, never a panic.
 func Parse(b []byte, fl *Flow, f func(*Flow)) (done bool, err error) {
 	for len(b) > 0 {
-		if len(b) < nlmsgHdrLen {
-			return false, ErrTruncated
+		m, rest, err := nlwire.Next(b)
+		if err != nil {
+			return false, err
 		}
-		n := binary.NativeEndian.Uint32(b[0:4])
-		typ := binary.NativeEndian.Uint16(b[4:6])
-		if n < nlmsgHdrLen || uint64(n) > uint64(len(b)) {
-			return false, ErrTruncated
-		}
-		msg := b[nlmsgHdrLen:n]
-		switch {
-		case typ == nlmsgDone:
+		switch m.Type {
+		case nlwire.TypeDone:
 			return true, nil
-		case typ == nlmsgError:
-			if len(msg) < 4 {
-				return false, ErrTruncated
+		case nlwire.TypeError:
+			code, err := nlwire.Errno(m.Payload)
+			if err != nil {
+				return false, err
 			}
-			if code := int32(binary.NativeEndian.Uint32(msg[0:4])); code != 0 {
-				return false, kernelError(-code)
+			if code != 0 {
+				return false, kernelError(code)
 			}
-		case typ == nlmsgNoop:
-		case typ == nfnlSubsysCTNetlink<<8|ipctnlMsgCTNew:
-			if len(msg) < nfgenHdrLen {
+		case nfnlSubsysCTNetlink<<8 | ipctnlMsgCTNew:
+			if len(m.Payload) < nlwire.NfgenHdrLen {
 				return false, ErrTruncated
 			}
 			*fl = Flow{}
-			if parseFlow(msg[nfgenHdrLen:], fl) {
+			if parseFlow(m.Payload[nlwire.NfgenHdrLen:], fl) {
 				f(fl)
 			}
 		}
-		if a := align(int(n)); a < len(b) {
-			b = b[a:]
-		} else {
-			b = nil
-		}
+		b = rest
 	}
 	return false, nil
 }
@@ -135,7 +117,7 @@ func Parse(b []byte, fl *Flow, f func(*Flow)) (done bool, err error) {
 func parseFlow(b []byte, fl *Flow) bool {
 	var haveOrig, haveReply bool
 	var origProto, replyProto uint8
-	for typ, val, rest, ok := nextAttr(b); ok; typ, val, rest, ok = nextAttr(rest) {
+	for typ, val, rest, ok := nlwire.NextAttr(b); ok; typ, val, rest, ok = nlwire.NextAttr(rest) {
 		switch typ {
 		case ctaTupleOrig:
 			haveOrig = parseTuple(val, &fl.Orig, &origProto)
@@ -152,29 +134,27 @@ func parseFlow(b []byte, fl *Flow) bool {
 func parseTuple(b []byte, t *Tuple, proto *uint8) bool {
 	var src, dst netip.Addr
 	var sport, dport uint16
-	for typ, val, rest, ok := nextAttr(b); ok; typ, val, rest, ok = nextAttr(rest) {
+	for typ, val, rest, ok := nlwire.NextAttr(b); ok; typ, val, rest, ok = nlwire.NextAttr(rest) {
 		switch typ {
 		case ctaTupleIP:
-			for at, av, r2, ok2 := nextAttr(val); ok2; at, av, r2, ok2 = nextAttr(r2) {
+			for at, av, r2, ok2 := nlwire.NextAttr(val); ok2; at, av, r2, ok2 = nlwire.NextAttr(r2) {
+				var a netip.Addr
 				switch {
 				case (at == ctaIPv4Src || at == ctaIPv4Dst) && len(av) == 4:
-					a := netip.AddrFrom4([4]byte(av))
-					if at == ctaIPv4Src {
-						src = a
-					} else {
-						dst = a
-					}
+					a = netip.AddrFrom4([4]byte(av))
 				case (at == ctaIPv6Src || at == ctaIPv6Dst) && len(av) == 16:
-					a := netip.AddrFrom16([16]byte(av))
-					if at == ctaIPv6Src {
-						src = a
-					} else {
-						dst = a
-					}
+					a = netip.AddrFrom16([16]byte(av))
+				default:
+					continue
+				}
+				if at == ctaIPv4Src || at == ctaIPv6Src {
+					src = a
+				} else {
+					dst = a
 				}
 			}
 		case ctaTupleProto:
-			for at, av, r2, ok2 := nextAttr(val); ok2; at, av, r2, ok2 = nextAttr(r2) {
+			for at, av, r2, ok2 := nlwire.NextAttr(val); ok2; at, av, r2, ok2 = nlwire.NextAttr(r2) {
 				switch {
 				case at == ctaProtoNum && len(av) >= 1:
 					*proto = av[0]
@@ -194,37 +174,17 @@ func parseTuple(b []byte, t *Tuple, proto *uint8) bool {
 }
 
 func parseProtoinfo(b []byte, fl *Flow) {
-	for typ, val, rest, ok := nextAttr(b); ok; typ, val, rest, ok = nextAttr(rest) {
+	for typ, val, rest, ok := nlwire.NextAttr(b); ok; typ, val, rest, ok = nlwire.NextAttr(rest) {
 		if typ != ctaProtoinfoTCP {
 			continue
 		}
-		for at, av, r2, ok2 := nextAttr(val); ok2; at, av, r2, ok2 = nextAttr(r2) {
+		for at, av, r2, ok2 := nlwire.NextAttr(val); ok2; at, av, r2, ok2 = nlwire.NextAttr(r2) {
 			if at == ctaProtoinfoTCPState && len(av) >= 1 {
 				fl.TCPState, fl.HasTCPState = av[0], true
 			}
 		}
 	}
 }
-
-// nextAttr splits the first attribute off b. ok is false at the end or on a malformed attribute (the rest of
-// b is then ignored: a truncated entry yields what it had).
-func nextAttr(b []byte) (typ uint16, val, rest []byte, ok bool) {
-	if len(b) < nlaHdrLen {
-		return 0, nil, nil, false
-	}
-	n := int(binary.NativeEndian.Uint16(b[0:2]))
-	if n < nlaHdrLen || n > len(b) {
-		return 0, nil, nil, false
-	}
-	typ = binary.NativeEndian.Uint16(b[2:4]) & nlaTypeMask
-	val = b[nlaHdrLen:n]
-	if a := align(n); a < len(b) {
-		rest = b[a:]
-	}
-	return typ, val, rest, true
-}
-
-func align(n int) int { return (n + 3) &^ 3 }
 
 func kernelError(errno int32) error {
 	return fmt.Errorf("%w: %w", ErrKernel, syscall.Errno(errno))

@@ -8,11 +8,13 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
 )
 
 // attr builds one netlink attribute (nested when children are given).
 func attr(typ uint16, val []byte) []byte {
-	b := binary.NativeEndian.AppendUint16(nil, uint16(nlaHdrLen+len(val)))
+	b := binary.NativeEndian.AppendUint16(nil, uint16(nlwire.AttrHdrLen+len(val)))
 	b = binary.NativeEndian.AppendUint16(b, typ)
 	b = append(b, val...)
 	for len(b)%4 != 0 {
@@ -26,7 +28,7 @@ func nested(typ uint16, children ...[]byte) []byte {
 	for _, c := range children {
 		v = append(v, c...)
 	}
-	return attr(typ|nlaFNested, v)
+	return attr(typ|1<<15, v) // NLA_F_NESTED
 }
 
 func be16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
@@ -43,7 +45,7 @@ func tupleAttr(typ uint16, src, dst netip.AddrPort, proto uint8) []byte {
 }
 
 func nlmsg(typ uint16, body []byte) []byte {
-	b := binary.NativeEndian.AppendUint32(nil, uint32(nlmsgHdrLen+len(body)))
+	b := binary.NativeEndian.AppendUint32(nil, uint32(nlwire.HdrLen+len(body)))
 	b = binary.NativeEndian.AppendUint16(b, typ)
 	b = binary.NativeEndian.AppendUint16(b, 2) // NLM_F_MULTI
 	b = append(b, make([]byte, 8)...)          // seq, pid
@@ -101,7 +103,7 @@ func TestParse(t *testing.T) {
 		t.Errorf("Ended: %v %v %v, want false false true", got[0].Ended(), got[1].Ended(), got[2].Ended())
 	}
 
-	got, done, err = collect(t, append(entry(tcpFlow), nlmsg(nlmsgDone, []byte{0, 0, 0, 0})...))
+	got, done, err = collect(t, append(entry(tcpFlow), nlmsg(nlwire.TypeDone, []byte{0, 0, 0, 0})...))
 	if err != nil || !done || len(got) != 1 {
 		t.Errorf("with NLMSG_DONE: %d flows, done %v, err %v; want 1, true, nil", len(got), done, err)
 	}
@@ -117,16 +119,16 @@ func TestParseSkipsEntriesWithoutTuples(t *testing.T) {
 }
 
 func TestParseErrors(t *testing.T) {
-	errMsg := nlmsg(nlmsgError, binary.NativeEndian.AppendUint32(nil, uint32(0x100000000-int64(syscall.EPERM))))
+	errMsg := nlmsg(nlwire.TypeError, binary.NativeEndian.AppendUint32(nil, uint32(0x100000000-int64(syscall.EPERM))))
 	if _, _, err := collect(t, errMsg); !errors.Is(err, ErrKernel) || !errors.Is(err, syscall.EPERM) {
 		t.Errorf("kernel error: %v, want ErrKernel wrapping EPERM", err)
 	}
-	ack := nlmsg(nlmsgError, make([]byte, 4))
+	ack := nlmsg(nlwire.TypeError, make([]byte, 4))
 	if _, _, err := collect(t, ack); err != nil {
 		t.Errorf("acknowledgement (error 0): %v", err)
 	}
 	whole := entry(tcpFlow)
-	for _, cut := range []int{1, nlmsgHdrLen - 1, nlmsgHdrLen + 2} {
+	for _, cut := range []int{1, nlwire.HdrLen - 1, nlwire.HdrLen + 2} {
 		if _, _, err := collect(t, whole[:cut]); !errors.Is(err, ErrTruncated) {
 			t.Errorf("cut at %d: %v, want ErrTruncated", cut, err)
 		}
@@ -157,7 +159,7 @@ func TestParseDoesNotAllocate(t *testing.T) {
 func FuzzParse(f *testing.F) {
 	f.Add(append(entry(tcpFlow), entry(udpNATFlow)...))
 	f.Add(entry(timeWaitFlow))
-	f.Add(nlmsg(nlmsgDone, []byte{0, 0, 0, 0}))
+	f.Add(nlmsg(nlwire.TypeDone, []byte{0, 0, 0, 0}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var scratch Flow
 		_, _ = Parse(b, &scratch, func(fl *Flow) {

@@ -1,6 +1,10 @@
 package nfqread
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+
+	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
+)
 
 // Config is what Bind sets on a queue.
 type Config struct {
@@ -31,7 +35,7 @@ const (
 func ConfigMessages(cfg Config) (msgType uint16, bodies [][]byte) {
 	be, ne := binary.BigEndian, binary.NativeEndian
 	hdr := func() []byte {
-		b := make([]byte, nfgenHdrLen, 64)
+		b := make([]byte, nlwire.NfgenHdrLen, 64)
 		be.PutUint16(b[2:], cfg.Queue) // family AF_UNSPEC, version 0, resource id = queue
 		return b
 	}

@@ -12,18 +12,12 @@ import (
 	"errors"
 	"sync/atomic"
 	"syscall"
+
+	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
 )
 
-// Netlink and nfnetlink_queue constants (linux/netlink.h, linux/netfilter/nfnetlink*.h).
+// nfnetlink_queue constants (linux/netfilter/nfnetlink*.h).
 const (
-	nlmsgHdrLen  = 16
-	nfgenHdrLen  = 4
-	nlmsgNoop    = 1
-	nlmsgError   = 2
-	nlmsgDone    = 3
-	nlaFNested   = 1 << 15
-	nlaFByteOrd  = 1 << 14
-	nlaTypeMask  = ^uint16(nlaFNested | nlaFByteOrd)
 	nfnlSubsysQ  = 3
 	nfqnlMsgPkt  = 0
 	nfqnlMsgConf = 2
@@ -67,31 +61,31 @@ var (
 // Parse decodes one nfnetlink_queue packet message (the whole netlink message, header included) into p. It
 // reports ErrNotPacket for any other message type, and never reads outside msg.
 func Parse(msg []byte, p *Packet) error {
+	m, _, err := nlwire.Next(msg)
+	if err != nil {
+		*p = Packet{}
+		return ErrShort
+	}
+	return parsePacket(&m, p)
+}
+
+// parsePacket is Parse for a message already split off its datagram.
+func parsePacket(m *nlwire.Msg, p *Packet) error {
 	*p = Packet{}
-	if len(msg) < nlmsgHdrLen+nfgenHdrLen {
+	if len(m.Payload) < nlwire.NfgenHdrLen {
 		return ErrShort
 	}
-	ne := binary.NativeEndian
-	n := int(ne.Uint32(msg))
-	if n < nlmsgHdrLen+nfgenHdrLen || n > len(msg) {
-		return ErrShort
-	}
-	if ne.Uint16(msg[4:]) != nfnlSubsysQ<<8|nfqnlMsgPkt {
+	if m.Type != nfnlSubsysQ<<8|nfqnlMsgPkt {
 		return ErrNotPacket
 	}
-	p.Queue = binary.BigEndian.Uint16(msg[nlmsgHdrLen+2:])
+	p.Queue = binary.BigEndian.Uint16(m.Payload[2:])
 	seenHdr := false
-	attrs := msg[nlmsgHdrLen+nfgenHdrLen : n]
-	for len(attrs) > 0 {
-		if len(attrs) < 4 {
+	for attrs := m.Payload[nlwire.NfgenHdrLen:]; len(attrs) > 0; {
+		typ, v, rest, ok := nlwire.NextAttr(attrs)
+		if !ok {
 			return ErrBadAttr
 		}
-		alen := int(ne.Uint16(attrs))
-		if alen < 4 || alen > len(attrs) {
-			return ErrBadAttr
-		}
-		v := attrs[4:alen]
-		switch ne.Uint16(attrs[2:]) & nlaTypeMask {
+		switch typ {
 		case attrPacketHdr:
 			// struct nfqnl_msg_packet_hdr {__be32 packet_id; __be16 hw_protocol; __u8 hook;} (7 bytes, padded).
 			if len(v) < 7 {
@@ -114,12 +108,7 @@ func Parse(msg []byte, p *Packet) error {
 		case attrPayload:
 			p.Payload = v
 		}
-		// Attributes are padded to 4 bytes; the last one may end without its padding.
-		next := (alen + 3) &^ 3
-		if next > len(attrs) {
-			next = len(attrs)
-		}
-		attrs = attrs[next:]
+		attrs = rest
 	}
 	if !seenHdr {
 		return ErrNoPacket
@@ -180,31 +169,23 @@ func (r *Reader) Next(fn func(*Packet)) error {
 
 // dispatch walks the netlink messages of one datagram.
 func (r *Reader) dispatch(b []byte, fn func(*Packet)) {
-	ne := binary.NativeEndian
-	for len(b) >= nlmsgHdrLen {
-		n := int(ne.Uint32(b))
-		if n < nlmsgHdrLen || n > len(b) {
-			r.Malformed.Add(1)
+	for len(b) > 0 {
+		m, rest, err := nlwire.Next(b)
+		if err != nil {
+			r.Malformed.Add(1) // a bad length, or a tail too short to be a message
 			return
 		}
-		switch ne.Uint16(b[4:]) {
-		case nlmsgNoop, nlmsgDone:
-		case nlmsgError:
+		switch m.Type {
+		case nlwire.TypeNoop, nlwire.TypeDone:
+		case nlwire.TypeError:
 			r.Acks.Add(1)
 		default:
-			if err := Parse(b[:n], &r.pkt); err == nil {
+			if err := parsePacket(&m, &r.pkt); err == nil {
 				fn(&r.pkt)
 			} else if err != ErrNotPacket {
 				r.Malformed.Add(1)
 			}
 		}
-		next := (n + 3) &^ 3
-		if next > len(b) {
-			next = len(b)
-		}
-		b = b[next:]
-	}
-	if len(b) > 0 {
-		r.Malformed.Add(1) // a tail too short to be a message
+		b = rest
 	}
 }

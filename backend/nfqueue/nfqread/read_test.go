@@ -6,6 +6,8 @@ import (
 	"errors"
 	"reflect"
 	"testing"
+
+	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
 )
 
 // attr is one netlink attribute of a test message.
@@ -18,10 +20,10 @@ type attr struct {
 // 4 bytes as the kernel lays them out.
 func message(typ uint16, queue uint16, attrs ...attr) []byte {
 	ne := binary.NativeEndian
-	b := make([]byte, nlmsgHdrLen, 256)
+	b := make([]byte, nlwire.HdrLen, 256)
 	ne.PutUint16(b[4:], typ)
 	b = append(b, 0, 0, 0, 0)
-	binary.BigEndian.PutUint16(b[nlmsgHdrLen+2:], queue)
+	binary.BigEndian.PutUint16(b[nlwire.HdrLen+2:], queue)
 	for _, a := range attrs {
 		var h [4]byte
 		ne.PutUint16(h[0:], uint16(4+len(a.val)))
@@ -46,15 +48,15 @@ func packetMsg(id uint32, hook uint8, payload []byte) []byte {
 	// Attribute numbers as linux/netfilter/nfnetlink_queue.h has them (enum nfqnl_attr_type), written out
 	// rather than taken from the package's constants so that a wrong constant fails here.
 	return message(pktType, 7,
-		attr{1, hdr},                              // NFQA_PACKET_HDR
-		attr{3, be32b(1710)},                      // NFQA_MARK
-		attr{5, be32b(3)},                         // NFQA_IFINDEX_INDEV
-		attr{6, be32b(4)},                         // NFQA_IFINDEX_OUTDEV
-		attr{14, be32b(1)},                        // NFQA_SKB_INFO, not read
-		attr{16, be32b(1000)},                     // NFQA_UID
-		attr{17, be32b(100)},                      // NFQA_GID
-		attr{11 | nlaFNested, []byte{4, 0, 1, 0}}, // NFQA_CT, nested, not read
-		attr{10, payload},                         // NFQA_PAYLOAD
+		attr{1, hdr},                         // NFQA_PACKET_HDR
+		attr{3, be32b(1710)},                 // NFQA_MARK
+		attr{5, be32b(3)},                    // NFQA_IFINDEX_INDEV
+		attr{6, be32b(4)},                    // NFQA_IFINDEX_OUTDEV
+		attr{14, be32b(1)},                   // NFQA_SKB_INFO, not read
+		attr{16, be32b(1000)},                // NFQA_UID
+		attr{17, be32b(100)},                 // NFQA_GID
+		attr{11 | 1<<15, []byte{4, 0, 1, 0}}, // NFQA_CT with NLA_F_NESTED, not read
+		attr{10, payload},                    // NFQA_PAYLOAD
 	)
 }
 
@@ -90,7 +92,7 @@ func TestParseOptionalAttributesAbsent(t *testing.T) {
 func TestParseRejects(t *testing.T) {
 	good := packetMsg(1, 3, []byte{0x45})
 	truncatedAttr := bytes.Clone(good)
-	binary.NativeEndian.PutUint16(truncatedAttr[nlmsgHdrLen+nfgenHdrLen:], 200) // header attribute runs past the end
+	binary.NativeEndian.PutUint16(truncatedAttr[nlwire.HdrLen+nlwire.NfgenHdrLen:], 200) // header attribute runs past the end
 	shortHdr := message(pktType, 1, attr{attrPacketHdr, []byte{0, 0, 0, 1, 8, 0}})
 	lenPastEnd := bytes.Clone(good)
 	binary.NativeEndian.PutUint32(lenPastEnd, uint32(len(good)+4))
@@ -102,7 +104,7 @@ func TestParseRejects(t *testing.T) {
 		want error
 	}{
 		{"empty", nil, ErrShort},
-		{"header only", good[:nlmsgHdrLen], ErrShort},
+		{"header only", good[:nlwire.HdrLen], ErrShort},
 		{"length past the end", lenPastEnd, ErrShort},
 		{"verdict message", message(nfnlSubsysQ<<8|1, 1, attr{2, make([]byte, 8)}), ErrNotPacket},
 		{"no packet header", message(pktType, 1, attr{attrMark, be32b(1)}), ErrNoPacket},
@@ -121,7 +123,7 @@ func TestParseRejects(t *testing.T) {
 
 func TestDispatchWalksEveryMessage(t *testing.T) {
 	// One datagram: a packet, an acknowledgement, a second packet, a malformed tail.
-	ack := message(nlmsgError, 0, attr{0, make([]byte, 16)})
+	ack := message(nlwire.TypeError, 0, attr{0, make([]byte, 16)})
 	dgram := append(append(append(packetMsg(1, 3, []byte{0x45}), ack...), packetMsg(2, 1, []byte{0x60})...),
 		8, 0, 0, 0, 0, 0, 0, 0) // a message claiming 8 bytes, shorter than a netlink header
 	r := &Reader{}
@@ -181,7 +183,7 @@ func BenchmarkParse(b *testing.B) {
 func FuzzParse(f *testing.F) {
 	f.Add(packetMsg(1, 3, []byte{0x45, 0, 0, 20}))
 	f.Add(append(packetMsg(1, 3, nil), packetMsg(2, 1, []byte{1})...))
-	f.Add(message(nlmsgError, 0, attr{0, make([]byte, 16)}))
+	f.Add(message(nlwire.TypeError, 0, attr{0, make([]byte, 16)}))
 	f.Fuzz(func(t *testing.T, dgram []byte) {
 		r := &Reader{}
 		r.dispatch(dgram, func(p *Packet) {

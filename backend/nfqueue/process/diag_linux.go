@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
 )
 
 // diagRecvBuf is big enough for any netlink dump part: the kernel sizes dump messages to at most
@@ -45,7 +46,7 @@ func newDiagConn() (*diagConn, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("binding sock_diag netlink socket: %w", err)
 	}
-	return &diagConn{fd: fd, req: make([]byte, 0, sizeofNlMsghdr+sizeofDiagReqV2), buf: make([]byte, diagRecvBuf)}, nil
+	return &diagConn{fd: fd, req: make([]byte, 0, nlwire.HdrLen+sizeofDiagReqV2), buf: make([]byte, diagRecvBuf)}, nil
 }
 
 // send writes req and returns its sequence number.
@@ -87,16 +88,16 @@ func (c *diagConn) get(req *diagReq) (sockInfo, error) {
 			return sockInfo{}, err
 		}
 		for len(b) > 0 {
-			var m nlMsg
-			if m, b, err = nextNlMsg(b); err != nil {
+			var m nlwire.Msg
+			if m, b, err = nlwire.Next(b); err != nil {
 				return sockInfo{}, err
 			}
-			if m.seq != seq {
+			if m.Seq != seq {
 				continue // a late answer to an earlier request that gave up
 			}
-			switch m.typ {
-			case nlmsgError:
-				errno, err := nlError(m.payload)
+			switch m.Type {
+			case nlwire.TypeError:
+				errno, err := nlwire.Errno(m.Payload)
 				if err != nil {
 					return sockInfo{}, err
 				}
@@ -105,7 +106,7 @@ func (c *diagConn) get(req *diagReq) (sockInfo, error) {
 				}
 				return sockInfo{}, fmt.Errorf("sock_diag lookup: %w", syscall.Errno(errno))
 			case sockDiagByFamily:
-				return parseDiagMsg(m.payload)
+				return parseDiagMsg(m.Payload)
 			}
 		}
 	}
@@ -123,24 +124,24 @@ func (c *diagConn) dump(req *diagReq, fn func(*sockInfo)) error {
 			return err
 		}
 		for len(b) > 0 {
-			var m nlMsg
-			if m, b, err = nextNlMsg(b); err != nil {
+			var m nlwire.Msg
+			if m, b, err = nlwire.Next(b); err != nil {
 				return err
 			}
-			if m.seq != seq {
+			if m.Seq != seq {
 				continue
 			}
-			switch m.typ {
-			case nlmsgDone:
+			switch m.Type {
+			case nlwire.TypeDone:
 				return nil
-			case nlmsgError:
-				errno, err := nlError(m.payload)
+			case nlwire.TypeError:
+				errno, err := nlwire.Errno(m.Payload)
 				if err != nil {
 					return err
 				}
 				return fmt.Errorf("sock_diag dump: %w", syscall.Errno(errno))
 			case sockDiagByFamily:
-				s, err := parseDiagMsg(m.payload)
+				s, err := parseDiagMsg(m.Payload)
 				if err != nil {
 					return err
 				}

@@ -4,20 +4,18 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+
+	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
 )
 
 // The sock_diag wire format (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h). It is spelled out here
 // rather than taken from x/sys/unix, which lacks the inet_diag structures, and kept OS-neutral so the decoder
 // can be tested and fuzzed anywhere.
 const (
-	sizeofNlMsghdr  = 16
 	sizeofSockID    = 48
 	sizeofDiagReqV2 = 8 + sizeofSockID  // struct inet_diag_req_v2
 	sizeofDiagMsg   = 24 + sizeofSockID // struct inet_diag_msg
-	sizeofRtAttr    = 4
 
-	nlmsgError       = 2
-	nlmsgDone        = 3
 	sockDiagByFamily = 20
 
 	nlmFRequest = 0x1
@@ -55,7 +53,7 @@ func appendDiagReq(b []byte, seq uint32, req *diagReq) []byte {
 	if req.dump {
 		flags |= nlmFDump
 	}
-	b = ne.AppendUint32(b, sizeofNlMsghdr+sizeofDiagReqV2)
+	b = ne.AppendUint32(b, nlwire.HdrLen+sizeofDiagReqV2)
 	b = ne.AppendUint16(b, sockDiagByFamily)
 	b = ne.AppendUint16(b, flags)
 	b = ne.AppendUint32(b, seq)
@@ -127,55 +125,15 @@ func parseDiagMsg(b []byte) (sockInfo, error) {
 	// tail: expires, rqueue, wqueue, uid, inode.
 	s.uid = ne.Uint32(tail[12:16])
 	s.inode = ne.Uint32(tail[16:20])
-	for attrs := b[sizeofDiagMsg:]; len(attrs) >= sizeofRtAttr; {
-		l := int(ne.Uint16(attrs[0:2]))
-		if l < sizeofRtAttr || l > len(attrs) {
-			return sockInfo{}, fmt.Errorf("inet_diag attribute of length %d in %d bytes", l, len(attrs))
+	for attrs := b[sizeofDiagMsg:]; len(attrs) >= nlwire.AttrHdrLen; {
+		typ, val, rest, ok := nlwire.NextAttr(attrs)
+		if !ok {
+			return sockInfo{}, fmt.Errorf("inet_diag attribute of length %d in %d bytes", ne.Uint16(attrs[0:2]), len(attrs))
 		}
-		if ne.Uint16(attrs[2:4]) == inetDiagSKV6Only && l > sizeofRtAttr && s.family == afInet6 {
-			s.v6only = int8(min(attrs[sizeofRtAttr], 1))
+		if typ == inetDiagSKV6Only && len(val) > 0 && s.family == afInet6 {
+			s.v6only = int8(min(val[0], 1))
 		}
-		next := align4(l)
-		if next >= len(attrs) {
-			break
-		}
-		attrs = attrs[next:]
+		attrs = rest
 	}
 	return s, nil
 }
-
-// nlMsg is one netlink message header and its payload.
-type nlMsg struct {
-	typ     uint16
-	flags   uint16
-	seq     uint32
-	payload []byte
-}
-
-// nextNlMsg splits the first netlink message off b. It returns the rest of b after the message.
-func nextNlMsg(b []byte) (nlMsg, []byte, error) {
-	if len(b) < sizeofNlMsghdr {
-		return nlMsg{}, nil, fmt.Errorf("netlink header of %d bytes", len(b))
-	}
-	ne := binary.NativeEndian
-	l := int(ne.Uint32(b[0:4]))
-	if l < sizeofNlMsghdr || l > len(b) {
-		return nlMsg{}, nil, fmt.Errorf("netlink message of length %d in %d bytes", l, len(b))
-	}
-	m := nlMsg{typ: ne.Uint16(b[4:6]), flags: ne.Uint16(b[6:8]), seq: ne.Uint32(b[8:12]), payload: b[sizeofNlMsghdr:l]}
-	next := align4(l)
-	if next >= len(b) {
-		return m, nil, nil
-	}
-	return m, b[next:], nil
-}
-
-// nlError decodes the errno of an NLMSG_ERROR payload (0 is an acknowledgement).
-func nlError(payload []byte) (int32, error) {
-	if len(payload) < 4 {
-		return 0, fmt.Errorf("netlink error message of %d bytes", len(payload))
-	}
-	return -int32(binary.NativeEndian.Uint32(payload[0:4])), nil
-}
-
-func align4(n int) int { return (n + 3) &^ 3 }

@@ -702,6 +702,12 @@ const (
 	modeStorage
 )
 
+// newLRUHash creates one of the hash map programs' maps.
+func newLRUHash(name string, keySize, valueSize, entries uint32) (*ebpf.Map, error) {
+	return ebpf.NewMap(&ebpf.MapSpec{Name: name, Type: ebpf.LRUHash, KeySize: keySize, ValueSize: valueSize,
+		MaxEntries: entries})
+}
+
 // newBPFOwners loads mode's maps and programs, for the connections of the network namespace with cookie netns,
 // and attaches them to the cgroup v2 root. An error wrapping errBPFUnavailable means the system cannot run them;
 // any other is a bug (a rejected program).
@@ -723,13 +729,7 @@ func newBPFOwners(mode bpfMode, netns uint64) (_ *bpfOwners, err error) {
 		b.fd = b.storage.FD()
 		pm.storage = b.fd
 	} else {
-		if b.owners, err = ebpf.NewMap(&ebpf.MapSpec{
-			Name:       "warden_owners",
-			Type:       ebpf.LRUHash,
-			KeySize:    ownerKeySize,
-			ValueSize:  ownerValueSize,
-			MaxEntries: ownerMapEntries,
-		}); err != nil {
+		if b.owners, err = newLRUHash("warden_owners", ownerKeySize, ownerValueSize, ownerMapEntries); err != nil {
 			return nil, fmt.Errorf("creating socket owner map: %w", classify(err))
 		}
 		b.fd = b.owners.FD()
@@ -737,13 +737,7 @@ func newBPFOwners(mode bpfMode, netns uint64) (_ *bpfOwners, err error) {
 	}
 	b.hooks = bpfHooks
 	if mode == modeTupleMaps {
-		if b.tuples, err = ebpf.NewMap(&ebpf.MapSpec{
-			Name:       "warden_tuples",
-			Type:       ebpf.LRUHash,
-			KeySize:    tupleKeySize,
-			ValueSize:  tupleValueSize,
-			MaxEntries: tupleMapEntries,
-		}); err != nil {
+		if b.tuples, err = newLRUHash("warden_tuples", tupleKeySize, tupleValueSize, tupleMapEntries); err != nil {
 			return nil, fmt.Errorf("creating connection tuple map: %w", classify(err))
 		}
 		b.tupleFD = b.tuples.FD()
