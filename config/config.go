@@ -79,6 +79,7 @@ type SplitTunnel struct {
 	MaxSessions     int           `key:"max_sessions" default:"4096" doc:"upper bound on concurrent proxied TCP connections and UDP sessions (each)"`
 	IdleTimeout     time.Duration `key:"idle_timeout" default:"5m" doc:"TCP relays idle this long are closed"`
 	UDPIdleTimeout  time.Duration `key:"udp_idle_timeout" default:"1m" doc:"UDP sessions idle this long expire"`
+	KernelHandoff   bool          `key:"kernel_handoff" default:"false" doc:"mode proxy, Linux: put relayed TCP downloads into the application's socket in the kernel (BPF sockmap) instead of over loopback; applications reading their sockets with splice(2) would see no data"`
 }
 
 // Control configures the local control API.

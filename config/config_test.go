@@ -157,6 +157,7 @@ func TestMalformed(t *testing.T) {
 		{"split port", "split_tunnel: {port: 0}", []string{"split_tunnel.port"}},
 		{"split down", "split_tunnel: {on_interface_down: panic}", []string{"split_tunnel.on_interface_down"}},
 		{"split mode", "split_tunnel: {mode: tunnel}", []string{"split_tunnel.mode"}},
+		{"handoff in route mode", "split_tunnel: {mode: route, kernel_handoff: true}", []string{"split_tunnel.kernel_handoff"}},
 		{"bad socket", "control: {socket: relative.sock}", []string{"control.socket"}},
 		{"bad metrics", "metrics: {listen: nowhere}", []string{"metrics.listen"}},
 		{"bad log level", "log: {level: loud}", []string{"log.level"}},

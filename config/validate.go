@@ -73,6 +73,10 @@ func (c *Config) validate(el *errorList) {
 	if st.UDPIdleTimeout < 1e9 {
 		el.add("split_tunnel.udp_idle_timeout", "%s is too short (at least 1s)", st.UDPIdleTimeout)
 	}
+	if st.KernelHandoff && st.Mode != "proxy" {
+		// In route mode the kernel carries the bytes already; auto could be either.
+		el.add("split_tunnel.kernel_handoff", "needs split_tunnel.mode: proxy (the mode is %q)", st.Mode)
+	}
 
 	if c.Control.Socket == "" {
 		c.Control.Socket = DefaultSocketPath()

@@ -21,6 +21,7 @@ import (
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/proxy/netif"
 	"github.com/warden-fw/warden/proxy/redirect"
+	"github.com/warden-fw/warden/proxy/splittun/handoff"
 )
 
 // Options carries the proxy's collaborators. Every field is optional.
@@ -36,6 +37,9 @@ type Options struct {
 	// down, another address), on the resolver's goroutine. Decisions made while it was in the other state
 	// (blocked while down, routed while up) are the caller's to revisit.
 	OnInterfaceChange func(netif.State)
+	// Handoff, when set, carries TCP downloads into the application's socket in the kernel (Linux,
+	// split_tunnel.kernel_handoff). The owner expects connections on it and closes it after the proxy.
+	Handoff *handoff.Handoff
 }
 
 // Stats is a snapshot of the proxy's state and counters.
@@ -74,7 +78,9 @@ type ProtoStats struct {
 	Unresolved uint64 `json:"unresolved"`
 	// Remapped counts TCP connections whose client port NAT changed on the way to the proxy (a clash with an
 	// earlier redirected connection), found through conntrack.
-	Remapped    uint64 `json:"remapped"`
+	Remapped uint64 `json:"remapped"`
+	// HandedOff counts TCP connections whose downloads went into the application's socket in the kernel.
+	HandedOff   uint64 `json:"handed_off,omitempty"`
 	DialErrors  uint64 `json:"dial_errors"`
 	IdleExpired uint64 `json:"idle_expired"`
 	BytesOut    uint64 `json:"bytes_out"` // client → destination
@@ -84,14 +90,14 @@ type ProtoStats struct {
 type protoCounters struct {
 	active                                                       atomic.Int64
 	total, rejected, refused, direct, unresolved, dialErrs, idle atomic.Uint64
-	routed, remapped                                             atomic.Uint64
+	routed, remapped, handedOff                                  atomic.Uint64
 	bytesOut, bytesIn                                            atomic.Uint64
 }
 
 func (c *protoCounters) snapshot() ProtoStats {
 	return ProtoStats{
 		Active: c.active.Load(), Total: c.total.Load(), Rejected: c.rejected.Load(), Refused: c.refused.Load(),
-		Direct: c.direct.Load(), Routed: c.routed.Load(), Unresolved: c.unresolved.Load(), Remapped: c.remapped.Load(), DialErrors: c.dialErrs.Load(),
+		Direct: c.direct.Load(), Routed: c.routed.Load(), Unresolved: c.unresolved.Load(), Remapped: c.remapped.Load(), HandedOff: c.handedOff.Load(), DialErrors: c.dialErrs.Load(),
 		IdleExpired: c.idle.Load(), BytesOut: c.bytesOut.Load(), BytesIn: c.bytesIn.Load(),
 	}
 }
@@ -145,6 +151,8 @@ type Proxy struct {
 
 	// routes is non-nil in route mode.
 	routes *routes
+	// handoff is Options.Handoff.
+	handoff *handoff.Handoff
 }
 
 // New returns a proxy that is not yet listening. table is shared with the pipeline and must not be nil.
@@ -162,6 +170,7 @@ func New(cfg Config, table *redirect.Table, opts Options) (*Proxy, error) {
 	}
 	p := &Proxy{
 		cfg: cfg, log: log, table: table, plat: opts.Platform, res: opts.Resolver, onChange: opts.OnInterfaceChange,
+		handoff: opts.Handoff,
 		tcpSess: make(map[*tcpSession]struct{}), udpSess: make(map[udpKey]*udpSession),
 		self: make(map[netip.AddrPort]bool),
 	}

@@ -2,6 +2,7 @@ package splittun
 
 import (
 	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/proxy/redirect"
+	"github.com/warden-fw/warden/proxy/splittun/handoff"
 )
 
 func (p *Proxy) acceptLoop(ln *net.TCPListener) {
@@ -55,6 +57,9 @@ func reset(c *net.TCPConn) {
 type tcpSession struct {
 	client, up *net.TCPConn
 	idle       time.Duration
+	// handed, when set, is the application socket the client connection's writes go straight into (see
+	// package handoff); the up→client direction then keeps to handoffWindow.
+	handed *handoff.Client
 
 	// idleSince holds, per direction (0: client→up, 1: up→client), the UnixNano time since which that direction
 	// has moved no byte, or 0 while it is active. A finished (half-closed) direction stays idle.
@@ -91,6 +96,18 @@ func (p *Proxy) handleTCP(c *net.TCPConn) {
 		return
 	}
 	s := &tcpSession{client: c, up: uc.(*net.TCPConn), idle: p.cfg.IdleTimeout}
+	if p.handoff != nil && e.Client == from {
+		// Before the first write to c. With a remapped client port the application socket's tuple is not the
+		// one the pipeline expected, so it cannot have been paired.
+		hc, err := p.handoff.Attach(c, from, e.Original)
+		switch {
+		case err == nil:
+			s.handed = hc
+			p.tcp.handedOff.Add(1)
+		case !errors.Is(err, handoff.ErrNotPaired):
+			p.log.Debug("split tunnel: kernel handoff", "client", from, "dst", e.Original, "err", err)
+		}
+	}
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
@@ -157,8 +174,45 @@ func (p *Proxy) relay(s *tcpSession) {
 	}()
 	p.pipe(s, 1, s.client, s.up, &p.tcp.bytesIn)
 	wg.Wait()
+	if s.handed != nil {
+		s.handed.Detach()
+	}
 	s.client.Close()
 	s.up.Close()
+}
+
+// handoffWindow bounds what a handed-off session lets wait, unread, in the application's socket. The kernel
+// applies no receive window to handed-off data; without this bound a server could fill kernel memory behind an
+// application that stopped reading. It is about what TCP's autotuned receive buffer would allow (tcp_rmem's
+// maximum is 6 MiB by default), and it is a variable for tests.
+var handoffWindow = 4 << 20
+
+// handoffPoll bounds how often a session whose application is a full window behind checks again: no event
+// tells the proxy that the application read. It starts at the minimum and doubles to the maximum.
+const (
+	handoffPollMin = 200 * time.Microsecond
+	handoffPollMax = 20 * time.Millisecond
+)
+
+// clientRoom waits, at most until deadline, until the application has fewer than handoffWindow bytes unread,
+// and returns how many more it may be sent (0 at the deadline). An error means the application socket is gone
+// or cannot be asked about.
+func (s *tcpSession) clientRoom(deadline time.Time) (int64, error) {
+	wait := handoffPollMin
+	for {
+		queued, err := s.handed.Queued()
+		if err != nil {
+			return 0, err
+		}
+		if room := handoffWindow - queued; room > 0 {
+			return int64(room), nil
+		}
+		if time.Until(deadline) <= 0 {
+			return 0, nil
+		}
+		time.Sleep(min(wait, time.Until(deadline)))
+		wait = min(2*wait, handoffPollMax)
+	}
 }
 
 // pipe copies src to dst. dst.ReadFrom(src) with both *net.TCPConn splices on Linux (no copy through user
@@ -168,11 +222,38 @@ func (p *Proxy) relay(s *tcpSession) {
 // deadlines are used: a write deadline could interrupt a splice with data already drained from src.
 func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, bytes *atomic.Uint64) {
 	round := s.idle / 2
+	bounded := dir == 1 && s.handed != nil
 	for {
 		start := time.Now()
+		var from io.Reader = src
+		var limit *io.LimitedReader
+		if bounded {
+			room, err := s.clientRoom(start.Add(round))
+			if err != nil {
+				// The application socket is gone (or sock_diag failed): the session cannot go on safely.
+				_ = src.SetLinger(0)
+				s.abort()
+				return
+			}
+			if room == 0 {
+				// The application read nothing for a whole round: this direction was idle.
+				s.markIdle(dir, start)
+				if s.bothIdleFor(time.Now()) {
+					p.expire(s)
+					return
+				}
+				continue
+			}
+			limit = &io.LimitedReader{R: src, N: room} // ReadFrom still splices through a LimitedReader
+			from = limit
+		}
 		_ = src.SetReadDeadline(start.Add(round))
-		n, err := dst.ReadFrom(src)
+		n, err := dst.ReadFrom(from)
 		bytes.Add(uint64(n))
+		if err == nil && limit != nil && limit.N == 0 {
+			s.idleSince[dir].Store(0) // the window was used up, not an EOF
+			continue
+		}
 		if err == nil {
 			// EOF from src: pass the half-close on and let the other direction finish.
 			_ = dst.CloseWrite()

@@ -810,18 +810,18 @@ func initialPidNS() bool {
 
 // attachToCgroupRoot attaches progs to the root of the cgroup v2 hierarchy.
 func attachToCgroupRoot(hooks []bpfHook, progs []*ebpf.Program) (links []link.Link, err error) {
-	err = inCgroupRoot(func(dir string) error {
+	err = InCgroupRoot(func(dir string) error {
 		links, err = attachAll(dir, hooks, progs)
 		return err
 	})
 	return links, err
 }
 
-// inCgroupRoot calls fn with the path of the cgroup v2 root: the mount /proc/self/mountinfo names, or, when
+// InCgroupRoot calls fn with the path of the cgroup v2 root: the mount /proc/self/mountinfo names, or, when
 // this mount namespace has none (`ip netns exec` remounts /sys without it), a mount of our own made in a
 // private mount namespace of a throwaway thread, so no other process ever sees it. fn runs on that thread then,
 // and must not start goroutines that use the path.
-func inCgroupRoot(fn func(dir string) error) error {
+func InCgroupRoot(fn func(dir string) error) error {
 	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		return fmt.Errorf("%w: reading mountinfo: %w", errBPFUnavailable, err)
@@ -942,8 +942,8 @@ func (b *bpfOwners) lookupTuple(k *[tupleKeySize]byte) (uint64, bool) {
 // mirror alone).
 func (b *bpfOwners) hasTuples() bool { return b.mode != modeOwners }
 
-// netnsCookie returns the cookie of the network namespace the socket fd is in (SO_NETNS_COOKIE, Linux 5.14).
-func netnsCookie(fd int) (uint64, error) {
+// NetnsCookie returns the cookie of the network namespace the socket fd is in (SO_NETNS_COOKIE, Linux 5.14).
+func NetnsCookie(fd int) (uint64, error) {
 	c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 	if err != nil {
 		return 0, fmt.Errorf("reading the network namespace cookie: %w", err)

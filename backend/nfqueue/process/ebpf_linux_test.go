@@ -497,7 +497,7 @@ func TestEBPFSocketOutlivesCreator(t *testing.T) {
 func attachedPrograms(t *testing.T) []ebpf.ProgramID {
 	t.Helper()
 	var ids []ebpf.ProgramID
-	err := inCgroupRoot(func(dir string) error {
+	err := InCgroupRoot(func(dir string) error {
 		f, err := os.Open(dir)
 		if err != nil {
 			return err

@@ -165,7 +165,7 @@ func (r *Resolver) loadBPF(fd int, withTuples, noStorage bool) (*bpfOwners, erro
 	if !withTuples {
 		return newBPFOwners(modeOwners, 0)
 	}
-	netns, err := netnsCookie(fd)
+	netns, err := NetnsCookie(fd)
 	if err == nil {
 		var b *bpfOwners
 		if !noStorage {

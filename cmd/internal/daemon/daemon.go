@@ -24,6 +24,7 @@ import (
 	"github.com/warden-fw/warden/proxy/netif"
 	"github.com/warden-fw/warden/proxy/redirect"
 	"github.com/warden-fw/warden/proxy/splittun"
+	"github.com/warden-fw/warden/proxy/splittun/handoff"
 )
 
 // ErrBadConfig wraps a config that failed validation (exit code 2).
@@ -111,10 +112,17 @@ func proxyConfig(st config.SplitTunnel) splittun.Config {
 }
 
 // splitTable adapts the redirect table to the pipeline.
-type splitTable struct{ t *redirect.Table }
+type splitTable struct {
+	t *redirect.Table
+	// ho, when set, is told of every proxied TCP connection before its first packet is let through.
+	ho *handoff.Handoff
+}
 
 func (s splitTable) RecordSplit(proto backend.Protocol, client, original netip.AddrPort, via string) {
 	s.t.Record(redirect.Entry{Protocol: proto, Client: client, Original: original, Interface: via})
+	if s.ho != nil && proto == backend.TCP {
+		_ = s.ho.Expect(client, original) // a failure only means this connection is relayed over loopback
+	}
 }
 
 // splitRoutes is splitTable for a proxy in route mode: the proxy also decides how each split connection is
@@ -209,8 +217,9 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	// The proxy starts whenever the backend can reroute, so that a reload adding a split rule works.
 	if b.Capabilities().Reroute {
 		d.table = redirect.NewTable(redirect.DefaultTTL, 65536)
+		ho := d.loadHandoff(cfg)
 		px, err := splittun.New(proxyConfig(cfg.SplitTunnel), d.table, splittun.Options{Logger: d.log,
-			OnInterfaceChange: d.splitInterfaceChanged})
+			OnInterfaceChange: d.splitInterfaceChanged, Handoff: ho})
 		if err != nil {
 			return fmt.Errorf("split-tunnel proxy: %w", err)
 		}
@@ -221,9 +230,9 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 			d.log.Warn("split-tunnel proxy unavailable; split rules would fall back to allow", "err", err)
 		} else {
 			d.proxy = px
-			po.Split = splitTable{d.table}
+			po.Split = splitTable{d.table, ho}
 			if px.Mode() == splittun.ModeRoute {
-				po.Split = splitRoutes{splitTable{d.table}, px}
+				po.Split = splitRoutes{splitTable{d.table, nil}, px}
 				if err := px.PrepareRoutes(splitSpecs(cfg)); err != nil {
 					d.log.Warn("split tunnel: preparing kernel routes; they are retried on first use", "err", err)
 				}
@@ -273,6 +282,26 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	<-watchDone
 	d.log.Info("stopping")
 	return d.shutdown()
+}
+
+// loadHandoff loads the kernel handoff when the config asks for it and the proxy relays (mode proxy). It is
+// closed after the proxy (d.closers). Without kernel support the proxy relays over loopback, as it would
+// without the option.
+func (d *Daemon) loadHandoff(cfg *config.Config) *handoff.Handoff {
+	if !cfg.SplitTunnel.KernelHandoff {
+		return nil
+	}
+	if cfg.SplitTunnel.Mode != splittun.ModeProxy {
+		d.log.Warn("split_tunnel.kernel_handoff applies to mode proxy only; ignored", "mode", cfg.SplitTunnel.Mode)
+		return nil
+	}
+	ho, err := handoff.Load()
+	if err != nil {
+		d.log.Warn("split tunnel: kernel handoff unavailable; relaying over loopback", "err", err)
+		return nil
+	}
+	d.closers = append(d.closers, ho.Close)
+	return ho
 }
 
 // shutdown stops what was started, in reverse order, and reports every failure.

@@ -1,0 +1,199 @@
+package handoff
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/warden-fw/warden/backend/netnstest"
+)
+
+// pair is a loopback connection made the way the proxy sees one: client dials the listener, relay is the
+// accepted end. No DNAT here, so the "original destination" is the listener itself.
+type pair struct {
+	client, relay      *net.TCPConn
+	clientEP, original netip.AddrPort
+}
+
+func connect(h *Handoff, clientEP netip.AddrPort, expect bool) (*pair, error) {
+	ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:0")))
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	original := ln.Addr().(*net.TCPAddr).AddrPort()
+	if expect {
+		if err := h.Expect(clientEP, original); err != nil {
+			return nil, err
+		}
+	}
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(clientEP), Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", original.String())
+	if err != nil {
+		return nil, err
+	}
+	r, err := ln.AcceptTCP()
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return &pair{client: c.(*net.TCPConn), relay: r, clientEP: clientEP, original: original}, nil
+}
+
+// bytesSent is what c's TCP has sent (tcpi_bytes_sent).
+func bytesSent(c *net.TCPConn) (uint64, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var info *unix.TCPInfo
+	var ierr error
+	if err := rc.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
+		return 0, err
+	}
+	if ierr != nil {
+		return 0, ierr
+	}
+	return info.Bytes_sent, nil
+}
+
+func (p *pair) close() {
+	p.client.Close()
+	p.relay.Close()
+}
+
+// inNamespace runs f in a fresh namespace with the handoff loaded there; f's error fails the test.
+func inNamespace(t *testing.T, f func(h *Handoff) error) {
+	netnstest.RequireRoot(t)
+	ns := "wd-ho-" + netnstest.Suffix()
+	netnstest.NewNS(t, ns)
+	var err error
+	netnstest.InNS(t, ns, func() {
+		var h *Handoff
+		if h, err = Load(); err != nil {
+			return
+		}
+		defer h.Close()
+		err = f(h)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestHandoffDelivers: what the relay writes after Attach reaches the application in order, with the
+// relay's FIN after it; Queued sees what the application has not read; the application's own writes still
+// reach the relay over the loopback connection.
+func TestHandoffDelivers(t *testing.T) {
+	inNamespace(t, func(h *Handoff) error {
+		p, err := connect(h, netip.MustParseAddrPort("127.0.0.2:40123"), true)
+		if err != nil {
+			return err
+		}
+		defer p.close()
+		hc, err := h.Attach(p.relay, p.clientEP, p.original)
+		if err != nil {
+			return fmt.Errorf("attach: %w", err)
+		}
+		defer hc.Detach()
+
+		// A handed-off write is queued at the application by the time Write returns.
+		first := bytes.Repeat([]byte("q"), 1<<20)
+		if _, err := p.relay.Write(first); err != nil {
+			return err
+		}
+		q, err := hc.Queued()
+		if err != nil || q < len(first) {
+			return fmt.Errorf("queued %d (%v) after a %d-byte write, want at least that", q, err, len(first))
+		}
+		// ... and never went out over the loopback connection.
+		if sent, err := bytesSent(p.relay); err != nil || sent != 0 {
+			return fmt.Errorf("the relay's TCP sent %d bytes (%v), want 0: the write was not handed off", sent, err)
+		}
+		got := make([]byte, len(first))
+		if _, err := io.ReadFull(p.client, got); err != nil || !bytes.Equal(got, first) {
+			return fmt.Errorf("first block: %v (equal %v)", err, bytes.Equal(got, first))
+		}
+		if q, err := hc.Queued(); err != nil || q != 0 {
+			return fmt.Errorf("queued %d (%v) after reading everything, want 0", q, err)
+		}
+
+		// Uploads: unchanged.
+		if _, err := p.client.Write([]byte("up")); err != nil {
+			return err
+		}
+		up := make([]byte, 2)
+		if _, err := io.ReadFull(p.relay, up); err != nil || string(up) != "up" {
+			return fmt.Errorf("upload: %q %v", up, err)
+		}
+
+		// A large download in many writes of odd sizes, then the relay's FIN: everything arrives, in order,
+		// before the end.
+		want := make([]byte, 16<<20)
+		rng := rand.New(rand.NewPCG(1, 2))
+		for i := range want {
+			want[i] = byte(rng.Uint32())
+		}
+		werr := make(chan error, 1)
+		go func() {
+			rest := want
+			for len(rest) > 0 {
+				n := min(len(rest), 1+rng.IntN(200_000))
+				if _, err := p.relay.Write(rest[:n]); err != nil {
+					werr <- err
+					return
+				}
+				rest = rest[n:]
+			}
+			werr <- p.relay.CloseWrite()
+		}()
+		p.client.SetReadDeadline(time.Now().Add(30 * time.Second))
+		all, err := io.ReadAll(p.client)
+		if err := <-werr; err != nil {
+			return fmt.Errorf("relay writes: %w", err)
+		}
+		if err != nil {
+			return fmt.Errorf("reading the download: %w", err)
+		}
+		if !bytes.Equal(all, want) {
+			return fmt.Errorf("download of %d bytes came as %d different bytes", len(want), len(all))
+		}
+		return nil
+	})
+}
+
+// TestHandoffOnlyExpected: a connection nobody expected is not paired, and its traffic is untouched.
+func TestHandoffOnlyExpected(t *testing.T) {
+	inNamespace(t, func(h *Handoff) error {
+		p, err := connect(h, netip.MustParseAddrPort("127.0.0.2:40124"), false)
+		if err != nil {
+			return err
+		}
+		defer p.close()
+		if hc, err := h.Attach(p.relay, p.clientEP, p.original); !errors.Is(err, ErrNotPaired) {
+			if hc != nil {
+				hc.Detach()
+			}
+			return fmt.Errorf("attach of an unexpected connection: %v, want ErrNotPaired", err)
+		}
+		if _, err := p.relay.Write([]byte("plain")); err != nil {
+			return err
+		}
+		if sent, err := bytesSent(p.relay); err != nil || sent != 5 {
+			return fmt.Errorf("the relay's TCP sent %d bytes (%v), want 5", sent, err)
+		}
+		got := make([]byte, 5)
+		if _, err := io.ReadFull(p.client, got); err != nil || string(got) != "plain" {
+			return fmt.Errorf("plain connection: %q %v", got, err)
+		}
+		return nil
+	})
+}
