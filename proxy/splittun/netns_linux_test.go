@@ -13,10 +13,12 @@ package splittun
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -32,6 +34,7 @@ import (
 	"github.com/warden-fw/warden/backend/netnstest"
 	"github.com/warden-fw/warden/proxy/netif"
 	"github.com/warden-fw/warden/proxy/redirect"
+	"github.com/warden-fw/warden/proxy/splittun/handoff"
 )
 
 const roleEnv = "WARDEN_SPLITTUN_TEST_ROLE"
@@ -109,6 +112,10 @@ type request struct {
 	ID       int      `json:"id,omitempty"`
 	Timeout  int      `json:"timeout_ms,omitempty"`
 	Spec     string   `json:"spec,omitempty"`
+	// Handoff (start) loads the kernel handoff, with Window as its window when set; Size is a bulk transfer's.
+	Handoff bool `json:"handoff,omitempty"`
+	Window  int  `json:"window,omitempty"`
+	Size    int  `json:"size,omitempty"`
 }
 
 type udpReply struct {
@@ -127,12 +134,33 @@ type response struct {
 	N       int          `json:"n"`
 	State   *netif.State `json:"state,omitempty"`
 	Elapsed int64        `json:"elapsed_ms"`
+	// Equal reports whether a bulk transfer's echo was the server's greeting followed by what was sent.
+	Equal bool `json:"equal,omitempty"`
+}
+
+// bulkPattern is a bulk transfer's payload: pseudo-random, so a reordered or repeated block cannot match.
+func bulkPattern(size, seed int) []byte {
+	rng := rand.New(rand.NewPCG(uint64(seed), uint64(size)))
+	b := make([]byte, size)
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	return b
+}
+
+// bulk is a transfer in progress: the payload is being written (then the write side closed), the echo not yet
+// read.
+type bulk struct {
+	c    *net.TCPConn
+	want []byte
 }
 
 // clientMain runs the proxy inside the client namespace and executes the test's requests.
 func clientMain() {
 	table := redirect.NewTable(time.Minute, 1024)
 	var p *Proxy
+	var ho *handoff.Handoff
+	bulks := map[int]*bulk{}
 	held := map[int]*net.TCPConn{}
 	nextID := 0
 	in := bufio.NewScanner(os.Stdin)
@@ -152,7 +180,16 @@ func clientMain() {
 		switch req.Op {
 		case "start":
 			var err error
-			if p, err = New(req.Config, table, Options{}); err == nil {
+			if req.Handoff {
+				if req.Window > 0 {
+					handoffWindow = req.Window
+				}
+				if ho, err = handoff.Load(); err != nil {
+					resp.Err = err.Error()
+					break
+				}
+			}
+			if p, err = New(req.Config, table, Options{Handoff: ho}); err == nil {
 				err = p.Start()
 			}
 			if err != nil {
@@ -170,6 +207,11 @@ func clientMain() {
 			}
 			table.Record(redirect.Entry{Protocol: proto, Client: netip.MustParseAddrPort(req.Client),
 				Original: netip.MustParseAddrPort(req.Original), Interface: req.Iface})
+			if ho != nil && proto == backend.TCP {
+				if err := ho.Expect(netip.MustParseAddrPort(req.Client), netip.MustParseAddrPort(req.Original)); err != nil {
+					resp.Err = err.Error()
+				}
+			}
 		case "tablelen":
 			resp.N = table.Len()
 		case "stats":
@@ -179,24 +221,11 @@ func clientMain() {
 			st := netif.NewResolver(netif.SystemSource(), nil).Get(req.Spec)
 			resp.State = &st
 		case "tcp", "hold":
-			// SO_REUSEADDR lets two connections to different destinations share a fixed source port, as
-			// connect() lets them share an ephemeral one.
-			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(req.Src)), Timeout: timeout,
-				Control: func(_, _ string, rc syscall.RawConn) error {
-					var serr error
-					if err := rc.Control(func(fd uintptr) {
-						serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
-					}); err != nil {
-						return err
-					}
-					return serr
-				}}
-			c, err := d.Dial("tcp", req.Dst)
+			tc, err := dialFrom(req.Src, req.Dst, timeout)
 			if err != nil {
 				resp.Err = err.Error()
 				break
 			}
-			tc := c.(*net.TCPConn)
 			resp.Peer = tc.RemoteAddr().String()
 			tc.SetDeadline(time.Now().Add(timeout))
 			if req.Op == "hold" {
@@ -229,6 +258,40 @@ func clientMain() {
 			c.SetReadDeadline(start.Add(timeout))
 			_, err := c.Read(make([]byte, 1))
 			resp.Elapsed = time.Since(start).Milliseconds()
+			if err != nil {
+				resp.Err = err.Error()
+			}
+		case "bulk", "bulkhold":
+			// Sends Size bytes to the echo server and, for "bulk", reads the echo at once; "bulkhold" leaves it
+			// unread until "bulkread".
+			tc, err := dialFrom(req.Src, req.Dst, timeout)
+			if err != nil {
+				resp.Err = err.Error()
+				break
+			}
+			nextID++
+			b := &bulk{c: tc, want: append([]byte("B\n"), bulkPattern(req.Size, nextID)...)}
+			bulks[nextID] = b
+			go func() {
+				tc.Write(b.want[2:])
+				tc.CloseWrite()
+			}()
+			resp.ID = nextID
+			if req.Op == "bulkhold" {
+				break
+			}
+			fallthrough
+		case "bulkread":
+			id := req.ID
+			if req.Op != "bulkread" {
+				id = resp.ID
+			}
+			b := bulks[id]
+			delete(bulks, id)
+			b.c.SetReadDeadline(time.Now().Add(timeout))
+			got, err := io.ReadAll(b.c)
+			b.c.Close()
+			resp.N, resp.Equal = len(got), bytes.Equal(got, b.want)
 			if err != nil {
 				resp.Err = err.Error()
 			}
@@ -266,6 +329,27 @@ func clientMain() {
 	if p != nil {
 		p.Close()
 	}
+	ho.Close()
+}
+
+// dialFrom connects from src to dst. SO_REUSEADDR lets two connections to different destinations share a fixed
+// source port, as connect() lets them share an ephemeral one.
+func dialFrom(src, dst string, timeout time.Duration) (*net.TCPConn, error) {
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(src)), Timeout: timeout,
+		Control: func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}}
+	c, err := d.Dial("tcp", dst)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
 }
 
 // --- the driving side ---
@@ -733,4 +817,54 @@ func TestNamespaceResolveAuto(t *testing.T) {
 	if st := resolve("ua"); st.Up || st.Err == "" {
 		t.Fatalf("ua down = %+v", st)
 	}
+}
+
+// TestNamespaceKernelHandoff relays through the proxy with the kernel handoff: downloads arrive whole and in
+// order (the echo of a pseudo-random upload), for IPv4 and IPv6; and an application that stops reading holds at
+// most one window, after which everything still arrives.
+func TestNamespaceKernelHandoff(t *testing.T) {
+	e := newEnv(t)
+	c := e.client
+	const window = 1 << 20
+	if r := c.call(request{Op: "start", Config: Config{Interface: "ub", Mode: ModeProxy}, Handoff: true, Window: window}); r.Err != "" {
+		t.Fatalf("starting the proxy with the kernel handoff: %s", r.Err)
+	}
+	for _, fam := range []struct{ name, src, dst string }{
+		{"v4", "10.1.0.2", "192.0.2.10"},
+		{"v6", "fd00:a::2", "2001:db8::10"},
+	} {
+		t.Run("echo-"+fam.name, func(t *testing.T) {
+			src, dst := hostPort(fam.src, splitPort()), hostPort(fam.dst, 80)
+			c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: dst})
+			before := c.stats().TCP
+			const size = 24 << 20
+			r := c.call(request{Op: "bulk", Src: src, Dst: dst, Size: size, Timeout: 60_000})
+			if r.Err != "" || !r.Equal || r.N != size+2 {
+				t.Fatalf("echo of %d bytes: got %d bytes, equal %v, err %q", size, r.N, r.Equal, r.Err)
+			}
+			if after := c.stats().TCP; after.HandedOff != before.HandedOff+1 {
+				t.Fatalf("handed off %d -> %d, want one more", before.HandedOff, after.HandedOff)
+			}
+		})
+	}
+	t.Run("window", func(t *testing.T) {
+		src, dst := hostPort("10.1.0.2", splitPort()), hostPort("192.0.2.10", 80)
+		c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: dst})
+		before := c.stats().TCP
+		const size = 8 * window
+		h := c.mustCall(request{Op: "bulkhold", Src: src, Dst: dst, Size: size})
+		st := c.waitStats("the download waiting for the application", func(s Stats) bool {
+			return s.TCP.HandoffWaits > before.HandoffWaits
+		}).TCP
+		if st.HandedOff != before.HandedOff+1 {
+			t.Fatalf("handed off %d -> %d, want one more", before.HandedOff, st.HandedOff)
+		}
+		if moved := st.BytesIn - before.BytesIn; moved > window {
+			t.Fatalf("%d bytes relayed to an application that read nothing; the window is %d", moved, window)
+		}
+		r := c.call(request{Op: "bulkread", ID: h.ID, Timeout: 60_000})
+		if r.Err != "" || !r.Equal || r.N != size+2 {
+			t.Fatalf("after the wait: got %d bytes, equal %v, err %q", r.N, r.Equal, r.Err)
+		}
+	})
 }

@@ -80,24 +80,26 @@ type ProtoStats struct {
 	// earlier redirected connection), found through conntrack.
 	Remapped uint64 `json:"remapped"`
 	// HandedOff counts TCP connections whose downloads went into the application's socket in the kernel.
-	HandedOff   uint64 `json:"handed_off,omitempty"`
-	DialErrors  uint64 `json:"dial_errors"`
-	IdleExpired uint64 `json:"idle_expired"`
-	BytesOut    uint64 `json:"bytes_out"` // client → destination
-	BytesIn     uint64 `json:"bytes_in"`  // destination → client
+	HandedOff uint64 `json:"handed_off,omitempty"`
+	// HandoffWaits counts the times a handed-off download waited for its application to read (a full window).
+	HandoffWaits uint64 `json:"handoff_waits,omitempty"`
+	DialErrors   uint64 `json:"dial_errors"`
+	IdleExpired  uint64 `json:"idle_expired"`
+	BytesOut     uint64 `json:"bytes_out"` // client → destination
+	BytesIn      uint64 `json:"bytes_in"`  // destination → client
 }
 
 type protoCounters struct {
 	active                                                       atomic.Int64
 	total, rejected, refused, direct, unresolved, dialErrs, idle atomic.Uint64
-	routed, remapped, handedOff                                  atomic.Uint64
+	routed, remapped, handedOff, handoffWaits                    atomic.Uint64
 	bytesOut, bytesIn                                            atomic.Uint64
 }
 
 func (c *protoCounters) snapshot() ProtoStats {
 	return ProtoStats{
 		Active: c.active.Load(), Total: c.total.Load(), Rejected: c.rejected.Load(), Refused: c.refused.Load(),
-		Direct: c.direct.Load(), Routed: c.routed.Load(), Unresolved: c.unresolved.Load(), Remapped: c.remapped.Load(), HandedOff: c.handedOff.Load(), DialErrors: c.dialErrs.Load(),
+		Direct: c.direct.Load(), Routed: c.routed.Load(), Unresolved: c.unresolved.Load(), Remapped: c.remapped.Load(), HandedOff: c.handedOff.Load(), HandoffWaits: c.handoffWaits.Load(), DialErrors: c.dialErrs.Load(),
 		IdleExpired: c.idle.Load(), BytesOut: c.bytesOut.Load(), BytesIn: c.bytesIn.Load(),
 	}
 }

@@ -197,15 +197,18 @@ const (
 // clientRoom waits, at most until deadline, until the application has fewer than handoffWindow bytes unread,
 // and returns how many more it may be sent (0 at the deadline). An error means the application socket is gone
 // or cannot be asked about.
-func (s *tcpSession) clientRoom(deadline time.Time) (int64, error) {
+func (s *tcpSession) clientRoom(deadline time.Time, waits *atomic.Uint64) (int64, error) {
 	wait := handoffPollMin
-	for {
+	for first := true; ; first = false {
 		queued, err := s.handed.Queued()
 		if err != nil {
 			return 0, err
 		}
 		if room := handoffWindow - queued; room > 0 {
 			return int64(room), nil
+		}
+		if first {
+			waits.Add(1)
 		}
 		if time.Until(deadline) <= 0 {
 			return 0, nil
@@ -228,7 +231,7 @@ func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, bytes *atomi
 		var from io.Reader = src
 		var limit *io.LimitedReader
 		if bounded {
-			room, err := s.clientRoom(start.Add(round))
+			room, err := s.clientRoom(start.Add(round), &p.tcp.handoffWaits)
 			if err != nil {
 				// The application socket is gone (or sock_diag failed): the session cannot go on safely.
 				_ = src.SetLinger(0)
