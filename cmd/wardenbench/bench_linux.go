@@ -33,9 +33,11 @@ type bench struct {
 	tmp      string
 	cfg      string // Warden's config file
 	cfgRoute string // the same with split_tunnel.mode: route
-	socket   string
-	topo     *topology
-	col      *collector
+	// cfgHandoff is the same with split_tunnel.mode: proxy and kernel_handoff: true.
+	cfgHandoff string
+	socket     string
+	topo       *topology
+	col        *collector
 
 	children []*child
 	tcpNext  uint64 // next run-wide connection index for TCP workloads
@@ -107,6 +109,11 @@ func runBench(o *options, stdout, stderr io.Writer) (err error) {
 	if err := os.WriteFile(b.cfgRoute, []byte(wardenConfig(pp)), 0o600); err != nil {
 		return err
 	}
+	b.cfgHandoff = filepath.Join(b.tmp, "warden-handoff.yaml")
+	pp.SplitMode, pp.KernelHandoff = cfgProxy, true
+	if err := os.WriteFile(b.cfgHandoff, []byte(wardenConfig(pp)), 0o600); err != nil {
+		return err
+	}
 	if err := os.WriteFile(b.cfg, []byte(policy), 0o600); err != nil {
 		return err
 	}
@@ -151,12 +158,12 @@ func (b *bench) measure(policy string) error {
 		// Odd repetitions run the configurations in reverse order: the machine drifts within a run (other
 		// tenants' load, state the workloads leave behind), and a fixed order would always hand the later
 		// configurations the worse conditions.
-		order := []string{cfgKernel, cfgBare, cfgWarden, cfgCompare, cfgRoute}
+		order := []string{cfgKernel, cfgBare, cfgWarden, cfgCompare, cfgRoute, cfgHandoff}
 		if rep%2 == 1 {
 			slices.Reverse(order)
 		}
 		for _, cfg := range order {
-			if cfg == cfgRoute && !o.has(wlProxyBulk) && !o.has(wlProxyUDP) && !o.has(wlSplitSetup) {
+			if (cfg == cfgRoute || cfg == cfgHandoff) && !o.has(wlProxyBulk) && !o.has(wlProxyUDP) && !o.has(wlSplitSetup) {
 				continue
 			}
 			if cfg == cfgCompare && o.compare == "" {
@@ -398,10 +405,10 @@ func (b *bench) startFirewall(cfg string) (*guard, error) {
 			}
 		}
 		return &guard{c: c, builtin: true}, nil
-	case cfgWarden, cfgRoute, cfgCompare:
-		path := b.cfg
-		if cfg == cfgRoute {
-			path = b.cfgRoute
+	case cfgWarden, cfgRoute, cfgHandoff, cfgCompare:
+		path := map[string]string{cfgRoute: b.cfgRoute, cfgHandoff: b.cfgHandoff}[cfg]
+		if path == "" {
+			path = b.cfg
 		}
 		argv := []string{b.warden, "run", "-c", path}
 		switch {
@@ -476,7 +483,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		profile  bool
 	}
 	var runs []run
-	if cfg != cfgRoute { // the route configuration differs from Warden's only in how split traffic is carried
+	if cfg != cfgRoute && cfg != cfgHandoff { // these differ from Warden's only in how split traffic is carried
 		runs = []run{
 			{wlTCPConnect, cfg, []string{"-workload=tcp_connect", dur, clients}, false, true},
 			{wlUDPFlows, cfg, []string{"-workload=udp_flows", dur, clients}, true, true},
@@ -486,7 +493,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 	}
 	// The split workloads compare the kernel's direct path with Warden's split tunnel to the same server: through
 	// the proxy's relay, and by kernel routing.
-	proxyCfg := map[string]string{cfgKernel: cfgDirect, cfgWarden: cfgProxy, cfgRoute: cfgRoute}[cfg]
+	proxyCfg := map[string]string{cfgKernel: cfgDirect, cfgWarden: cfgProxy, cfgRoute: cfgRoute, cfgHandoff: cfgHandoff}[cfg]
 	if proxyCfg != "" {
 		svc := "-dst=" + serviceAddr.String()
 		runs = append(runs,
@@ -519,7 +526,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		var bpfRec *bpfRecorder
 		if o.profile != "" && rep == 0 && r.profile {
 			perf = b.startPerf(r.config + "-" + r.workload)
-			if r.config == cfgWarden || r.config == cfgProxy || r.config == cfgRoute {
+			if r.config == cfgWarden || r.config == cfgProxy || r.config == cfgRoute || r.config == cfgHandoff {
 				bpfRec = b.startBPFStats()
 			}
 		}

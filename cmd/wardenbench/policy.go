@@ -14,7 +14,9 @@ type policyParams struct {
 	SplitVia    string
 	// SplitMode is split_tunnel.mode: "proxy" measures the relay, "route" kernel routing.
 	SplitMode string
-	Rules     int // total rules, about 1000
+	// KernelHandoff sets split_tunnel.kernel_handoff (with SplitMode "proxy").
+	KernelHandoff bool
+	Rules         int // total rules, about 1000
 	// NoApps replaces the application rules by domain rules (a diagnosis: without application rules Warden
 	// never looks up the process behind a connection).
 	NoApps bool
@@ -34,7 +36,8 @@ func wardenConfig(p policyParams) string {
 	if mode == "" {
 		mode = "proxy"
 	}
-	fmt.Fprintf(&b, "split_tunnel: {interface: %s, mode: %s, max_sessions: 4096}\nrules:\n", p.SplitVia, mode)
+	fmt.Fprintf(&b, "split_tunnel: {interface: %s, mode: %s, max_sessions: 4096, kernel_handoff: %v}\nrules:\n",
+		p.SplitVia, mode, p.KernelHandoff)
 	n := 0
 	rule := func(format string, args ...any) {
 		fmt.Fprintf(&b, "  - {name: r%04d, %s}\n", n, fmt.Sprintf(format, args...))

@@ -23,6 +23,8 @@ const (
 	cfgProxy  = "proxy"
 	// cfgRoute is Warden with split_tunnel.mode: route; it runs the split workloads only.
 	cfgRoute = "route"
+	// cfgHandoff is Warden with split_tunnel.mode: proxy and kernel_handoff: true; split workloads only.
+	cfgHandoff = "handoff"
 	// cfgCompare is a second Warden binary (--compare), measured beside cfgWarden.
 	cfgCompare = "compare"
 )
@@ -314,6 +316,7 @@ var ratioSpecs = []ratioSpec{
 	{name: "warden_vs_kernel_bulk", workload: wlBulk, num: cfgWarden, den: cfgKernel, target: 0.95},
 	{name: "proxy_vs_direct_bulk", workload: wlProxyBulk, num: cfgProxy, den: cfgDirect, target: 0.9},
 	{name: "route_vs_direct_bulk", workload: wlProxyBulk, num: cfgRoute, den: cfgDirect, target: 0.9},
+	{name: "handoff_vs_direct_bulk", workload: wlProxyBulk, num: cfgHandoff, den: cfgDirect, target: 0.9},
 	{name: "warden_vs_bare_connect_p99", workload: wlLatency, num: cfgWarden, den: cfgBare, metric: metricP99, target: 1.5, atMost: true},
 	// Informational (no target in the issue).
 	{name: "bare_vs_kernel_tcp_connect", workload: wlTCPConnect, num: cfgBare, den: cfgKernel},
@@ -323,8 +326,10 @@ var ratioSpecs = []ratioSpec{
 	{name: "bare_vs_kernel_bulk", workload: wlBulk, num: cfgBare, den: cfgKernel},
 	{name: "proxy_vs_direct_udp_rr", workload: wlProxyUDP, num: cfgProxy, den: cfgDirect},
 	{name: "route_vs_direct_udp_rr", workload: wlProxyUDP, num: cfgRoute, den: cfgDirect},
+	{name: "handoff_vs_direct_udp_rr", workload: wlProxyUDP, num: cfgHandoff, den: cfgDirect},
 	{name: "proxy_vs_direct_connect_p50", workload: wlSplitSetup, num: cfgProxy, den: cfgDirect},
 	{name: "route_vs_direct_connect_p50", workload: wlSplitSetup, num: cfgRoute, den: cfgDirect},
+	{name: "handoff_vs_direct_connect_p50", workload: wlSplitSetup, num: cfgHandoff, den: cfgDirect},
 	// Costs per connection or flow (above 1: Warden spends more than the bare consumer).
 	{name: "warden_vs_bare_firewall_cpu_per_tcp_connect", workload: wlTCPConnect, num: cfgWarden, den: cfgBare, metric: metricFirewallCPUUS},
 	{name: "warden_vs_bare_firewall_cpu_per_udp_flow", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, metric: metricFirewallCPUUS},
@@ -345,6 +350,7 @@ var ratioSpecs = []ratioSpec{
 	{name: "compare_vs_warden_firewall_cpu_per_udp_flow", workload: wlUDPFlows, num: cfgCompare, den: cfgWarden, metric: metricFirewallCPUUS},
 	{name: "proxy_vs_direct_machine_per_mb", workload: wlProxyBulk, num: cfgProxy, den: cfgDirect, metric: metricMachineUS},
 	{name: "route_vs_direct_machine_per_mb", workload: wlProxyBulk, num: cfgRoute, den: cfgDirect, metric: metricMachineUS},
+	{name: "handoff_vs_direct_machine_per_mb", workload: wlProxyBulk, num: cfgHandoff, den: cfgDirect, metric: metricMachineUS},
 }
 
 // bytesPerConnTarget is the issue's memory goal: at most 1 KiB per tracked connection.
