@@ -93,6 +93,10 @@ func newStatusCmd(g *globals) *cobra.Command {
 				}
 				fmt.Fprintf(tw, "split tunnel\t%s → %s (%s; when down: %s; mode %s: %d tcp, %d udp routed, %d tcp, %d udp relayed)\n",
 					st.Interface.Spec, detail, state, st.OnInterfaceDown, st.Mode, st.TCP.Routed, st.UDP.Routed, st.TCP.Total, st.UDP.Total)
+				if st.TCP.HandedOff > 0 {
+					fmt.Fprintf(tw, "kernel handoff	%d tcp downloads into the application's socket (%d waits for a full window)\n",
+						st.TCP.HandedOff, st.TCP.HandoffWaits)
+				}
 			}
 			if a := s.Attribution; a != nil {
 				src := "/proc only"
