@@ -36,8 +36,11 @@ func wardenConfig(p policyParams) string {
 	if mode == "" {
 		mode = "proxy"
 	}
-	fmt.Fprintf(&b, "split_tunnel: {interface: %s, mode: %s, max_sessions: 4096, kernel_handoff: %v}\nrules:\n",
-		p.SplitVia, mode, p.KernelHandoff)
+	handoff := ""
+	if p.KernelHandoff {
+		handoff = ", kernel_handoff: true" // only then: a --compare build from before the option rejects the key
+	}
+	fmt.Fprintf(&b, "split_tunnel: {interface: %s, mode: %s, max_sessions: 4096%s}\nrules:\n", p.SplitVia, mode, handoff)
 	n := 0
 	rule := func(format string, args ...any) {
 		fmt.Fprintf(&b, "  - {name: r%04d, %s}\n", n, fmt.Sprintf(format, args...))
