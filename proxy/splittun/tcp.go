@@ -111,6 +111,9 @@ func (p *Proxy) handleTCP(c *net.TCPConn) {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
+		if s.handed != nil {
+			s.handed.Detach()
+		}
 		s.abort()
 		return
 	}

@@ -101,6 +101,7 @@ var (
 	descProxyTotal  = prometheus.NewDesc("warden_proxy_sessions_total", "Split-tunnel proxy sessions since start.", []string{"protocol"}, nil)
 	descProxyBytes  = prometheus.NewDesc("warden_proxy_bytes_total", "Bytes relayed by the split-tunnel proxy.", []string{"protocol", "direction"}, nil)
 	descSplitRouted = prometheus.NewDesc("warden_split_routed_total", "Split connections (tcp) and flows (udp) carried by kernel routing.", []string{"protocol"}, nil)
+	descHandedOff   = prometheus.NewDesc("warden_split_handed_off_total", "Proxied TCP connections whose downloads went into the application's socket in the kernel (split_tunnel.kernel_handoff).", nil, nil)
 	descIfaceUp     = prometheus.NewDesc("warden_split_interface_up", "Whether the split-tunnel interface is up.", nil, nil)
 )
 
@@ -135,6 +136,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descProxyBytes, prometheus.CounterValue, float64(s.BytesIn), proto, "in")
 			ch <- prometheus.MustNewConstMetric(descSplitRouted, prometheus.CounterValue, float64(s.Routed), proto)
 		}
+		ch <- prometheus.MustNewConstMetric(descHandedOff, prometheus.CounterValue, float64(ps.TCP.HandedOff))
 		up := 0.0
 		if ps.Interface.Up {
 			up = 1

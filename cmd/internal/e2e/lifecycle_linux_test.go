@@ -157,7 +157,7 @@ func TestExitCodes(t *testing.T) {
 func TestSecondDaemonRefused(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	e.writeConfig(strings.NewReplacer("%APP%", "/nonexistent", "%DOWN%", "block", "%MODE%", "route").Replace(splitConfig))
+	e.writeConfig(splitConfigFor("/nonexistent", "block", "route", false))
 	d := e.startDaemon()
 	rulesBefore, routesBefore := ipt(t, e.top.Client), ipRules(t, e.top.Client)
 

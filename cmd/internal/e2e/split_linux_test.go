@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -27,10 +28,16 @@ rules:
 split_tunnel:
   interface: ub
   mode: %MODE%
+  kernel_handoff: %HANDOFF%
   on_interface_down: %DOWN%
 log:
   level: debug
 `
+
+// splitConfigFor fills splitConfig in.
+func splitConfigFor(app, down, mode string, handoff bool) string {
+	return strings.NewReplacer("%APP%", app, "%DOWN%", down, "%MODE%", mode, "%HANDOFF%", strconv.FormatBool(handoff)).Replace(splitConfig)
+}
 
 // TestSplitTunnel: in both modes (kernel routing and the proxy), split flows (by port and by application; TCP
 // and UDP; IPv4 and IPv6) leave through uplink B and reach B's server, everything else reaches A's; the client
@@ -38,21 +45,23 @@ log:
 // right one; under load every split connection is decided exactly once and none of Warden's own upstream
 // traffic is queued; status shows the split interface and the counters of the mode's carrier (and the other
 // carrier carried nothing); when B goes down, on_interface_down: block refuses new split connections; a
-// stop leaves no ip rule or route behind.
+// stop leaves no ip rule or route behind. "proxy-handoff" is the proxy with split_tunnel.kernel_handoff: every
+// split TCP connection's download goes into the application's socket in the kernel.
 func TestSplitTunnel(t *testing.T) {
 	t.Parallel()
-	for _, mode := range []string{"route", "proxy"} {
-		t.Run(mode, func(t *testing.T) {
+	for _, variant := range []string{"route", "proxy", "proxy-handoff"} {
+		t.Run(variant, func(t *testing.T) {
 			t.Parallel()
-			testSplitTunnel(t, mode)
+			mode, handoff := strings.CutSuffix(variant, "-handoff")
+			testSplitTunnel(t, mode, handoff)
 		})
 	}
 }
 
-func testSplitTunnel(t *testing.T, mode string) {
+func testSplitTunnel(t *testing.T, mode string, handoff bool) {
 	e := newEnv(t)
 	app, appExe := e.startAppAgent()
-	e.writeConfig(strings.NewReplacer("%APP%", appExe, "%DOWN%", "block", "%MODE%", mode).Replace(splitConfig))
+	e.writeConfig(splitConfigFor(appExe, "block", mode, handoff))
 	rulesBefore := ipRules(t, e.top.Client)
 	d := e.startDaemon()
 
@@ -180,6 +189,9 @@ func testSplitTunnel(t *testing.T, mode string) {
 	if relayed != want || routed != none {
 		t.Errorf("%s mode: carried tcp/udp %v, the other carrier %v; want %v and none", mode, relayed, routed, want)
 	}
+	if want := map[bool]uint64{true: uint64(splitTCP)}[handoff]; sp.TCP.HandedOff != want {
+		t.Errorf("%d tcp downloads handed off to the application's socket, want %d", sp.TCP.HandedOff, want)
+	}
 	if sp.TCP.Unresolved+sp.UDP.Unresolved+sp.TCP.DialErrors+sp.UDP.DialErrors+sp.TCP.Rejected+sp.UDP.Rejected != 0 {
 		t.Errorf("proxy errors: %+v %+v", sp.TCP, sp.UDP)
 	}
@@ -264,7 +276,7 @@ func ipRules(t *testing.T, ns string) string {
 func TestSplitInterfaceDownDirect(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	e.writeConfig(strings.NewReplacer("%APP%", "/nonexistent/app", "%DOWN%", "direct", "%MODE%", "auto").Replace(splitConfig))
+	e.writeConfig(splitConfigFor("/nonexistent/app", "direct", "auto", false))
 	e.startDaemon()
 	dst4, dst6 := hp(sandbox.ServiceV4, 8080), hp(sandbox.ServiceV6, 8080)
 	expectServer(t, "tcp split, B up", call(t, e.client, tcpReq(dst4)), "B")
@@ -295,7 +307,7 @@ func TestSplitInterfaceDownDirect(t *testing.T) {
 func TestSplitRouteRestored(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	e.writeConfig(strings.NewReplacer("%APP%", "/nonexistent", "%DOWN%", "block", "%MODE%", "route").Replace(splitConfig))
+	e.writeConfig(splitConfigFor("/nonexistent", "block", "route", false))
 	e.startDaemon()
 	dst := hp(sandbox.ServiceV4, 8080)
 	expectServer(t, "split before", call(t, e.client, tcpReq(dst)), "B")
