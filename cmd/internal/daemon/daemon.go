@@ -284,6 +284,9 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	return d.shutdown()
 }
 
+// handoffDrainTimeout bounds how long a stopping daemon waits for applications to read handed-off data.
+const handoffDrainTimeout = 5 * time.Second
+
 // loadHandoff loads the kernel handoff when the config asks for it and the proxy relays (mode proxy). It is
 // closed after the proxy (d.closers). Without kernel support the proxy relays over loopback, as it would
 // without the option.
@@ -300,7 +303,16 @@ func (d *Daemon) loadHandoff(cfg *config.Config) *handoff.Handoff {
 		d.log.Warn("split tunnel: kernel handoff unavailable; relaying over loopback", "err", err)
 		return nil
 	}
-	d.closers = append(d.closers, ho.Close)
+	d.closers = append(d.closers, func() error {
+		// After the proxy's relays have ended: let applications read the tails of their downloads first,
+		// which closing the maps would drop.
+		ctx, cancel := context.WithTimeout(context.Background(), handoffDrainTimeout)
+		defer cancel()
+		if n := ho.Drain(ctx); n > 0 {
+			d.log.Warn("split tunnel: applications had not read the end of their downloads; it is dropped", "connections", n)
+		}
+		return ho.Close()
+	})
 	return ho
 }
 

@@ -23,7 +23,8 @@
 // What the application sees changes in two ways, which is why this is an option (split_tunnel.kernel_handoff):
 // its socket is read through the kernel's sockmap receive path, which splice(2) and TCP_ZEROCOPY_RECEIVE do not
 // use (an application reading its socket with those would see no data); and data the proxy handed off but the
-// application had not read yet is dropped if the daemon's BPF objects go away (the daemon stops) first.
+// application had not read yet is dropped if the daemon's BPF objects go away first (Drain waits for it at a
+// graceful stop).
 //
 // The kernel charges handed-off data to the application socket but applies no receive window to it, so the
 // proxy bounds it itself: Client.Queued reports what waits in the application's socket (sock_diag's memory

@@ -1,12 +1,14 @@
 package handoff
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -227,6 +229,45 @@ func (h *Handoff) Attach(relay *net.TCPConn, client, original netip.AddrPort) (*
 // closes (the kernel removes it then), so data it has not read yet stays readable.
 func (c *Client) Detach() {
 	_ = c.h.pairs.Delete(c.key[:endpointSize])
+}
+
+// drainPoll bounds how often Drain asks again: no event tells it that an application read.
+const (
+	drainPollMin = time.Millisecond
+	drainPollMax = 50 * time.Millisecond
+)
+
+// Drain waits until no application socket in the map holds handed-off data it has not read, or until ctx is
+// done, and returns how many still do. Close drops what is unread, so a daemon stopping gracefully drains
+// first: the proxy has finished its relays by then, and what is left is the tail of finished downloads.
+func (h *Handoff) Drain(ctx context.Context) int {
+	wait := drainPollMin
+	for {
+		pending := 0
+		var k [keySize]byte
+		var cookie uint64
+		it := h.clients.Iterate()
+		for it.Next(&k, &cookie) {
+			c := Client{h: h, key: k, cookie: cookie, client: keyEndpoint(k[:endpointSize]),
+				original: keyEndpoint(k[origOff:])}
+			if q, err := c.Queued(); err == nil && q > 0 {
+				pending++
+			}
+		}
+		if pending == 0 || ctx.Err() != nil {
+			return pending
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, drainPollMax)
+	}
+}
+
+// keyEndpoint reads an address and port written by tupleKey.
+func keyEndpoint(b []byte) netip.AddrPort {
+	return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[:16])).Unmap(), binary.BigEndian.Uint16(b[16:18]))
 }
 
 // tupleKey builds the maps' key.

@@ -2,6 +2,7 @@ package handoff
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -193,6 +194,48 @@ func TestHandoffOnlyExpected(t *testing.T) {
 		got := make([]byte, 5)
 		if _, err := io.ReadFull(p.client, got); err != nil || string(got) != "plain" {
 			return fmt.Errorf("plain connection: %q %v", got, err)
+		}
+		return nil
+	})
+}
+
+// TestHandoffDrain: Drain reports an application holding unread handed-off data while its context allows no
+// wait, waits for it to read otherwise, and finds nothing pending once it has.
+func TestHandoffDrain(t *testing.T) {
+	inNamespace(t, func(h *Handoff) error {
+		p, err := connect(h, netip.MustParseAddrPort("127.0.0.2:40125"), true)
+		if err != nil {
+			return err
+		}
+		defer p.close()
+		hc, err := h.Attach(p.relay, p.clientEP, p.original)
+		if err != nil {
+			return fmt.Errorf("attach: %w", err)
+		}
+		hc.Detach() // the session is over; the data stays with the application
+		block := bytes.Repeat([]byte("d"), 256<<10)
+		if _, err := p.relay.Write(block); err != nil {
+			return err
+		}
+		done, cancel := context.WithCancel(context.Background())
+		cancel()
+		if n := h.Drain(done); n != 1 {
+			return fmt.Errorf("drain without time: %d pending, want 1", n)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		drained := make(chan int, 1)
+		go func() { drained <- h.Drain(ctx) }()
+		select {
+		case n := <-drained:
+			return fmt.Errorf("drain returned %d before the application read", n)
+		default:
+		}
+		if _, err := io.ReadFull(p.client, make([]byte, len(block))); err != nil {
+			return err
+		}
+		if n := <-drained; n != 0 {
+			return fmt.Errorf("drain after the application read everything: %d pending", n)
 		}
 		return nil
 	})

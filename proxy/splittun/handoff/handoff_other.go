@@ -3,6 +3,7 @@
 package handoff
 
 import (
+	"context"
 	"net"
 	"net/netip"
 )
@@ -12,6 +13,9 @@ type Handoff struct{}
 
 // Load reports ErrUnsupported.
 func Load() (*Handoff, error) { return nil, ErrUnsupported }
+
+// Drain has nothing to wait for.
+func (*Handoff) Drain(context.Context) int { return 0 }
 
 // Close does nothing.
 func (*Handoff) Close() error { return nil }
