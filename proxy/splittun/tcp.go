@@ -190,34 +190,50 @@ func (p *Proxy) relay(s *tcpSession) {
 // maximum is 6 MiB by default), and it is a variable for tests.
 var handoffWindow = 4 << 20
 
-// handoffPoll bounds how often a session whose application is a full window behind checks again: no event
-// tells the proxy that the application read. It starts at the minimum and doubles to the maximum.
+// handoffPoll bounds how long a session whose application is a full window behind waits before it asks again:
+// no event tells the proxy that the application read.
 const (
-	handoffPollMin = 200 * time.Microsecond
+	handoffPollMin = 100 * time.Microsecond
 	handoffPollMax = 20 * time.Millisecond
 )
 
-// clientRoom waits, at most until deadline, until the application has fewer than handoffWindow bytes unread,
-// and returns how many more it may be sent (0 at the deadline). An error means the application socket is gone
-// or cannot be asked about.
+// clientRoom returns how many more bytes the application may be sent: the window less what it has not read.
+// When that is nothing it waits, at most until deadline (then it returns 0), until the application has read
+// half the window, so that every round moves at least half a window: resuming at the first byte read would
+// make each round a sock_diag request and a tiny splice. While the application reads, the wait is the time
+// its measured pace needs to read down to half; while it does not, the wait doubles. An error means the
+// application socket is gone or cannot be asked about.
 func (s *tcpSession) clientRoom(deadline time.Time, waits *atomic.Uint64) (int64, error) {
-	wait := handoffPollMin
-	for first := true; ; first = false {
-		queued, err := s.handed.Queued()
-		if err != nil {
-			return 0, err
-		}
-		if room := handoffWindow - queued; room > 0 {
-			return int64(room), nil
-		}
-		if first {
-			waits.Add(1)
-		}
-		if time.Until(deadline) <= 0 {
+	queued, err := s.handed.Queued()
+	if err != nil {
+		return 0, err
+	}
+	if queued < handoffWindow {
+		return int64(handoffWindow - queued), nil
+	}
+	waits.Add(1)
+	wait, asked := handoffPollMin, time.Now()
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
 			return 0, nil
 		}
-		time.Sleep(min(wait, time.Until(deadline)))
-		wait = min(2*wait, handoffPollMax)
+		time.Sleep(min(wait, left))
+		prev, prevAt := queued, asked
+		if queued, err = s.handed.Queued(); err != nil {
+			return 0, err
+		}
+		asked = time.Now()
+		if queued <= handoffWindow/2 {
+			return int64(handoffWindow - queued), nil
+		}
+		if read := prev - queued; read > 0 {
+			perByte := float64(asked.Sub(prevAt)) / float64(read)
+			wait = time.Duration(perByte * float64(queued-handoffWindow/2))
+		} else {
+			wait *= 2
+		}
+		wait = min(max(wait, handoffPollMin), handoffPollMax)
 	}
 }
 
