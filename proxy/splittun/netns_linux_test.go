@@ -295,6 +295,11 @@ func clientMain() {
 			if err != nil {
 				resp.Err = err.Error()
 			}
+		case "bulkabort": // the application goes away without reading: a reset
+			b := bulks[req.ID]
+			delete(bulks, req.ID)
+			b.c.SetLinger(0)
+			b.c.Close()
 		case "close":
 			held[req.ID].Close()
 			delete(held, req.ID)
@@ -866,5 +871,18 @@ func TestNamespaceKernelHandoff(t *testing.T) {
 		if r.Err != "" || !r.Equal || r.N != size+2 {
 			t.Fatalf("after the wait: got %d bytes, equal %v, err %q", r.N, r.Equal, r.Err)
 		}
+	})
+	t.Run("application-resets", func(t *testing.T) {
+		// The application resets its connection in the middle of a download, with a full window unread: the
+		// session ends (its next redirect or window check fails) instead of hanging.
+		src, dst := hostPort("10.1.0.2", splitPort()), hostPort("192.0.2.10", 80)
+		c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: dst})
+		before := c.stats().TCP
+		h := c.mustCall(request{Op: "bulkhold", Src: src, Dst: dst, Size: 8 * window})
+		c.waitStats("the download waiting for the application", func(s Stats) bool {
+			return s.TCP.HandoffWaits > before.HandoffWaits
+		})
+		c.mustCall(request{Op: "bulkabort", ID: h.ID})
+		c.waitStats("the session to end", func(s Stats) bool { return s.TCP.Active == before.Active })
 	})
 }
