@@ -196,7 +196,10 @@ func clientMain() {
 				resp.Err = err.Error()
 			}
 		case "stop":
-			if err := p.Close(); err != nil {
+			start := time.Now()
+			err := p.Close()
+			resp.Elapsed = time.Since(start).Milliseconds()
+			if err != nil {
 				resp.Err = err.Error()
 			}
 			resp.N = table.Len()
@@ -884,5 +887,21 @@ func TestNamespaceKernelHandoff(t *testing.T) {
 		})
 		c.mustCall(request{Op: "bulkabort", ID: h.ID})
 		c.waitStats("the session to end", func(s Stats) bool { return s.TCP.Active == before.Active })
+	})
+	t.Run("stop-while-waiting", func(t *testing.T) {
+		// Last: it stops the proxy. A session waiting for its application to read is cut at the shutdown
+		// timeout (2 s), not after its idle round (half an hour with the default idle timeout).
+		src, dst := hostPort("10.1.0.2", splitPort()), hostPort("192.0.2.10", 80)
+		c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: dst})
+		before := c.stats().TCP
+		// Twice the window: the upload can finish (the rest of the echo fits in the buffers on the way), so the
+		// application socket outlives the proxy's end without a reset that would end the wait anyway.
+		c.mustCall(request{Op: "bulkhold", Src: src, Dst: dst, Size: 2 * window})
+		c.waitStats("the download waiting for the application", func(s Stats) bool {
+			return s.TCP.HandoffWaits > before.HandoffWaits
+		})
+		if r := c.call(request{Op: "stop", Timeout: 60_000}); r.Err != "" || r.Elapsed > 10_000 {
+			t.Fatalf("stopping with a session waiting took %d ms (err %q); want the 2 s shutdown timeout", r.Elapsed, r.Err)
+		}
 	})
 }

@@ -66,6 +66,8 @@ type tcpSession struct {
 	idleSince [2]atomic.Int64
 	expired   atomic.Bool
 	closeOnce sync.Once
+	// aborted is closed by abort, for waits that no socket operation would interrupt (clientRoom).
+	aborted chan struct{}
 }
 
 func (p *Proxy) handleTCP(c *net.TCPConn) {
@@ -95,7 +97,7 @@ func (p *Proxy) handleTCP(c *net.TCPConn) {
 		reset(c)
 		return
 	}
-	s := &tcpSession{client: c, up: uc.(*net.TCPConn), idle: p.cfg.IdleTimeout}
+	s := &tcpSession{client: c, up: uc.(*net.TCPConn), idle: p.cfg.IdleTimeout, aborted: make(chan struct{})}
 	if p.handoff != nil && e.Client == from {
 		// Before the first write to c. With a remapped client port the application socket's tuple is not the
 		// one the pipeline expected, so it cannot have been paired.
@@ -198,7 +200,8 @@ const (
 )
 
 // clientRoom returns how many more bytes the application may be sent: the window less what it has not read.
-// When that is nothing it waits, at most until deadline (then it returns 0), until the application has read
+// When that is nothing it waits, at most until deadline (then it returns 0) or until the session is aborted
+// (net.ErrClosed), until the application has read
 // half the window, so that every round moves at least half a window: resuming at the first byte read would
 // make each round a sock_diag request and a tiny splice. While the application reads, the wait is the time
 // its measured pace needs to read down to half; while it does not, the wait doubles. An error means the
@@ -218,7 +221,13 @@ func (s *tcpSession) clientRoom(deadline time.Time, waits *atomic.Uint64) (int64
 		if left <= 0 {
 			return 0, nil
 		}
-		time.Sleep(min(wait, left))
+		t := time.NewTimer(min(wait, left))
+		select {
+		case <-s.aborted:
+			t.Stop()
+			return 0, net.ErrClosed
+		case <-t.C:
+		}
 		prev, prevAt := queued, asked
 		if queued, err = s.handed.Queued(); err != nil {
 			return 0, err
@@ -251,6 +260,9 @@ func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, bytes *atomi
 		var limit *io.LimitedReader
 		if bounded {
 			room, err := s.clientRoom(start.Add(round), &p.tcp.handoffWaits)
+			if errors.Is(err, net.ErrClosed) {
+				return // the session was ended elsewhere (expiry, shutdown, the other direction)
+			}
 			if err != nil {
 				// The application socket is gone (or sock_diag failed): the session cannot go on safely.
 				_ = src.SetLinger(0)
@@ -328,6 +340,7 @@ func (p *Proxy) expire(s *tcpSession) {
 // abort closes both connections, which ends both pipes.
 func (s *tcpSession) abort() {
 	s.closeOnce.Do(func() {
+		close(s.aborted)
 		s.client.Close()
 		s.up.Close()
 	})

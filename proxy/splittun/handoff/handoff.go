@@ -38,5 +38,8 @@ import "errors"
 // map was full. The proxy then relays as usual.
 var ErrNotPaired = errors.New("application socket not seen by the handoff program")
 
+// ErrClosed is returned by a Handoff used after Close.
+var ErrClosed = errors.New("kernel handoff closed")
+
 // ErrUnsupported means this platform or kernel cannot hand off.
 var ErrUnsupported = errors.New("kernel handoff unsupported")

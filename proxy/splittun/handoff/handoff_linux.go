@@ -67,6 +67,11 @@ type Handoff struct {
 	progs   []*ebpf.Program
 	link    link.Link
 
+	// mu is held for reading by every use of the maps and for writing by Close, so a late caller gets
+	// ErrClosed instead of a closed map.
+	mu     sync.RWMutex
+	closed bool
+
 	diagMu sync.Mutex // one sock_diag request at a time on diag
 	diag   int
 }
@@ -151,6 +156,9 @@ func (h *Handoff) Close() error {
 	if h == nil {
 		return nil
 	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
 	var errs []error
 	if h.link != nil {
 		errs = append(errs, h.link.Close())
@@ -177,6 +185,11 @@ func (h *Handoff) Close() error {
 
 // Expect announces a TCP connection the proxy is about to receive, before its first packet is let through.
 func (h *Handoff) Expect(client, original netip.AddrPort) error {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	if h.closed {
+		return ErrClosed
+	}
 	k := tupleKey(client, original)
 	if err := h.expect.Update(k[:], uint32(1), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("expecting %s -> %s: %w", client, original, err)
@@ -197,6 +210,11 @@ type Client struct {
 // application's socket. From then on everything written to relay lands in the application's receive queue.
 // It must be called before the first write to relay; ErrNotPaired means nothing changed.
 func (h *Handoff) Attach(relay *net.TCPConn, client, original netip.AddrPort) (*Client, error) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	if h.closed {
+		return nil, ErrClosed
+	}
 	k := tupleKey(client, original)
 	var cookie uint64
 	if err := h.clients.Lookup(k[:], &cookie); err != nil {
@@ -228,7 +246,11 @@ func (h *Handoff) Attach(relay *net.TCPConn, client, original netip.AddrPort) (*
 // Detach forgets the pairing once the proxy writes no more. The application socket stays in the map until it
 // closes (the kernel removes it then), so data it has not read yet stays readable.
 func (c *Client) Detach() {
-	_ = c.h.pairs.Delete(c.key[:endpointSize])
+	c.h.mu.RLock()
+	defer c.h.mu.RUnlock()
+	if !c.h.closed {
+		_ = c.h.pairs.Delete(c.key[:endpointSize])
+	}
 }
 
 // drainPoll bounds how often Drain asks again: no event tells it that an application read.
@@ -239,8 +261,15 @@ const (
 
 // Drain waits until no application socket in the map holds handed-off data it has not read, or until ctx is
 // done, and returns how many still do. Close drops what is unread, so a daemon stopping gracefully drains
-// first: the proxy has finished its relays by then, and what is left is the tail of finished downloads.
+// first: the proxy has finished its relays by then, and what is left is the tail of finished downloads. A
+// connection that has closed in both directions cannot be asked (sock_diag answers for its TIME_WAIT entry),
+// so Drain does not wait for its application.
 func (h *Handoff) Drain(ctx context.Context) int {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	if h.closed {
+		return 0
+	}
 	wait := drainPollMin
 	for {
 		pending := 0

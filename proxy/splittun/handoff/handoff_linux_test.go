@@ -240,3 +240,84 @@ func TestHandoffDrain(t *testing.T) {
 		return nil
 	})
 }
+
+// TestHandoffDataOutlivesClose: an application that half-closed first still reads everything handed off after
+// the relay's FIN has closed the connection in both directions (its socket is in CLOSE, still in the map).
+func TestHandoffDataOutlivesClose(t *testing.T) {
+	inNamespace(t, func(h *Handoff) error {
+		p, err := connect(h, netip.MustParseAddrPort("127.0.0.2:40127"), true)
+		if err != nil {
+			return err
+		}
+		defer p.close()
+		hc, err := h.Attach(p.relay, p.clientEP, p.original)
+		if err != nil {
+			return err
+		}
+		defer hc.Detach()
+		if err := p.client.CloseWrite(); err != nil {
+			return err
+		}
+		block := bytes.Repeat([]byte("x"), 1<<20)
+		if _, err := p.relay.Write(block); err != nil {
+			return err
+		}
+		if err := p.relay.CloseWrite(); err != nil {
+			return err
+		}
+		// No event says the FIN has been processed: look at the state, bounded.
+		const tcpClose = 7
+		var state uint8
+		for deadline := time.Now().Add(5 * time.Second); state != tcpClose; time.Sleep(2 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("the application socket stayed in state %d", state)
+			}
+			rc, err := p.client.SyscallConn()
+			if err != nil {
+				return err
+			}
+			rc.Control(func(fd uintptr) {
+				if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+					state = info.State
+				}
+			})
+		}
+		got, err := io.ReadAll(p.client)
+		if err != nil || !bytes.Equal(got, block) {
+			return fmt.Errorf("after the close: read %d of %d bytes, err %v", len(got), len(block), err)
+		}
+		return nil
+	})
+}
+
+// TestHandoffAfterClose: a Handoff used after Close answers ErrClosed instead of touching freed maps.
+func TestHandoffAfterClose(t *testing.T) {
+	inNamespace(t, func(h *Handoff) error {
+		p, err := connect(h, netip.MustParseAddrPort("127.0.0.2:40128"), true)
+		if err != nil {
+			return err
+		}
+		defer p.close()
+		hc, err := h.Attach(p.relay, p.clientEP, p.original)
+		if err != nil {
+			return err
+		}
+		if err := h.Close(); err != nil {
+			return err
+		}
+		hc.Detach()
+		if err := h.Expect(p.clientEP, p.original); !errors.Is(err, ErrClosed) {
+			return fmt.Errorf("Expect after Close: %v", err)
+		}
+		if _, err := h.Attach(p.relay, p.clientEP, p.original); !errors.Is(err, ErrClosed) {
+			return fmt.Errorf("Attach after Close: %v", err)
+		}
+		if _, err := hc.Queued(); err == nil {
+			return fmt.Errorf("Queued after Close answered")
+		}
+		if n := h.Drain(context.Background()); n != 0 {
+			return fmt.Errorf("Drain after Close: %d", n)
+		}
+		return nil
+	})
+}
