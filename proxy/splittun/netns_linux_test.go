@@ -116,6 +116,8 @@ type request struct {
 	Handoff bool `json:"handoff,omitempty"`
 	Window  int  `json:"window,omitempty"`
 	Size    int  `json:"size,omitempty"`
+	// Open keeps a bulk transfer's write side open after its payload (no half-close).
+	Open bool `json:"open,omitempty"`
 }
 
 type udpReply struct {
@@ -275,9 +277,12 @@ func clientMain() {
 			nextID++
 			b := &bulk{c: tc, want: append([]byte("B\n"), bulkPattern(req.Size, nextID)...)}
 			bulks[nextID] = b
+			open := req.Open
 			go func() {
 				tc.Write(b.want[2:])
-				tc.CloseWrite()
+				if !open {
+					tc.CloseWrite()
+				}
 			}()
 			resp.ID = nextID
 			if req.Op == "bulkhold" {
@@ -894,9 +899,10 @@ func TestNamespaceKernelHandoff(t *testing.T) {
 		src, dst := hostPort("10.1.0.2", splitPort()), hostPort("192.0.2.10", 80)
 		c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: dst})
 		before := c.stats().TCP
-		// Twice the window: the upload can finish (the rest of the echo fits in the buffers on the way), so the
-		// application socket outlives the proxy's end without a reset that would end the wait anyway.
-		c.mustCall(request{Op: "bulkhold", Src: src, Dst: dst, Size: 2 * window})
+		// Twice the window: the upload can finish (the rest of the echo fits in the buffers on the way), and
+		// the application keeps its write side open, so its socket outlives the proxy's end with neither a
+		// reset nor a closed connection that would end the wait anyway.
+		c.mustCall(request{Op: "bulkhold", Src: src, Dst: dst, Size: 2 * window, Open: true})
 		c.waitStats("the download waiting for the application", func(s Stats) bool {
 			return s.TCP.HandoffWaits > before.HandoffWaits
 		})
