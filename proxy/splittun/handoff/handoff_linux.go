@@ -101,10 +101,10 @@ func Load() (_ *Handoff, err error) {
 		k, v  uint32
 		flags uint32
 	}{
-		{&h.expect, "wd_ho_expect", ebpf.LRUHash, keySize, 4, 0},
-		{&h.clients, "wd_ho_clients", ebpf.SockHash, keySize, 8, 0},
-		{&h.pairs, "wd_ho_pairs", ebpf.Hash, endpointSize, keySize, 0},
-		{&h.relays, "wd_ho_relays", ebpf.SockHash, endpointSize, 8, 0},
+		{&h.expect, "warden_ho_exp", ebpf.LRUHash, keySize, 4, 0},
+		{&h.clients, "warden_ho_cli", ebpf.SockHash, keySize, 8, 0},
+		{&h.pairs, "warden_ho_pairs", ebpf.Hash, endpointSize, keySize, 0},
+		{&h.relays, "warden_ho_relay", ebpf.SockHash, endpointSize, 8, 0},
 	}
 	for _, m := range maps {
 		*m.m, err = ebpf.NewMap(&ebpf.MapSpec{Name: m.name, Type: m.typ, KeySize: m.k, ValueSize: m.v,
@@ -113,13 +113,13 @@ func Load() (_ *Handoff, err error) {
 			return nil, fmt.Errorf("%w: creating map %s: %w", ErrUnsupported, m.name, err)
 		}
 	}
-	ops, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: "wd_ho_sockops", Type: ebpf.SockOps, License: "GPL",
+	ops, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: "warden_ho_sops", Type: ebpf.SockOps, License: "GPL",
 		Instructions: sockOpsInsns(h.expect.FD(), h.clients.FD(), netns)})
 	if err != nil {
 		return nil, fmt.Errorf("%w: loading the sock_ops program: %w", ErrUnsupported, err)
 	}
 	h.progs = append(h.progs, ops)
-	msg, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: "wd_ho_redirect", Type: ebpf.SkMsg, License: "GPL",
+	msg, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: "warden_ho_redir", Type: ebpf.SkMsg, License: "GPL",
 		AttachType: ebpf.AttachSkMsgVerdict, Instructions: redirectInsns(h.pairs.FD(), h.clients.FD())})
 	if err != nil {
 		return nil, fmt.Errorf("%w: loading the sk_msg program: %w", ErrUnsupported, err)
