@@ -95,20 +95,19 @@ func Load() (_ *Handoff, err error) {
 		return nil, fmt.Errorf("%w: %w", ErrUnsupported, err)
 	}
 	maps := []struct {
-		m     **ebpf.Map
-		name  string
-		typ   ebpf.MapType
-		k, v  uint32
-		flags uint32
+		m    **ebpf.Map
+		name string
+		typ  ebpf.MapType
+		k, v uint32
 	}{
-		{&h.expect, "warden_ho_exp", ebpf.LRUHash, keySize, 4, 0},
-		{&h.clients, "warden_ho_cli", ebpf.SockHash, keySize, 8, 0},
-		{&h.pairs, "warden_ho_pairs", ebpf.Hash, endpointSize, keySize, 0},
-		{&h.relays, "warden_ho_relay", ebpf.SockHash, endpointSize, 8, 0},
+		{&h.expect, "warden_ho_exp", ebpf.LRUHash, keySize, 4},
+		{&h.clients, "warden_ho_cli", ebpf.SockHash, keySize, 8},
+		{&h.pairs, "warden_ho_pairs", ebpf.Hash, endpointSize, keySize},
+		{&h.relays, "warden_ho_relay", ebpf.SockHash, endpointSize, 8},
 	}
 	for _, m := range maps {
 		*m.m, err = ebpf.NewMap(&ebpf.MapSpec{Name: m.name, Type: m.typ, KeySize: m.k, ValueSize: m.v,
-			MaxEntries: maxEntries, Flags: m.flags})
+			MaxEntries: maxEntries})
 		if err != nil {
 			return nil, fmt.Errorf("%w: creating map %s: %w", ErrUnsupported, m.name, err)
 		}
