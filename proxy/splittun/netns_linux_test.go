@@ -894,8 +894,8 @@ func TestNamespaceKernelHandoff(t *testing.T) {
 		c.waitStats("the session to end", func(s Stats) bool { return s.TCP.Active == before.Active })
 	})
 	t.Run("stop-while-waiting", func(t *testing.T) {
-		// Last: it stops the proxy. A session waiting for its application to read is cut at the shutdown
-		// timeout (2 s), not after its idle round (half an hour with the default idle timeout).
+		// Last: it stops the proxy. Sessions waiting for their application to read, or for their server, are cut
+		// at the shutdown timeout (2 s), not after their idle round (half an hour with the default idle timeout).
 		src, dst := hostPort("10.1.0.2", splitPort()), hostPort("192.0.2.10", 80)
 		c.mustCall(request{Op: "record", Proto: "tcp", Client: src, Original: dst})
 		before := c.stats().TCP
@@ -906,6 +906,13 @@ func TestNamespaceKernelHandoff(t *testing.T) {
 		c.waitStats("the download waiting for the application", func(s Stats) bool {
 			return s.TCP.HandoffWaits > before.HandoffWaits
 		})
+		// And one whose download waits for the server (greeting read, then silence): its pump sits in poll(2),
+		// which only the abort's wake-up ends.
+		src2 := hostPort("10.1.0.2", splitPort())
+		c.mustCall(request{Op: "record", Proto: "tcp", Client: src2, Original: dst})
+		if h := c.mustCall(request{Op: "hold", Src: src2, Dst: dst}); h.Data != "B\n" {
+			t.Fatalf("held connection's greeting %q", h.Data)
+		}
 		if r := c.call(request{Op: "stop", Timeout: 60_000}); r.Err != "" || r.Elapsed > 10_000 {
 			t.Fatalf("stopping with a session waiting took %d ms (err %q); want the 2 s shutdown timeout", r.Elapsed, r.Err)
 		}
