@@ -78,14 +78,17 @@ func TestDiagRequest(t *testing.T) {
 	}
 }
 
-// FuzzParseQueued: no answer, however malformed, panics the proxy's relay.
+// FuzzParseQueued: no answer, however malformed, panics the proxy's relay, and only a socket answer long
+// enough to hold an inet_diag_msg and a memory info attribute yields a value.
 func FuzzParseQueued(f *testing.F) {
 	f.Add(answer(true, 7))
 	f.Add(errAnswer(unix.ENOENT))
 	f.Add(answer(false, 0))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if q, err := parseQueued(b); err == nil && q < 0 {
-			t.Fatalf("negative queue %d", q)
+		if _, err := parseQueued(b); err == nil {
+			if len(b) < nlwire.HdrLen+diagMsgLen+nlwire.AttrHdrLen+4 || binary.NativeEndian.Uint16(b[4:6]) != sockDiagByFamily {
+				t.Fatalf("a value from %d bytes of type %d", len(b), binary.NativeEndian.Uint16(b[4:6]))
+			}
 		}
 	})
 }

@@ -391,15 +391,12 @@ func sockOpsInsns(expectFD, clientsFD int, netns uint64) asm.Instructions {
 	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, opsRemoteIP4Off, asm.Word))
 	insns = append(insns, storeMapped(keyOff+origOff)...)
 	insns = append(insns,
+		// Deleting answers whether the tuple was expected (0) or not (-ENOENT): no lookup first.
 		asm.LoadMapPtr(asm.R1, expectFD).WithSymbol("keyed"),
 		asm.Mov.Reg(asm.R2, asm.RFP),
 		asm.Add.Imm(asm.R2, keyOff),
-		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "allow"),
-		asm.LoadMapPtr(asm.R1, expectFD),
-		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, keyOff),
 		asm.FnMapDeleteElem.Call(),
+		asm.JNE.Imm(asm.R0, 0, "allow"),
 		asm.Mov.Reg(asm.R1, asm.R6),
 		asm.LoadMapPtr(asm.R2, clientsFD),
 		asm.Mov.Reg(asm.R3, asm.RFP),

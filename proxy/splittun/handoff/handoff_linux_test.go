@@ -49,21 +49,41 @@ func connect(h *Handoff, clientEP netip.AddrPort, expect bool) (*pair, error) {
 	return &pair{client: c.(*net.TCPConn), relay: r, clientEP: clientEP, original: original}, nil
 }
 
-// bytesSent is what c's TCP has sent (tcpi_bytes_sent).
-func bytesSent(c *net.TCPConn) (uint64, error) {
+// tcpInfo reads c's TCP_INFO.
+func tcpInfo(c *net.TCPConn) (*unix.TCPInfo, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	var info *unix.TCPInfo
 	var ierr error
 	if err := rc.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
+		return nil, err
+	}
+	return info, ierr
+}
+
+// bytesSent is what c's TCP has sent (tcpi_bytes_sent).
+func bytesSent(c *net.TCPConn) (uint64, error) {
+	info, err := tcpInfo(c)
+	if err != nil {
 		return 0, err
 	}
-	if ierr != nil {
-		return 0, ierr
-	}
 	return info.Bytes_sent, nil
+}
+
+// attached is an expected connection from clientEP, paired by Attach.
+func attached(h *Handoff, clientEP string) (*pair, *Client, error) {
+	p, err := connect(h, netip.MustParseAddrPort(clientEP), true)
+	if err != nil {
+		return nil, nil, err
+	}
+	hc, err := h.Attach(p.relay, p.clientEP, p.original)
+	if err != nil {
+		p.close()
+		return nil, nil, fmt.Errorf("attach: %w", err)
+	}
+	return p, hc, nil
 }
 
 func (p *pair) close() {
@@ -95,15 +115,11 @@ func inNamespace(t *testing.T, f func(h *Handoff) error) {
 // reach the relay over the loopback connection.
 func TestHandoffDelivers(t *testing.T) {
 	inNamespace(t, func(h *Handoff) error {
-		p, err := connect(h, netip.MustParseAddrPort("127.0.0.2:40123"), true)
+		p, hc, err := attached(h, "127.0.0.2:40123")
 		if err != nil {
 			return err
 		}
 		defer p.close()
-		hc, err := h.Attach(p.relay, p.clientEP, p.original)
-		if err != nil {
-			return fmt.Errorf("attach: %w", err)
-		}
 		defer hc.Detach()
 
 		// A handed-off write is queued at the application by the time Write returns.
@@ -203,15 +219,11 @@ func TestHandoffOnlyExpected(t *testing.T) {
 // wait, waits for it to read otherwise, and finds nothing pending once it has.
 func TestHandoffDrain(t *testing.T) {
 	inNamespace(t, func(h *Handoff) error {
-		p, err := connect(h, netip.MustParseAddrPort("127.0.0.2:40125"), true)
+		p, hc, err := attached(h, "127.0.0.2:40125")
 		if err != nil {
 			return err
 		}
 		defer p.close()
-		hc, err := h.Attach(p.relay, p.clientEP, p.original)
-		if err != nil {
-			return fmt.Errorf("attach: %w", err)
-		}
 		hc.Detach() // the session is over; the data stays with the application
 		block := bytes.Repeat([]byte("d"), 256<<10)
 		if _, err := p.relay.Write(block); err != nil {
@@ -245,15 +257,11 @@ func TestHandoffDrain(t *testing.T) {
 // the relay's FIN has closed the connection in both directions (its socket is in CLOSE, still in the map).
 func TestHandoffDataOutlivesClose(t *testing.T) {
 	inNamespace(t, func(h *Handoff) error {
-		p, err := connect(h, netip.MustParseAddrPort("127.0.0.2:40127"), true)
+		p, hc, err := attached(h, "127.0.0.2:40127")
 		if err != nil {
 			return err
 		}
 		defer p.close()
-		hc, err := h.Attach(p.relay, p.clientEP, p.original)
-		if err != nil {
-			return err
-		}
 		defer hc.Detach()
 		if err := p.client.CloseWrite(); err != nil {
 			return err
@@ -272,15 +280,11 @@ func TestHandoffDataOutlivesClose(t *testing.T) {
 			if time.Now().After(deadline) {
 				return fmt.Errorf("the application socket stayed in state %d", state)
 			}
-			rc, err := p.client.SyscallConn()
+			info, err := tcpInfo(p.client)
 			if err != nil {
 				return err
 			}
-			rc.Control(func(fd uintptr) {
-				if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-					state = info.State
-				}
-			})
+			state = info.State
 		}
 		got, err := io.ReadAll(p.client)
 		if err != nil || !bytes.Equal(got, block) {
@@ -293,15 +297,11 @@ func TestHandoffDataOutlivesClose(t *testing.T) {
 // TestHandoffAfterClose: a Handoff used after Close answers ErrClosed instead of touching freed maps.
 func TestHandoffAfterClose(t *testing.T) {
 	inNamespace(t, func(h *Handoff) error {
-		p, err := connect(h, netip.MustParseAddrPort("127.0.0.2:40128"), true)
+		p, hc, err := attached(h, "127.0.0.2:40128")
 		if err != nil {
 			return err
 		}
 		defer p.close()
-		hc, err := h.Attach(p.relay, p.clientEP, p.original)
-		if err != nil {
-			return err
-		}
 		if err := h.Close(); err != nil {
 			return err
 		}
