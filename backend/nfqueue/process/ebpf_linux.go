@@ -1,7 +1,6 @@
 package process
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -15,6 +14,8 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/warden-fw/warden/backend/nfqueue/bpfasm"
 )
 
 // tupleAmbiguous is the tuple map's value for a key two open sockets may share; sock_gen_cookie never gives 0.
@@ -91,15 +92,6 @@ const (
 	sockAddrMsgSrc6Off  = 44 // offsetof(struct bpf_sock_addr, msg_src_ip6) (sendmsg6)
 	sockAddrSkOff       = 64 // offsetof(struct bpf_sock_addr, sk): the socket, bound by now for sendmsg
 
-	sockOpsOpOff         = 0  // offsetof(struct bpf_sock_ops, op)
-	sockOpsFamilyOff     = 20 // offsetof(struct bpf_sock_ops, family)
-	sockOpsRemoteIP4Off  = 24 // offsetof(struct bpf_sock_ops, remote_ip4)
-	sockOpsLocalIP4Off   = 28 // offsetof(struct bpf_sock_ops, local_ip4)
-	sockOpsRemoteIP6Off  = 32 // offsetof(struct bpf_sock_ops, remote_ip6)
-	sockOpsLocalIP6Off   = 48 // offsetof(struct bpf_sock_ops, local_ip6)
-	sockOpsRemotePortOff = 64 // offsetof(struct bpf_sock_ops, remote_port): network byte order, see sockOpsInsns
-	sockOpsLocalPortOff  = 68 // offsetof(struct bpf_sock_ops, local_port): host byte order
-
 	// sockOpsTCPConnectCB is BPF_SOCK_OPS_TCP_CONNECT_CB: tcp_connect calls it, for every active open, right
 	// before the SYN is built, with the 4-tuple chosen. Unlike the state and RTT callbacks it needs no
 	// bpf_sock_ops_cb_flags.
@@ -132,10 +124,6 @@ type progMaps struct {
 	// events a full ring refused; -1: no mirror.
 	ring, lost int
 }
-
-// v4MappedMarker is the third 32-bit word of an IPv4-mapped IPv6 address (bytes 00 00 ff ff) as a native-endian
-// load from memory sees it.
-var v4MappedMarker = int32(binary.NativeEndian.Uint32([]byte{0, 0, 0xff, 0xff}))
 
 // socketFilter lets TCP and UDP sockets of the resolver's network namespace through to "record" and sends
 // everything else to "allow". The resolver only asks about TCP and UDP, and other sockets would only crowd the
@@ -409,25 +397,6 @@ func inNetns(m progMaps, skip string) asm.Instructions {
 	}
 }
 
-// zeroTupleKey clears the frame's tuple key. The assembler has no 64-bit store of an immediate: R5 holds the
-// zero.
-func zeroTupleKey() asm.Instructions {
-	insns := asm.Instructions{asm.Mov.Imm(asm.R5, 0)}
-	for off := int16(0); off < tupleKeySize; off += 8 {
-		insns = append(insns, asm.StoreMem(asm.RFP, tupleKeyOff+off, asm.R5, asm.DWord))
-	}
-	return insns
-}
-
-// storeMappedV4 writes the IPv4 address in src at the frame offset as ::ffff:a.b.c.d.
-func storeMappedV4(off int16, src asm.Register) asm.Instructions {
-	return asm.Instructions{
-		asm.Mov.Imm(asm.R5, 0), asm.StoreMem(asm.RFP, off, asm.R5, asm.DWord),
-		asm.StoreImm(asm.RFP, off+8, int64(v4MappedMarker), asm.Word),
-		asm.StoreMem(asm.RFP, off+12, src, asm.Word),
-	}
-}
-
 // udpTupleKey builds the frame's tuple key of a UDP socket sending to (or connecting to) the context's address,
 // then runs then; it jumps to "allow" for another protocol or a socket not yet bound to a port (the program
 // has skipped other namespaces' sockets already). The local address is the source a send asked for (sendmsg:
@@ -444,7 +413,7 @@ func udpTupleKeyOr(m progMaps, v6, sendmsg bool, skip string, then asm.Instructi
 		asm.JNE.Imm(asm.R2, ipprotoUDP, skip),
 	}
 	// The program's socketFilter has checked the namespace.
-	insns = append(insns, zeroTupleKey()...)
+	insns = append(insns, bpfasm.ZeroFrame(tupleKeyOff, tupleKeySize)...)
 	insns = append(insns,
 		asm.StoreImm(asm.RFP, tupleKeyOff+tupleProtoOff, ipprotoUDP, asm.Byte),
 		// R1 holds the socket from here on: no helper is called until then.
@@ -459,7 +428,7 @@ func udpTupleKeyOr(m progMaps, v6, sendmsg bool, skip string, then asm.Instructi
 	)
 	if !v6 {
 		insns = append(insns, asm.LoadMem(asm.R2, asm.R6, sockAddrUserIP4Off, asm.Word))
-		insns = append(insns, storeMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
+		insns = append(insns, bpfasm.StoreMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
 		if sendmsg {
 			insns = append(insns,
 				asm.LoadMem(asm.R2, asm.R6, sockAddrMsgSrc4Off, asm.Word),
@@ -470,16 +439,11 @@ func udpTupleKeyOr(m progMaps, v6, sendmsg bool, skip string, then asm.Instructi
 			asm.LoadMem(asm.R2, asm.R1, sockSrcIP4Off, asm.Word),
 			asm.JEq.Imm(asm.R2, 0, "t_keyed"),
 		)
-		local := storeMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)
+		local := bpfasm.StoreMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)
 		local[0] = local[0].WithSymbol("t_local")
 		insns = append(insns, local...)
 	} else {
-		for i := int16(0); i < 16; i += 4 {
-			insns = append(insns,
-				asm.LoadMem(asm.R2, asm.R6, sockAddrUserIP6Off+i, asm.Word),
-				asm.StoreMem(asm.RFP, tupleKeyOff+tupleRemoteOff+i, asm.R2, asm.Word),
-			)
-		}
+		insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, sockAddrUserIP6Off, tupleKeyOff+tupleRemoteOff, 16)...)
 		// copyLocal copies the 16 bytes at base+off to the key's local address if they are not all zero.
 		copyLocal := func(base asm.Register, off int16, label, done string) asm.Instructions {
 			insns := asm.Instructions{asm.LoadMem(asm.R3, base, off, asm.Word).WithSymbol(label)}
@@ -487,12 +451,7 @@ func udpTupleKeyOr(m progMaps, v6, sendmsg bool, skip string, then asm.Instructi
 				insns = append(insns, asm.LoadMem(asm.R2, base, off+i, asm.Word), asm.Or.Reg(asm.R3, asm.R2))
 			}
 			insns = append(insns, asm.JEq.Imm(asm.R3, 0, done))
-			for i := int16(0); i < 16; i += 4 {
-				insns = append(insns,
-					asm.LoadMem(asm.R2, base, off+i, asm.Word),
-					asm.StoreMem(asm.RFP, tupleKeyOff+tupleLocalOff+i, asm.R2, asm.Word),
-				)
-			}
+			insns = append(insns, bpfasm.CopyWords(base, asm.R2, off, tupleKeyOff+tupleLocalOff, 16)...)
 			return append(insns, asm.Ja.Label("t_keyed"))
 		}
 		if sendmsg {
@@ -599,44 +558,37 @@ func sockOpsInsns(m progMaps) asm.Instructions { return sockOpsProgram(m, tupleR
 func sockOpsProgram(m progMaps, record func(progMaps) asm.Instructions) asm.Instructions {
 	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),
-		asm.LoadMem(asm.R2, asm.R6, sockOpsOpOff, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsOp, asm.Word),
 		asm.JNE.Imm(asm.R2, sockOpsTCPConnectCB, "allow"),
 	}
 	insns = append(insns, inNetns(m, "allow")...)
-	insns = append(insns, zeroTupleKey()...)
+	insns = append(insns, bpfasm.ZeroFrame(tupleKeyOff, tupleKeySize)...)
 	insns = append(insns,
 		asm.StoreImm(asm.RFP, tupleKeyOff+tupleProtoOff, ipprotoTCP, asm.Byte),
-		asm.LoadMem(asm.R2, asm.R6, sockOpsLocalPortOff, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsLocalPort, asm.Word),
 		asm.HostTo(asm.BE, asm.R2, asm.Half),
 		asm.StoreMem(asm.RFP, tupleKeyOff+tupleLPortOff, asm.R2, asm.Half),
-		asm.LoadMem(asm.R2, asm.R6, sockOpsRemotePortOff, asm.Word),
-		asm.Mov.Reg(asm.R3, asm.R2),
-		asm.RSh.Imm(asm.R3, 16),
-		asm.And.Imm(asm.R2, 0xffff),
-		asm.Or.Reg(asm.R2, asm.R3),
+		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsRemotePort, asm.Word),
+	)
+	insns = append(insns, bpfasm.FoldPort(asm.R2, asm.R3)...)
+	insns = append(insns,
 		asm.StoreMem(asm.RFP, tupleKeyOff+tupleRPortOff, asm.R2, asm.Half),
-		asm.LoadMem(asm.R2, asm.R6, sockOpsFamilyOff, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsFamily, asm.Word),
 		asm.JEq.Imm(asm.R2, afInet, "v4"),
 		asm.JNE.Imm(asm.R2, afInet6, "allow"),
 	)
-	for i := int16(0); i < 16; i += 4 {
-		insns = append(insns,
-			asm.LoadMem(asm.R2, asm.R6, sockOpsRemoteIP6Off+i, asm.Word),
-			asm.StoreMem(asm.RFP, tupleKeyOff+tupleRemoteOff+i, asm.R2, asm.Word),
-			asm.LoadMem(asm.R2, asm.R6, sockOpsLocalIP6Off+i, asm.Word),
-			asm.StoreMem(asm.RFP, tupleKeyOff+tupleLocalOff+i, asm.R2, asm.Word),
-		)
-	}
+	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, bpfasm.SockOpsRemoteIP6, tupleKeyOff+tupleRemoteOff, 16)...)
+	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, bpfasm.SockOpsLocalIP6, tupleKeyOff+tupleLocalOff, 16)...)
 	insns = append(insns,
 		asm.LoadMem(asm.R2, asm.RFP, tupleKeyOff+tupleRemoteOff+8, asm.Word),
-		asm.JNE.Imm32(asm.R2, v4MappedMarker, "keyed"),
+		asm.JNE.Imm32(asm.R2, bpfasm.V4MappedMarker, "keyed"),
 		asm.LoadMem(asm.R2, asm.RFP, tupleKeyOff+tupleRemoteOff, asm.DWord),
 		asm.JNE.Imm(asm.R2, 0, "keyed"),
 	)
-	v4 := asm.Instructions{asm.LoadMem(asm.R2, asm.R6, sockOpsRemoteIP4Off, asm.Word).WithSymbol("v4")}
-	v4 = append(v4, storeMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
-	v4 = append(v4, asm.LoadMem(asm.R2, asm.R6, sockOpsLocalIP4Off, asm.Word))
-	v4 = append(v4, storeMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)...)
+	v4 := asm.Instructions{asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsRemoteIP4, asm.Word).WithSymbol("v4")}
+	v4 = append(v4, bpfasm.StoreMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
+	v4 = append(v4, asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsLocalIP4, asm.Word))
+	v4 = append(v4, bpfasm.StoreMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)...)
 	insns = append(insns, v4...)
 	insns = append(insns,
 		asm.Mov.Reg(asm.R1, asm.R6).WithSymbol("keyed"),

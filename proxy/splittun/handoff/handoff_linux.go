@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/warden-fw/warden/backend/nfqueue/bpfasm"
 	"github.com/warden-fw/warden/backend/nfqueue/process"
 )
 
@@ -40,16 +41,6 @@ const (
 	sockOpsActiveEstablishedCB = 4 // BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: needs no callback flag
 	bpfFIngress                = 1 // BPF_F_INGRESS: into the target's receive queue, not out of it
 	skPass                     = 1
-
-	// struct bpf_sock_ops
-	opsOpOff         = 0
-	opsFamilyOff     = 20
-	opsRemoteIP4Off  = 24
-	opsLocalIP4Off   = 28
-	opsRemoteIP6Off  = 32
-	opsLocalIP6Off   = 48
-	opsRemotePortOff = 64 // network byte order (shifted up 16 bits on kernels before 5.10; see foldPort)
-	opsLocalPortOff  = 68 // host byte order
 
 	// struct sk_msg_md
 	msgFamilyOff     = 16
@@ -310,50 +301,6 @@ func tupleKey(client, original netip.AddrPort) [keySize]byte {
 	return k
 }
 
-// v4MappedMarker is the third 32-bit word of an IPv4-mapped IPv6 address (00 00 ff ff) as a native-endian load
-// sees it.
-var v4MappedMarker = int32(binary.NativeEndian.Uint32([]byte{0, 0, 0xff, 0xff}))
-
-// storeMapped writes the IPv4 address in R2 at the frame offset as ::ffff:a.b.c.d.
-func storeMapped(off int16) asm.Instructions {
-	return asm.Instructions{
-		asm.StoreImm(asm.RFP, off, 0, asm.Word), // words: the original destination's offset is not 8-aligned
-		asm.StoreImm(asm.RFP, off+4, 0, asm.Word),
-		asm.StoreImm(asm.RFP, off+8, int64(v4MappedMarker), asm.Word),
-		asm.StoreMem(asm.RFP, off+12, asm.R2, asm.Word),
-	}
-}
-
-// foldPort leaves in R2 a 16-bit network-order port that the context held either in its low or its high half.
-func foldPort() asm.Instructions {
-	return asm.Instructions{
-		asm.Mov.Reg(asm.R3, asm.R2),
-		asm.RSh.Imm(asm.R3, 16),
-		asm.And.Imm(asm.R2, 0xffff),
-		asm.Or.Reg(asm.R2, asm.R3),
-	}
-}
-
-// copyIP6 copies a 16-byte address from the context (R6) to the frame.
-func copyIP6(ctxOff, frameOff int16) asm.Instructions {
-	var insns asm.Instructions
-	for i := int16(0); i < 16; i += 4 {
-		insns = append(insns,
-			asm.LoadMem(asm.R2, asm.R6, ctxOff+i, asm.Word),
-			asm.StoreMem(asm.RFP, frameOff+i, asm.R2, asm.Word))
-	}
-	return insns
-}
-
-// zeroFrame clears n bytes (a multiple of 8) below the frame pointer from off.
-func zeroFrame(off int16, n int16) asm.Instructions {
-	insns := asm.Instructions{asm.Mov.Imm(asm.R5, 0)}
-	for i := int16(0); i < n; i += 8 {
-		insns = append(insns, asm.StoreMem(asm.RFP, off+i, asm.R5, asm.DWord))
-	}
-	return insns
-}
-
 // keyOff is where both programs build their key on the stack.
 const keyOff = -keySize
 
@@ -362,34 +309,34 @@ const keyOff = -keySize
 func sockOpsInsns(expectFD, clientsFD int, netns uint64) asm.Instructions {
 	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),
-		asm.LoadMem(asm.R2, asm.R6, opsOpOff, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsOp, asm.Word),
 		asm.JNE.Imm(asm.R2, sockOpsActiveEstablishedCB, "allow"),
 		asm.Mov.Reg(asm.R1, asm.R6),
 		asm.FnGetNetnsCookie.Call(),
 		asm.LoadImm(asm.R1, int64(netns), asm.DWord),
 		asm.JNE.Reg(asm.R0, asm.R1, "allow"),
 	}
-	insns = append(insns, zeroFrame(keyOff, keySize)...)
+	insns = append(insns, bpfasm.ZeroFrame(keyOff, keySize)...)
 	insns = append(insns,
-		asm.LoadMem(asm.R2, asm.R6, opsLocalPortOff, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsLocalPort, asm.Word),
 		asm.HostTo(asm.BE, asm.R2, asm.Half),
 		asm.StoreMem(asm.RFP, keyOff+16, asm.R2, asm.Half),
-		asm.LoadMem(asm.R2, asm.R6, opsRemotePortOff, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsRemotePort, asm.Word),
 	)
-	insns = append(insns, foldPort()...)
+	insns = append(insns, bpfasm.FoldPort(asm.R2, asm.R3)...)
 	insns = append(insns,
 		asm.StoreMem(asm.RFP, keyOff+origOff+16, asm.R2, asm.Half),
-		asm.LoadMem(asm.R2, asm.R6, opsFamilyOff, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsFamily, asm.Word),
 		asm.JEq.Imm(asm.R2, afInet, "v4"),
 		asm.JNE.Imm(asm.R2, afInet6, "allow"),
 	)
-	insns = append(insns, copyIP6(opsLocalIP6Off, keyOff)...)
-	insns = append(insns, copyIP6(opsRemoteIP6Off, keyOff+origOff)...)
+	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, bpfasm.SockOpsLocalIP6, keyOff, 16)...)
+	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, bpfasm.SockOpsRemoteIP6, keyOff+origOff, 16)...)
 	insns = append(insns, asm.Ja.Label("keyed"))
-	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, opsLocalIP4Off, asm.Word).WithSymbol("v4"))
-	insns = append(insns, storeMapped(keyOff)...)
-	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, opsRemoteIP4Off, asm.Word))
-	insns = append(insns, storeMapped(keyOff+origOff)...)
+	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsLocalIP4, asm.Word).WithSymbol("v4"))
+	insns = append(insns, bpfasm.StoreMappedV4(keyOff, asm.R2)...)
+	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsRemoteIP4, asm.Word))
+	insns = append(insns, bpfasm.StoreMappedV4(keyOff+origOff, asm.R2)...)
 	insns = append(insns,
 		// Deleting answers whether the tuple was expected (0) or not (-ENOENT): no lookup first.
 		asm.LoadMapPtr(asm.R1, expectFD).WithSymbol("keyed"),
@@ -414,21 +361,21 @@ func sockOpsInsns(expectFD, clientsFD int, netns uint64) asm.Instructions {
 // before Attach, so that does not happen in practice).
 func redirectInsns(pairsFD, clientsFD int) asm.Instructions {
 	insns := asm.Instructions{asm.Mov.Reg(asm.R6, asm.R1)}
-	insns = append(insns, zeroFrame(keyOff, 24)...)
+	insns = append(insns, bpfasm.ZeroFrame(keyOff, 24)...)
 	insns = append(insns,
 		asm.LoadMem(asm.R2, asm.R6, msgRemotePortOff, asm.Word),
 	)
-	insns = append(insns, foldPort()...)
+	insns = append(insns, bpfasm.FoldPort(asm.R2, asm.R3)...)
 	insns = append(insns,
 		asm.StoreMem(asm.RFP, keyOff+16, asm.R2, asm.Half),
 		asm.LoadMem(asm.R2, asm.R6, msgFamilyOff, asm.Word),
 		asm.JEq.Imm(asm.R2, afInet, "v4"),
 		asm.JNE.Imm(asm.R2, afInet6, "pass"),
 	)
-	insns = append(insns, copyIP6(msgRemoteIP6Off, keyOff)...)
+	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, msgRemoteIP6Off, keyOff, 16)...)
 	insns = append(insns, asm.Ja.Label("keyed"))
 	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, msgRemoteIP4Off, asm.Word).WithSymbol("v4"))
-	insns = append(insns, storeMapped(keyOff)...)
+	insns = append(insns, bpfasm.StoreMappedV4(keyOff, asm.R2)...)
 	insns = append(insns,
 		asm.LoadMapPtr(asm.R1, pairsFD).WithSymbol("keyed"),
 		asm.Mov.Reg(asm.R2, asm.RFP),
