@@ -14,6 +14,7 @@ import (
 
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
+	"github.com/warden-fw/warden/backend/nfqueue/sockdiag"
 )
 
 // diagRecvBuf is big enough for any netlink dump part: the kernel sizes dump messages to at most
@@ -46,13 +47,13 @@ func newDiagConn() (*diagConn, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("binding sock_diag netlink socket: %w", err)
 	}
-	return &diagConn{fd: fd, req: make([]byte, 0, nlwire.HdrLen+sizeofDiagReqV2), buf: make([]byte, diagRecvBuf)}, nil
+	return &diagConn{fd: fd, req: make([]byte, 0, nlwire.HdrLen+sockdiag.RequestLen), buf: make([]byte, diagRecvBuf)}, nil
 }
 
 // send writes req and returns its sequence number.
 func (c *diagConn) send(req *diagReq) (uint32, error) {
 	c.seq++
-	c.req = appendDiagReq(c.req[:0], c.seq, req)
+	c.req = sockdiag.AppendRequest(c.req[:0], c.seq, req)
 	if _, err := unix.Write(c.fd, c.req); err != nil {
 		return 0, fmt.Errorf("sending sock_diag request: %w", err)
 	}
@@ -250,19 +251,19 @@ func findSocketOn(c *diagConn, proto backend.Protocol, dir backend.Direction, lo
 	if local.Addr().Is6() {
 		family = afInet6
 	}
-	req := diagReq{family: family, states: allStates, ifindex: uint32(max(ifindex, 0))}
+	req := diagReq{Family: family, States: allStates, Ifindex: uint32(max(ifindex, 0))}
 	switch proto {
 	case backend.TCP:
 		// The kernel looks a TCP request up like an arriving segment (established, then listening sockets),
 		// with the socket ID written from the socket's side: src is local.
-		req.protocol = ipprotoTCP
-		req.src, req.dst = local, remote
+		req.Protocol = ipprotoTCP
+		req.Src, req.Dst = local, remote
 	case backend.UDP:
 		// UDP's exact lookup hands the ID to the receive-path lookup as (saddr, sport, daddr, dport), i.e.
 		// from the packet's side: the remote end goes in src. The receive path also finds unconnected and
 		// wildcard-bound sockets, which is what an unconnected UDP socket needs.
-		req.protocol = ipprotoUDP
-		req.src, req.dst = remote, local
+		req.Protocol = ipprotoUDP
+		req.Src, req.Dst = remote, local
 	default:
 		return sockInfo{}, errNotFound
 	}
@@ -284,7 +285,7 @@ func findSocketOn(c *diagConn, proto backend.Protocol, dir backend.Direction, lo
 	default:
 		return sockInfo{}, errNotFound
 	}
-	return dumpBest(c, req.protocol, states, local, remote)
+	return dumpBest(c, req.Protocol, states, local, remote)
 }
 
 // dumpBest dumps the sockets bound to local's port (IPv4 traffic may also belong to a dual-stack IPv6 socket)
@@ -316,7 +317,7 @@ func dumpBest(c *diagConn, protocol uint8, states uint32, local, remote netip.Ad
 		families = []uint8{afInet, afInet6}
 	}
 	for _, f := range families {
-		req := diagReq{dump: true, family: f, protocol: protocol, states: states, src: netip.AddrPortFrom(netip.Addr{}, local.Port())}
+		req := diagReq{Dump: true, Family: f, Protocol: protocol, States: states, Src: netip.AddrPortFrom(netip.Addr{}, local.Port())}
 		if err := c.dump(&req, consider); err != nil {
 			return sockInfo{}, err
 		}

@@ -58,10 +58,10 @@ func TestDiagExactLookupOrder(t *testing.T) {
 		req       diagReq
 		wantLocal netip.AddrPort
 	}{
-		{"udp connected", diagReq{family: afInet, protocol: ipprotoUDP, states: allStates, src: a1, dst: a2}, a2},
-		{"udp unconnected", diagReq{family: afInet, protocol: ipprotoUDP, states: allStates, src: a2, dst: a1}, a1},
-		{"tcp established", diagReq{family: afInet, protocol: ipprotoTCP, states: allStates, src: l2, dst: l1}, l2},
-		{"tcp listener", diagReq{family: afInet, protocol: ipprotoTCP, states: allStates, src: l1, dst: netip.MustParseAddrPort("127.0.0.1:9")}, l1},
+		{"udp connected", diagReq{Family: afInet, Protocol: ipprotoUDP, States: allStates, Src: a1, Dst: a2}, a2},
+		{"udp unconnected", diagReq{Family: afInet, Protocol: ipprotoUDP, States: allStates, Src: a2, Dst: a1}, a1},
+		{"tcp established", diagReq{Family: afInet, Protocol: ipprotoTCP, States: allStates, Src: l2, Dst: l1}, l2},
+		{"tcp listener", diagReq{Family: afInet, Protocol: ipprotoTCP, States: allStates, Src: l1, Dst: netip.MustParseAddrPort("127.0.0.1:9")}, l1},
 	} {
 		s, err := c.get(&tc.req)
 		if err != nil {
@@ -72,7 +72,7 @@ func TestDiagExactLookupOrder(t *testing.T) {
 			t.Errorf("%s: got socket %v (inode %d), want %v", tc.name, s.local, s.inode, tc.wantLocal)
 		}
 	}
-	if _, err := c.get(&diagReq{family: afInet, protocol: ipprotoUDP, states: allStates, src: a2, dst: netip.MustParseAddrPort("127.0.0.1:1")}); err != errNotFound {
+	if _, err := c.get(&diagReq{Family: afInet, Protocol: ipprotoUDP, States: allStates, Src: a2, Dst: netip.MustParseAddrPort("127.0.0.1:1")}); err != errNotFound {
 		t.Errorf("lookup of an unbound port: %v, want errNotFound", err)
 	}
 	// findSocketOn must never answer with the connection's other end.
@@ -98,7 +98,7 @@ func TestDiagDumpFallback(t *testing.T) {
 	defer pc.Close()
 	local := pc.LocalAddr().(*net.UDPAddr).AddrPort()
 	remote := netip.MustParseAddrPort("127.0.0.1:9")
-	if _, err := c.get(&diagReq{family: afInet, protocol: ipprotoUDP, states: allStates, src: remote, dst: local}); err != errNotFound {
+	if _, err := c.get(&diagReq{Family: afInet, Protocol: ipprotoUDP, States: allStates, Src: remote, Dst: local}); err != errNotFound {
 		t.Logf("exact lookup of a device-bound socket: %v (the fallback is not exercised)", err)
 	}
 	s, err := findSocketOn(c, backend.UDP, backend.Outbound, local, remote, 0)

@@ -6,21 +6,16 @@ import (
 	"net/netip"
 
 	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
+	"github.com/warden-fw/warden/backend/nfqueue/sockdiag"
 )
 
-// The sock_diag wire format (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h). It is spelled out here
-// rather than taken from x/sys/unix, which lacks the inet_diag structures, and kept OS-neutral so the decoder
-// can be tested and fuzzed anywhere.
+// The sock_diag answer format (linux/sock_diag.h, linux/inet_diag.h; package sockdiag encodes the requests). It
+// is spelled out here rather than taken from x/sys/unix, which lacks the inet_diag structures, and kept
+// OS-neutral so the decoder can be tested and fuzzed anywhere.
 const (
-	sizeofSockID    = 48
-	sizeofDiagReqV2 = 8 + sizeofSockID  // struct inet_diag_req_v2
-	sizeofDiagMsg   = 24 + sizeofSockID // struct inet_diag_msg
-
-	sockDiagByFamily = 20
-
-	nlmFRequest = 0x1
-	nlmFMulti   = 0x2
-	nlmFDump    = 0x300
+	sizeofSockID     = 48
+	sizeofDiagMsg    = sockdiag.MsgLen // struct inet_diag_msg
+	sockDiagByFamily = sockdiag.ByFamily
 
 	afInet  = 2
 	afInet6 = 10
@@ -30,58 +25,12 @@ const (
 
 	tcpListen = 10
 
-	inetDiagNoCookie = ^uint32(0)
 	inetDiagSKV6Only = 11
-	allStates        = ^uint32(0)
+	allStates        = sockdiag.AllStates
 )
 
 // diagReq is one inet_diag_req_v2.
-type diagReq struct {
-	dump     bool
-	family   uint8
-	protocol uint8
-	states   uint32
-	// src and dst fill the request's socket ID as given; a zero AddrPort leaves the field zero.
-	src, dst netip.AddrPort
-	ifindex  uint32
-}
-
-// appendDiagReq appends the netlink message for req to b.
-func appendDiagReq(b []byte, seq uint32, req *diagReq) []byte {
-	ne := binary.NativeEndian
-	flags := uint16(nlmFRequest)
-	if req.dump {
-		flags |= nlmFDump
-	}
-	b = ne.AppendUint32(b, nlwire.HdrLen+sizeofDiagReqV2)
-	b = ne.AppendUint16(b, sockDiagByFamily)
-	b = ne.AppendUint16(b, flags)
-	b = ne.AppendUint32(b, seq)
-	b = ne.AppendUint32(b, 0) // port id: the kernel fills it in
-	b = append(b, req.family, req.protocol, 0, 0)
-	b = ne.AppendUint32(b, req.states)
-	b = binary.BigEndian.AppendUint16(b, req.src.Port())
-	b = binary.BigEndian.AppendUint16(b, req.dst.Port())
-	b = appendDiagAddr(b, req.src.Addr())
-	b = appendDiagAddr(b, req.dst.Addr())
-	b = ne.AppendUint32(b, req.ifindex)
-	b = ne.AppendUint32(b, inetDiagNoCookie)
-	b = ne.AppendUint32(b, inetDiagNoCookie)
-	return b
-}
-
-// appendDiagAddr appends a 16-byte address field: IPv4 in the first four bytes, IPv6 in all of them.
-func appendDiagAddr(b []byte, a netip.Addr) []byte {
-	var raw [16]byte
-	switch {
-	case a.Is4():
-		v4 := a.As4()
-		copy(raw[:], v4[:])
-	case a.Is6():
-		raw = a.As16()
-	}
-	return append(b, raw[:]...)
-}
+type diagReq = sockdiag.Request
 
 // sockInfo is the part of an inet_diag_msg the resolver needs.
 type sockInfo struct {

@@ -8,60 +8,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
+	"github.com/warden-fw/warden/backend/nfqueue/sockdiag"
 )
-
-func TestAppendDiagReq(t *testing.T) {
-	ne := binary.NativeEndian
-	// header builds the expected netlink header and the start of the request.
-	header := func(flags uint16, family, proto uint8) []byte {
-		b := ne.AppendUint32(nil, 72)
-		b = ne.AppendUint16(b, 20)
-		b = ne.AppendUint16(b, flags)
-		b = ne.AppendUint32(b, 7)
-		b = ne.AppendUint32(b, 0)
-		b = append(b, family, proto, 0, 0)
-		return ne.AppendUint32(b, 0xffffffff)
-	}
-	trailer := func(ifindex uint32) []byte {
-		b := ne.AppendUint32(nil, ifindex)
-		return append(b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff)
-	}
-	cat := func(parts ...[]byte) []byte {
-		var b []byte
-		for _, p := range parts {
-			b = append(b, p...)
-		}
-		return b
-	}
-	zero12 := make([]byte, 12)
-	tests := []struct {
-		name string
-		req  diagReq
-		want []byte
-	}{
-		{
-			"tcp4 exact",
-			diagReq{family: afInet, protocol: ipprotoTCP, states: allStates, src: netip.MustParseAddrPort("10.0.0.1:443"), dst: netip.MustParseAddrPort("192.168.1.2:50000"), ifindex: 3},
-			cat(header(1, 2, 6), []byte{0x01, 0xbb, 0xc3, 0x50}, []byte{10, 0, 0, 1}, zero12, []byte{192, 168, 1, 2}, zero12, trailer(3)),
-		},
-		{
-			"udp6 dump by port",
-			diagReq{dump: true, family: afInet6, protocol: ipprotoUDP, states: allStates, src: netip.AddrPortFrom(netip.Addr{}, 53)},
-			cat(header(0x301, 10, 17), []byte{0, 53, 0, 0}, make([]byte, 32), trailer(0)),
-		},
-		{
-			"tcp6 exact",
-			diagReq{family: afInet6, protocol: ipprotoTCP, states: allStates, src: netip.MustParseAddrPort("[2001:db8::1]:1"), dst: netip.MustParseAddrPort("[::1]:2")},
-			cat(header(1, 10, 6), []byte{0, 1, 0, 2}, netip.MustParseAddr("2001:db8::1").AsSlice(), netip.IPv6Loopback().AsSlice(), trailer(0)),
-		},
-	}
-	for _, tt := range tests {
-		got := appendDiagReq(nil, 7, &tt.req)
-		if diff := cmp.Diff(tt.want, got); diff != "" {
-			t.Errorf("%s: -want +got\n%s", tt.name, diff)
-		}
-	}
-}
 
 // diagMsgBytes encodes an inet_diag_msg the way the kernel does, plus attributes.
 func diagMsgBytes(s sockInfo, attrs ...[]byte) []byte {
@@ -69,8 +17,8 @@ func diagMsgBytes(s sockInfo, attrs ...[]byte) []byte {
 	b := []byte{s.family, s.state, 0, 0}
 	b = binary.BigEndian.AppendUint16(b, s.local.Port())
 	b = binary.BigEndian.AppendUint16(b, s.remote.Port())
-	b = appendDiagAddr(b, s.local.Addr())
-	b = appendDiagAddr(b, s.remote.Addr())
+	b = sockdiag.AppendAddr(b, s.local.Addr())
+	b = sockdiag.AppendAddr(b, s.remote.Addr())
 	b = ne.AppendUint32(b, s.ifindex)
 	b = ne.AppendUint32(b, uint32(s.cookie))     // idiag_cookie[0]: low half
 	b = ne.AppendUint32(b, uint32(s.cookie>>32)) // idiag_cookie[1]: high half

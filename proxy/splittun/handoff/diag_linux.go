@@ -9,19 +9,14 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
+	"github.com/warden-fw/warden/backend/nfqueue/sockdiag"
 )
 
 // diagTimeout bounds one sock_diag answer; the kernel answers a single-socket request at once.
 const diagTimeout = 2 * time.Second
 
-// sock_diag ABI (linux/sock_diag.h, linux/inet_diag.h).
-const (
-	sockDiagByFamily  = 20
-	nlmFRequest       = 1
-	diagReqLen        = 56 // struct inet_diag_req_v2
-	diagMsgLen        = 72 // struct inet_diag_msg
-	inetDiagSKMemInfo = 7  // INET_DIAG_SKMEMINFO: u32 sk_meminfo[], SK_MEMINFO_RMEM_ALLOC first
-)
+// inetDiagSKMemInfo is INET_DIAG_SKMEMINFO (linux/inet_diag.h): u32 sk_meminfo[], SK_MEMINFO_RMEM_ALLOC first.
+const inetDiagSKMemInfo = 7
 
 // Queued returns how many bytes the application has not read yet from its socket (handed-off data and
 // anything that came over the loopback connection), or unix.ENOENT once the socket is gone.
@@ -32,8 +27,9 @@ func (c *Client) Queued() (int, error) {
 	if h.diag < 0 {
 		return 0, unix.EBADF
 	}
-	var req [nlwire.HdrLen + diagReqLen]byte
-	buf := appendDiagRequest(req[:0], c.client, c.original, c.cookie)
+	var req [nlwire.HdrLen + sockdiag.RequestLen]byte
+	r := queuedRequest(c.client, c.original, c.cookie)
+	buf := sockdiag.AppendRequest(req[:0], 0, &r) // sequence 0: one request at a time
 	if _, err := unix.Write(h.diag, buf); err != nil {
 		return 0, fmt.Errorf("sock_diag request: %w", err)
 	}
@@ -50,40 +46,15 @@ func (c *Client) Queued() (int, error) {
 	}
 }
 
-// appendDiagRequest appends a request for the one TCP socket from client to original with this cookie, asking
-// for its memory info.
-func appendDiagRequest(b []byte, client, original netip.AddrPort, cookie uint64) []byte {
-	ne := binary.NativeEndian
+// queuedRequest asks for the memory info of the one TCP socket from client to original with this cookie.
+func queuedRequest(client, original netip.AddrPort, cookie uint64) sockdiag.Request {
 	family := uint8(unix.AF_INET6)
 	if client.Addr().Unmap().Is4() {
 		family = unix.AF_INET
 	}
-	b = ne.AppendUint32(b, nlwire.HdrLen+diagReqLen)
-	b = ne.AppendUint16(b, sockDiagByFamily)
-	b = ne.AppendUint16(b, nlmFRequest)
-	b = ne.AppendUint32(b, 0) // sequence: one request at a time
-	b = ne.AppendUint32(b, 0)
-	b = append(b, family, unix.IPPROTO_TCP, 1<<(inetDiagSKMemInfo-1), 0)
-	b = ne.AppendUint32(b, ^uint32(0)) // any state
-	b = binary.BigEndian.AppendUint16(b, client.Port())
-	b = binary.BigEndian.AppendUint16(b, original.Port())
-	b = appendAddr(b, client.Addr().Unmap(), family)
-	b = appendAddr(b, original.Addr().Unmap(), family)
-	b = ne.AppendUint32(b, 0) // any interface
-	b = ne.AppendUint32(b, uint32(cookie))
-	b = ne.AppendUint32(b, uint32(cookie>>32))
-	return b
-}
-
-func appendAddr(b []byte, a netip.Addr, family uint8) []byte {
-	var raw [16]byte
-	if family == unix.AF_INET {
-		v4 := a.As4()
-		copy(raw[:], v4[:])
-	} else {
-		raw = a.As16()
-	}
-	return append(b, raw[:]...)
+	return sockdiag.Request{Family: family, Protocol: unix.IPPROTO_TCP, Ext: 1 << (inetDiagSKMemInfo - 1),
+		States: sockdiag.AllStates, Src: netip.AddrPortFrom(client.Addr().Unmap(), client.Port()),
+		Dst: netip.AddrPortFrom(original.Addr().Unmap(), original.Port()), Cookie: cookie}
 }
 
 // parseQueued reads SK_MEMINFO_RMEM_ALLOC out of a sock_diag answer.
@@ -99,10 +70,10 @@ func parseQueued(b []byte) (int, error) {
 		}
 		return 0, unix.Errno(errno)
 	}
-	if m.Type != sockDiagByFamily || len(m.Payload) < diagMsgLen {
+	if m.Type != sockdiag.ByFamily || len(m.Payload) < sockdiag.MsgLen {
 		return 0, fmt.Errorf("sock_diag: unexpected answer type %d of %d bytes", m.Type, len(m.Payload))
 	}
-	attrs := m.Payload[diagMsgLen:]
+	attrs := m.Payload[sockdiag.MsgLen:]
 	for {
 		typ, val, rest, ok := nlwire.NextAttr(attrs)
 		if !ok {

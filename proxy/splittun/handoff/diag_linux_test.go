@@ -9,13 +9,14 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
+	"github.com/warden-fw/warden/backend/nfqueue/sockdiag"
 )
 
 // answer builds a SOCK_DIAG_BY_FAMILY answer: an inet_diag_msg and, when meminfo is set, an
 // INET_DIAG_SKMEMINFO attribute opening with rmem.
 func answer(meminfo bool, rmem uint32) []byte {
 	ne := binary.NativeEndian
-	payload := make([]byte, diagMsgLen)
+	payload := make([]byte, sockdiag.MsgLen)
 	if meminfo {
 		payload = ne.AppendUint16(payload, nlwire.AttrHdrLen+8)
 		payload = ne.AppendUint16(payload, inetDiagSKMemInfo)
@@ -23,7 +24,7 @@ func answer(meminfo bool, rmem uint32) []byte {
 		payload = ne.AppendUint32(payload, 131072) // rcvbuf
 	}
 	b := ne.AppendUint32(nil, uint32(nlwire.HdrLen+len(payload)))
-	b = ne.AppendUint16(b, sockDiagByFamily)
+	b = ne.AppendUint16(b, sockdiag.ByFamily)
 	b = ne.AppendUint16(b, 0)
 	b = ne.AppendUint64(b, 0)
 	return append(b, payload...)
@@ -61,8 +62,9 @@ func TestDiagRequest(t *testing.T) {
 		{"10.0.0.1:40000", "192.0.2.10:80", unix.AF_INET},
 		{"[fd00::1]:40000", "[2001:db8::10]:80", unix.AF_INET6},
 	} {
-		b := appendDiagRequest(nil, netip.MustParseAddrPort(tt.client), netip.MustParseAddrPort(tt.original), 0x1122334455667788)
-		if len(b) != nlwire.HdrLen+diagReqLen {
+		r := queuedRequest(netip.MustParseAddrPort(tt.client), netip.MustParseAddrPort(tt.original), 0x1122334455667788)
+		b := sockdiag.AppendRequest(nil, 0, &r)
+		if len(b) != nlwire.HdrLen+sockdiag.RequestLen {
 			t.Fatalf("%s: request of %d bytes", tt.client, len(b))
 		}
 		req := b[nlwire.HdrLen:]
@@ -86,7 +88,7 @@ func FuzzParseQueued(f *testing.F) {
 	f.Add(answer(false, 0))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if _, err := parseQueued(b); err == nil {
-			if len(b) < nlwire.HdrLen+diagMsgLen+nlwire.AttrHdrLen+4 || binary.NativeEndian.Uint16(b[4:6]) != sockDiagByFamily {
+			if len(b) < nlwire.HdrLen+sockdiag.MsgLen+nlwire.AttrHdrLen+4 || binary.NativeEndian.Uint16(b[4:6]) != sockdiag.ByFamily {
 				t.Fatalf("a value from %d bytes of type %d", len(b), binary.NativeEndian.Uint16(b[4:6]))
 			}
 		}
