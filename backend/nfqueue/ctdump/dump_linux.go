@@ -1,7 +1,6 @@
 package ctdump
 
 import (
-	"encoding/binary"
 	"fmt"
 	"time"
 
@@ -56,12 +55,7 @@ func Dump(f func(*Flow)) error {
 
 // request builds the dump request: IPCTNL_MSG_CT_GET with NLM_F_DUMP, family AF_UNSPEC (both families).
 func request(seq uint32) []byte {
-	b := make([]byte, nlwire.HdrLen+nlwire.NfgenHdrLen)
-	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
-	binary.NativeEndian.PutUint16(b[4:6], nfnlSubsysCTNetlink<<8|ipctnlMsgCTGet)
-	binary.NativeEndian.PutUint16(b[6:8], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
-	binary.NativeEndian.PutUint32(b[8:12], seq)
-	b[16] = unix.AF_UNSPEC
-	b[17] = 0 // NFNETLINK_V0
-	return b
+	b := nlwire.AppendHeader(nil, nlwire.NfgenHdrLen, nfnlSubsysCTNetlink<<8|ipctnlMsgCTGet,
+		unix.NLM_F_REQUEST|unix.NLM_F_DUMP, seq)
+	return append(b, unix.AF_UNSPEC, 0, 0, 0) // nfgenmsg: family, NFNETLINK_V0, res_id
 }

@@ -13,15 +13,7 @@ import (
 )
 
 // attr builds one netlink attribute (nested when children are given).
-func attr(typ uint16, val []byte) []byte {
-	b := binary.NativeEndian.AppendUint16(nil, uint16(nlwire.AttrHdrLen+len(val)))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = append(b, val...)
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
-	return b
-}
+func attr(typ uint16, val []byte) []byte { return nlwire.AppendAttr(nil, typ, val) }
 
 func nested(typ uint16, children ...[]byte) []byte {
 	var v []byte
@@ -44,17 +36,7 @@ func tupleAttr(typ uint16, src, dst netip.AddrPort, proto uint8) []byte {
 			attr(ctaProtoDstPort, be16(dst.Port()))))
 }
 
-func nlmsg(typ uint16, body []byte) []byte {
-	b := binary.NativeEndian.AppendUint32(nil, uint32(nlwire.HdrLen+len(body)))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = binary.NativeEndian.AppendUint16(b, 2) // NLM_F_MULTI
-	b = append(b, make([]byte, 8)...)          // seq, pid
-	b = append(b, body...)
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
-	return b
-}
+func nlmsg(typ uint16, body []byte) []byte { return nlwire.AppendMsg(nil, typ, 2, 0, body) } // NLM_F_MULTI
 
 func entry(f Flow) []byte {
 	body := []byte{2, 0, 0, 0} // nfgenmsg: AF_INET, v0, res_id

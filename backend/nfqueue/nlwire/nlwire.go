@@ -1,6 +1,7 @@
-// Package nlwire walks netlink messages and their attributes in place: no copy, no allocation, no panic on
-// malformed input. The queue reader (nfqread), the sock_diag client (process) and the conntrack listing
-// (ctdump) each speak their own netlink family; the framing around it is this one.
+// Package nlwire walks netlink messages and their attributes in place (no copy, no allocation, no panic on
+// malformed input) and writes their framing. The queue reader (nfqread), the sock_diag clients (process,
+// sockdiag) and the conntrack listing (ctdump) each speak their own netlink family; the framing around it is
+// this one.
 package nlwire
 
 import (
@@ -80,6 +81,38 @@ func NextAttr(b []byte) (typ uint16, val, rest []byte, ok bool) {
 		rest = b[next:]
 	}
 	return typ, val, rest, true
+}
+
+// AppendHeader appends the header of a message whose payload is payloadLen bytes; the port ID is left 0 for the
+// kernel to fill in.
+func AppendHeader(b []byte, payloadLen int, typ, flags uint16, seq uint32) []byte {
+	ne := binary.NativeEndian
+	b = ne.AppendUint32(b, uint32(HdrLen+payloadLen))
+	b = ne.AppendUint16(b, typ)
+	b = ne.AppendUint16(b, flags)
+	b = ne.AppendUint32(b, seq)
+	return ne.AppendUint32(b, 0)
+}
+
+// AppendMsg appends a whole message: header, payload and the padding to the next message.
+func AppendMsg(b []byte, typ, flags uint16, seq uint32, payload []byte) []byte {
+	b = append(AppendHeader(b, len(payload), typ, flags, seq), payload...)
+	return pad(b)
+}
+
+// AppendAttr appends an attribute: header, value and padding.
+func AppendAttr(b []byte, typ uint16, val []byte) []byte {
+	b = binary.NativeEndian.AppendUint16(b, uint16(AttrHdrLen+len(val)))
+	b = binary.NativeEndian.AppendUint16(b, typ)
+	return pad(append(b, val...))
+}
+
+// pad appends zeros up to netlink's alignment.
+func pad(b []byte) []byte {
+	for len(b)%(alignmentMask+1) != 0 {
+		b = append(b, 0)
+	}
+	return b
 }
 
 // Align rounds a length up to netlink's 4-byte alignment.

@@ -7,28 +7,10 @@ import (
 )
 
 func msgBytes(typ, flags uint16, seq uint32, payload []byte) []byte {
-	ne := binary.NativeEndian
-	b := ne.AppendUint32(nil, uint32(HdrLen+len(payload)))
-	b = ne.AppendUint16(b, typ)
-	b = ne.AppendUint16(b, flags)
-	b = ne.AppendUint32(b, seq)
-	b = ne.AppendUint32(b, 0)
-	b = append(b, payload...)
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
-	return b
+	return AppendMsg(nil, typ, flags, seq, payload)
 }
 
-func attrBytes(typ uint16, val []byte) []byte {
-	b := binary.NativeEndian.AppendUint16(nil, uint16(AttrHdrLen+len(val)))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = append(b, val...)
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
-	return b
-}
+func attrBytes(typ uint16, val []byte) []byte { return AppendAttr(nil, typ, val) }
 
 func TestNext(t *testing.T) {
 	errPayload := binary.NativeEndian.AppendUint32(nil, uint32(0xfffffffe)) // -ENOENT

@@ -26,6 +26,9 @@ const diagRecvBuf = 32 << 10
 const diagTimeout = 2 * time.Second
 
 // diagConn is one NETLINK_SOCK_DIAG socket with its buffers. It serves one request at a time.
+// diagReq is one inet_diag_req_v2.
+type diagReq = sockdiag.Request
+
 type diagConn struct {
 	fd  int
 	seq uint32

@@ -29,9 +29,6 @@ const (
 	allStates        = sockdiag.AllStates
 )
 
-// diagReq is one inet_diag_req_v2.
-type diagReq = sockdiag.Request
-
 // sockInfo is the part of an inet_diag_msg the resolver needs.
 type sockInfo struct {
 	family uint8

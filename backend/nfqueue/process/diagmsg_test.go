@@ -33,15 +33,7 @@ func diagMsgBytes(s sockInfo, attrs ...[]byte) []byte {
 	return b
 }
 
-func attr(typ uint16, data ...byte) []byte {
-	b := binary.NativeEndian.AppendUint16(nil, uint16(4+len(data)))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = append(b, data...)
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
-	return b
-}
+func attr(typ uint16, data ...byte) []byte { return nlwire.AppendAttr(nil, typ, data) }
 
 func TestParseDiagMsg(t *testing.T) {
 	v4 := sockInfo{family: afInet, state: 1, local: netip.MustParseAddrPort("127.0.0.1:5000"), remote: netip.MustParseAddrPort("10.1.2.3:443"), ifindex: 2, uid: 1000, inode: 424242, cookie: 0x0000000100000002, v6only: -1}
@@ -75,17 +67,7 @@ func TestParseDiagMsg(t *testing.T) {
 }
 
 func nlMsgBytes(typ, flags uint16, seq uint32, payload []byte) []byte {
-	ne := binary.NativeEndian
-	b := ne.AppendUint32(nil, uint32(nlwire.HdrLen+len(payload)))
-	b = ne.AppendUint16(b, typ)
-	b = ne.AppendUint16(b, flags)
-	b = ne.AppendUint32(b, seq)
-	b = ne.AppendUint32(b, 0)
-	b = append(b, payload...)
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
-	return b
+	return nlwire.AppendMsg(nil, typ, flags, seq, payload)
 }
 
 // FuzzDiagAnswer feeds arbitrary bytes through the decoding a netlink answer goes through.

@@ -48,11 +48,7 @@ func AppendRequest(b []byte, seq uint32, r *Request) []byte {
 	if r.Dump {
 		flags |= nlmFDump
 	}
-	b = ne.AppendUint32(b, nlwire.HdrLen+RequestLen)
-	b = ne.AppendUint16(b, ByFamily)
-	b = ne.AppendUint16(b, flags)
-	b = ne.AppendUint32(b, seq)
-	b = ne.AppendUint32(b, 0) // port id: the kernel fills it in
+	b = nlwire.AppendHeader(b, RequestLen, ByFamily, flags, seq)
 	b = append(b, r.Family, r.Protocol, r.Ext, 0)
 	b = ne.AppendUint32(b, r.States)
 	b = binary.BigEndian.AppendUint16(b, r.Src.Port())

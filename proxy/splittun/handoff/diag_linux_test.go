@@ -15,28 +15,16 @@ import (
 // answer builds a SOCK_DIAG_BY_FAMILY answer: an inet_diag_msg and, when meminfo is set, an
 // INET_DIAG_SKMEMINFO attribute opening with rmem.
 func answer(meminfo bool, rmem uint32) []byte {
-	ne := binary.NativeEndian
 	payload := make([]byte, sockdiag.MsgLen)
 	if meminfo {
-		payload = ne.AppendUint16(payload, nlwire.AttrHdrLen+8)
-		payload = ne.AppendUint16(payload, inetDiagSKMemInfo)
-		payload = ne.AppendUint32(payload, rmem)
-		payload = ne.AppendUint32(payload, 131072) // rcvbuf
+		ne := binary.NativeEndian
+		payload = nlwire.AppendAttr(payload, inetDiagSKMemInfo, ne.AppendUint32(ne.AppendUint32(nil, rmem), 131072)) // rcvbuf
 	}
-	b := ne.AppendUint32(nil, uint32(nlwire.HdrLen+len(payload)))
-	b = ne.AppendUint16(b, sockdiag.ByFamily)
-	b = ne.AppendUint16(b, 0)
-	b = ne.AppendUint64(b, 0)
-	return append(b, payload...)
+	return nlwire.AppendMsg(nil, sockdiag.ByFamily, 0, 0, payload)
 }
 
 func errAnswer(errno unix.Errno) []byte {
-	ne := binary.NativeEndian
-	b := ne.AppendUint32(nil, nlwire.HdrLen+4)
-	b = ne.AppendUint16(b, nlwire.TypeError)
-	b = ne.AppendUint16(b, 0)
-	b = ne.AppendUint64(b, 0)
-	return ne.AppendUint32(b, uint32(-int32(errno)))
+	return nlwire.AppendMsg(nil, nlwire.TypeError, 0, 0, binary.NativeEndian.AppendUint32(nil, uint32(-int32(errno))))
 }
 
 func TestParseQueued(t *testing.T) {
