@@ -3,7 +3,6 @@ package process
 import (
 	"errors"
 	"fmt"
-	"os"
 	"runtime"
 	"slices"
 	"strings"
@@ -15,7 +14,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
-	"github.com/warden-fw/warden/backend/nfqueue/bpfasm"
+	"github.com/warden-fw/warden/backend/nfqueue/bpfkit"
 )
 
 // tupleAmbiguous is the tuple map's value for a key two open sockets may share; sock_gen_cookie never gives 0.
@@ -41,9 +40,9 @@ const tupleAmbiguous = 0
 // their lookups fall back to /proc.
 const ownerMapEntries = 1 << 16
 
-// errBPFUnavailable marks a loader failure caused by what the system lacks or forbids (no cgroup v2, no BPF
-// permission, an old kernel, another pid namespace), as opposed to a rejected program.
-var errBPFUnavailable = errors.New("kernel feature missing")
+// errBPFUnavailable marks a loader failure caused by what the system lacks or forbids; it is bpfkit's, so the
+// cgroup root's failures (bpfkit.InCgroupRoot) classify the same.
+var errBPFUnavailable = bpfkit.ErrUnavailable
 
 // bpfOwners is the loaded owner map with its programs and links.
 type bpfOwners struct {
@@ -413,7 +412,7 @@ func udpTupleKeyOr(m progMaps, v6, sendmsg bool, skip string, then asm.Instructi
 		asm.JNE.Imm(asm.R2, ipprotoUDP, skip),
 	}
 	// The program's socketFilter has checked the namespace.
-	insns = append(insns, bpfasm.ZeroFrame(tupleKeyOff, tupleKeySize)...)
+	insns = append(insns, bpfkit.ZeroFrame(tupleKeyOff, tupleKeySize)...)
 	insns = append(insns,
 		asm.StoreImm(asm.RFP, tupleKeyOff+tupleProtoOff, ipprotoUDP, asm.Byte),
 		// R1 holds the socket from here on: no helper is called until then.
@@ -428,7 +427,7 @@ func udpTupleKeyOr(m progMaps, v6, sendmsg bool, skip string, then asm.Instructi
 	)
 	if !v6 {
 		insns = append(insns, asm.LoadMem(asm.R2, asm.R6, sockAddrUserIP4Off, asm.Word))
-		insns = append(insns, bpfasm.StoreMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
+		insns = append(insns, bpfkit.StoreMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
 		if sendmsg {
 			insns = append(insns,
 				asm.LoadMem(asm.R2, asm.R6, sockAddrMsgSrc4Off, asm.Word),
@@ -439,11 +438,11 @@ func udpTupleKeyOr(m progMaps, v6, sendmsg bool, skip string, then asm.Instructi
 			asm.LoadMem(asm.R2, asm.R1, sockSrcIP4Off, asm.Word),
 			asm.JEq.Imm(asm.R2, 0, "t_keyed"),
 		)
-		local := bpfasm.StoreMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)
+		local := bpfkit.StoreMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)
 		local[0] = local[0].WithSymbol("t_local")
 		insns = append(insns, local...)
 	} else {
-		insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, sockAddrUserIP6Off, tupleKeyOff+tupleRemoteOff, 16)...)
+		insns = append(insns, bpfkit.CopyWords(asm.R6, asm.R2, sockAddrUserIP6Off, tupleKeyOff+tupleRemoteOff, 16)...)
 		// copyLocal copies the 16 bytes at base+off to the key's local address if they are not all zero.
 		copyLocal := func(base asm.Register, off int16, label, done string) asm.Instructions {
 			insns := asm.Instructions{asm.LoadMem(asm.R3, base, off, asm.Word).WithSymbol(label)}
@@ -451,7 +450,7 @@ func udpTupleKeyOr(m progMaps, v6, sendmsg bool, skip string, then asm.Instructi
 				insns = append(insns, asm.LoadMem(asm.R2, base, off+i, asm.Word), asm.Or.Reg(asm.R3, asm.R2))
 			}
 			insns = append(insns, asm.JEq.Imm(asm.R3, 0, done))
-			insns = append(insns, bpfasm.CopyWords(base, asm.R2, off, tupleKeyOff+tupleLocalOff, 16)...)
+			insns = append(insns, bpfkit.CopyWords(base, asm.R2, off, tupleKeyOff+tupleLocalOff, 16)...)
 			return append(insns, asm.Ja.Label("t_keyed"))
 		}
 		if sendmsg {
@@ -558,37 +557,37 @@ func sockOpsInsns(m progMaps) asm.Instructions { return sockOpsProgram(m, tupleR
 func sockOpsProgram(m progMaps, record func(progMaps) asm.Instructions) asm.Instructions {
 	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),
-		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsOp, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsOp, asm.Word),
 		asm.JNE.Imm(asm.R2, sockOpsTCPConnectCB, "allow"),
 	}
 	insns = append(insns, inNetns(m, "allow")...)
-	insns = append(insns, bpfasm.ZeroFrame(tupleKeyOff, tupleKeySize)...)
+	insns = append(insns, bpfkit.ZeroFrame(tupleKeyOff, tupleKeySize)...)
 	insns = append(insns,
 		asm.StoreImm(asm.RFP, tupleKeyOff+tupleProtoOff, ipprotoTCP, asm.Byte),
-		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsLocalPort, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsLocalPort, asm.Word),
 		asm.HostTo(asm.BE, asm.R2, asm.Half),
 		asm.StoreMem(asm.RFP, tupleKeyOff+tupleLPortOff, asm.R2, asm.Half),
-		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsRemotePort, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsRemotePort, asm.Word),
 	)
-	insns = append(insns, bpfasm.FoldPort(asm.R2, asm.R3)...)
+	insns = append(insns, bpfkit.FoldPort(asm.R2, asm.R3)...)
 	insns = append(insns,
 		asm.StoreMem(asm.RFP, tupleKeyOff+tupleRPortOff, asm.R2, asm.Half),
-		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsFamily, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsFamily, asm.Word),
 		asm.JEq.Imm(asm.R2, afInet, "v4"),
 		asm.JNE.Imm(asm.R2, afInet6, "allow"),
 	)
-	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, bpfasm.SockOpsRemoteIP6, tupleKeyOff+tupleRemoteOff, 16)...)
-	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, bpfasm.SockOpsLocalIP6, tupleKeyOff+tupleLocalOff, 16)...)
+	insns = append(insns, bpfkit.CopyWords(asm.R6, asm.R2, bpfkit.SockOpsRemoteIP6, tupleKeyOff+tupleRemoteOff, 16)...)
+	insns = append(insns, bpfkit.CopyWords(asm.R6, asm.R2, bpfkit.SockOpsLocalIP6, tupleKeyOff+tupleLocalOff, 16)...)
 	insns = append(insns,
 		asm.LoadMem(asm.R2, asm.RFP, tupleKeyOff+tupleRemoteOff+8, asm.Word),
-		asm.JNE.Imm32(asm.R2, bpfasm.V4MappedMarker, "keyed"),
+		asm.JNE.Imm32(asm.R2, bpfkit.V4MappedMarker, "keyed"),
 		asm.LoadMem(asm.R2, asm.RFP, tupleKeyOff+tupleRemoteOff, asm.DWord),
 		asm.JNE.Imm(asm.R2, 0, "keyed"),
 	)
-	v4 := asm.Instructions{asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsRemoteIP4, asm.Word).WithSymbol("v4")}
-	v4 = append(v4, bpfasm.StoreMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
-	v4 = append(v4, asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsLocalIP4, asm.Word))
-	v4 = append(v4, bpfasm.StoreMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)...)
+	v4 := asm.Instructions{asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsRemoteIP4, asm.Word).WithSymbol("v4")}
+	v4 = append(v4, bpfkit.StoreMappedV4(tupleKeyOff+tupleRemoteOff, asm.R2)...)
+	v4 = append(v4, asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsLocalIP4, asm.Word))
+	v4 = append(v4, bpfkit.StoreMappedV4(tupleKeyOff+tupleLocalOff, asm.R2)...)
 	insns = append(insns, v4...)
 	insns = append(insns,
 		asm.Mov.Reg(asm.R1, asm.R6).WithSymbol("keyed"),
@@ -762,55 +761,11 @@ func initialPidNS() bool {
 
 // attachToCgroupRoot attaches progs to the root of the cgroup v2 hierarchy.
 func attachToCgroupRoot(hooks []bpfHook, progs []*ebpf.Program) (links []link.Link, err error) {
-	err = InCgroupRoot(func(dir string) error {
+	err = bpfkit.InCgroupRoot(func(dir string) error {
 		links, err = attachAll(dir, hooks, progs)
 		return err
 	})
 	return links, err
-}
-
-// InCgroupRoot calls fn with the path of the cgroup v2 root: the mount /proc/self/mountinfo names, or, when
-// this mount namespace has none (`ip netns exec` remounts /sys without it), a mount of our own made in a
-// private mount namespace of a throwaway thread, so no other process ever sees it. fn runs on that thread then,
-// and must not start goroutines that use the path.
-func InCgroupRoot(fn func(dir string) error) error {
-	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return fmt.Errorf("%w: reading mountinfo: %w", errBPFUnavailable, err)
-	}
-	if dir, ok := cgroup2Mount(mountinfo); ok {
-		return fn(dir)
-	}
-	done := make(chan error, 1)
-	go func() {
-		// The thread is never unlocked: it leaves the process with its mount namespace when this goroutine
-		// returns.
-		runtime.LockOSThread()
-		done <- inPrivateCgroupMount(fn)
-	}()
-	return <-done
-}
-
-// inPrivateCgroupMount runs on a locked thread: it gives the thread its own mount namespace, mounts cgroup2
-// there and calls fn with the mount point.
-func inPrivateCgroupMount(fn func(dir string) error) error {
-	if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
-		return fmt.Errorf("%w: no cgroup2 mount, and cannot make a private mount namespace: %w", errBPFUnavailable, err)
-	}
-	// Without this a mount below a shared mount would propagate back to the original namespace.
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("%w: making mounts private: %w", errBPFUnavailable, err)
-	}
-	dir, err := os.MkdirTemp("", "warden-cgroup2-")
-	if err != nil {
-		return fmt.Errorf("%w: %w", errBPFUnavailable, err)
-	}
-	defer os.Remove(dir)
-	if err := unix.Mount("none", dir, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
-		return fmt.Errorf("%w: no cgroup2 mount, and mounting one failed: %w", errBPFUnavailable, err)
-	}
-	defer unix.Unmount(dir, unix.MNT_DETACH)
-	return fn(dir)
 }
 
 // attachAll attaches every program to the cgroup at dir, or none.
@@ -893,15 +848,6 @@ func (b *bpfOwners) lookupTuple(k *[tupleKeySize]byte) (uint64, bool) {
 // hasTuples reports whether outbound connections' tuples are recorded (in the tuple map, or as events for the
 // mirror alone).
 func (b *bpfOwners) hasTuples() bool { return b.mode != modeOwners }
-
-// NetnsCookie returns the cookie of the network namespace the socket fd is in (SO_NETNS_COOKIE, Linux 5.14).
-func NetnsCookie(fd int) (uint64, error) {
-	c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-	if err != nil {
-		return 0, fmt.Errorf("reading the network namespace cookie: %w", err)
-	}
-	return c, nil
-}
 
 // close detaches the programs and releases the map.
 func (b *bpfOwners) close() {

@@ -25,6 +25,7 @@ import (
 
 	"github.com/warden-fw/warden/backend"
 	"github.com/warden-fw/warden/backend/netnstest"
+	"github.com/warden-fw/warden/backend/nfqueue/bpfkit"
 )
 
 // Helper processes of the eBPF tests, re-executions of the test binary selected by environment variables.
@@ -497,7 +498,7 @@ func TestEBPFSocketOutlivesCreator(t *testing.T) {
 func attachedPrograms(t *testing.T) []ebpf.ProgramID {
 	t.Helper()
 	var ids []ebpf.ProgramID
-	err := InCgroupRoot(func(dir string) error {
+	err := bpfkit.InCgroupRoot(func(dir string) error {
 		f, err := os.Open(dir)
 		if err != nil {
 			return err

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/warden-fw/warden/backend"
+	"github.com/warden-fw/warden/backend/nfqueue/bpfkit"
 )
 
 const (
@@ -165,7 +166,7 @@ func (r *Resolver) loadBPF(fd int, withTuples, noStorage bool) (*bpfOwners, erro
 	if !withTuples {
 		return newBPFOwners(modeOwners, 0)
 	}
-	netns, err := NetnsCookie(fd)
+	netns, err := bpfkit.NetnsCookie(fd)
 	if err == nil {
 		var b *bpfOwners
 		if !noStorage {

@@ -15,8 +15,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
-	"github.com/warden-fw/warden/backend/nfqueue/bpfasm"
-	"github.com/warden-fw/warden/backend/nfqueue/process"
+	"github.com/warden-fw/warden/backend/nfqueue/bpfkit"
 )
 
 // A tuple key is the application socket's view of its connection: its own address (16 bytes, IPv4 as
@@ -80,7 +79,7 @@ func Load() (_ *Handoff, err error) {
 	if err != nil {
 		return nil, err
 	}
-	netns, err := process.NetnsCookie(probe)
+	netns, err := bpfkit.NetnsCookie(probe)
 	unix.Close(probe)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrUnsupported, err)
@@ -121,7 +120,7 @@ func Load() (_ *Handoff, err error) {
 		Attach: ebpf.AttachSkMsgVerdict}); err != nil {
 		return nil, fmt.Errorf("%w: attaching the sk_msg program: %w", ErrUnsupported, err)
 	}
-	err = process.InCgroupRoot(func(dir string) error {
+	err = bpfkit.InCgroupRoot(func(dir string) error {
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: dir, Attach: ebpf.AttachCGroupSockOps, Program: ops})
 		h.link = l
 		return err
@@ -309,34 +308,34 @@ const keyOff = -keySize
 func sockOpsInsns(expectFD, clientsFD int, netns uint64) asm.Instructions {
 	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),
-		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsOp, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsOp, asm.Word),
 		asm.JNE.Imm(asm.R2, sockOpsActiveEstablishedCB, "allow"),
 		asm.Mov.Reg(asm.R1, asm.R6),
 		asm.FnGetNetnsCookie.Call(),
 		asm.LoadImm(asm.R1, int64(netns), asm.DWord),
 		asm.JNE.Reg(asm.R0, asm.R1, "allow"),
 	}
-	insns = append(insns, bpfasm.ZeroFrame(keyOff, keySize)...)
+	insns = append(insns, bpfkit.ZeroFrame(keyOff, keySize)...)
 	insns = append(insns,
-		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsLocalPort, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsLocalPort, asm.Word),
 		asm.HostTo(asm.BE, asm.R2, asm.Half),
 		asm.StoreMem(asm.RFP, keyOff+16, asm.R2, asm.Half),
-		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsRemotePort, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsRemotePort, asm.Word),
 	)
-	insns = append(insns, bpfasm.FoldPort(asm.R2, asm.R3)...)
+	insns = append(insns, bpfkit.FoldPort(asm.R2, asm.R3)...)
 	insns = append(insns,
 		asm.StoreMem(asm.RFP, keyOff+origOff+16, asm.R2, asm.Half),
-		asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsFamily, asm.Word),
+		asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsFamily, asm.Word),
 		asm.JEq.Imm(asm.R2, afInet, "v4"),
 		asm.JNE.Imm(asm.R2, afInet6, "allow"),
 	)
-	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, bpfasm.SockOpsLocalIP6, keyOff, 16)...)
-	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, bpfasm.SockOpsRemoteIP6, keyOff+origOff, 16)...)
+	insns = append(insns, bpfkit.CopyWords(asm.R6, asm.R2, bpfkit.SockOpsLocalIP6, keyOff, 16)...)
+	insns = append(insns, bpfkit.CopyWords(asm.R6, asm.R2, bpfkit.SockOpsRemoteIP6, keyOff+origOff, 16)...)
 	insns = append(insns, asm.Ja.Label("keyed"))
-	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsLocalIP4, asm.Word).WithSymbol("v4"))
-	insns = append(insns, bpfasm.StoreMappedV4(keyOff, asm.R2)...)
-	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, bpfasm.SockOpsRemoteIP4, asm.Word))
-	insns = append(insns, bpfasm.StoreMappedV4(keyOff+origOff, asm.R2)...)
+	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsLocalIP4, asm.Word).WithSymbol("v4"))
+	insns = append(insns, bpfkit.StoreMappedV4(keyOff, asm.R2)...)
+	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, bpfkit.SockOpsRemoteIP4, asm.Word))
+	insns = append(insns, bpfkit.StoreMappedV4(keyOff+origOff, asm.R2)...)
 	insns = append(insns,
 		// Deleting answers whether the tuple was expected (0) or not (-ENOENT): no lookup first.
 		asm.LoadMapPtr(asm.R1, expectFD).WithSymbol("keyed"),
@@ -361,21 +360,21 @@ func sockOpsInsns(expectFD, clientsFD int, netns uint64) asm.Instructions {
 // before Attach, so that does not happen in practice).
 func redirectInsns(pairsFD, clientsFD int) asm.Instructions {
 	insns := asm.Instructions{asm.Mov.Reg(asm.R6, asm.R1)}
-	insns = append(insns, bpfasm.ZeroFrame(keyOff, 24)...)
+	insns = append(insns, bpfkit.ZeroFrame(keyOff, 24)...)
 	insns = append(insns,
 		asm.LoadMem(asm.R2, asm.R6, msgRemotePortOff, asm.Word),
 	)
-	insns = append(insns, bpfasm.FoldPort(asm.R2, asm.R3)...)
+	insns = append(insns, bpfkit.FoldPort(asm.R2, asm.R3)...)
 	insns = append(insns,
 		asm.StoreMem(asm.RFP, keyOff+16, asm.R2, asm.Half),
 		asm.LoadMem(asm.R2, asm.R6, msgFamilyOff, asm.Word),
 		asm.JEq.Imm(asm.R2, afInet, "v4"),
 		asm.JNE.Imm(asm.R2, afInet6, "pass"),
 	)
-	insns = append(insns, bpfasm.CopyWords(asm.R6, asm.R2, msgRemoteIP6Off, keyOff, 16)...)
+	insns = append(insns, bpfkit.CopyWords(asm.R6, asm.R2, msgRemoteIP6Off, keyOff, 16)...)
 	insns = append(insns, asm.Ja.Label("keyed"))
 	insns = append(insns, asm.LoadMem(asm.R2, asm.R6, msgRemoteIP4Off, asm.Word).WithSymbol("v4"))
-	insns = append(insns, bpfasm.StoreMappedV4(keyOff, asm.R2)...)
+	insns = append(insns, bpfkit.StoreMappedV4(keyOff, asm.R2)...)
 	insns = append(insns,
 		asm.LoadMapPtr(asm.R1, pairsFD).WithSymbol("keyed"),
 		asm.Mov.Reg(asm.R2, asm.RFP),

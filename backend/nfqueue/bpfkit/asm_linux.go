@@ -1,4 +1,4 @@
-package bpfasm
+package bpfkit
 
 import (
 	"encoding/binary"
