@@ -97,6 +97,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 					fmt.Fprintf(tw, "kernel handoff	%d tcp downloads into the application's socket (%d waits for a full window)\n",
 						st.TCP.HandedOff, st.TCP.HandoffWaits)
 				}
+				if st.TCP.BulkGathers > 0 {
+					fmt.Fprintf(tw, "bulk gathering\t%d times a relayed tcp direction gathered a bulk flow\n", st.TCP.BulkGathers)
+				}
 			}
 			if a := s.Attribution; a != nil {
 				src := "/proc only"

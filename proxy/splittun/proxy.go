@@ -83,23 +83,26 @@ type ProtoStats struct {
 	HandedOff uint64 `json:"handed_off,omitempty"`
 	// HandoffWaits counts the times a handed-off download waited for its application to read (a full window).
 	HandoffWaits uint64 `json:"handoff_waits,omitempty"`
-	DialErrors   uint64 `json:"dial_errors"`
-	IdleExpired  uint64 `json:"idle_expired"`
-	BytesOut     uint64 `json:"bytes_out"` // client → destination
-	BytesIn      uint64 `json:"bytes_in"`  // destination → client
+	// BulkGathers counts the times a TCP relay direction started gathering a bulk flow (waking once per large
+	// piece; see the split tunnel's bulk gathering in docs/design.md).
+	BulkGathers uint64 `json:"bulk_gathers,omitempty"`
+	DialErrors  uint64 `json:"dial_errors"`
+	IdleExpired uint64 `json:"idle_expired"`
+	BytesOut    uint64 `json:"bytes_out"` // client → destination
+	BytesIn     uint64 `json:"bytes_in"`  // destination → client
 }
 
 type protoCounters struct {
 	active                                                       atomic.Int64
 	total, rejected, refused, direct, unresolved, dialErrs, idle atomic.Uint64
-	routed, remapped, handedOff, handoffWaits                    atomic.Uint64
+	routed, remapped, handedOff, handoffWaits, bulkGathers       atomic.Uint64
 	bytesOut, bytesIn                                            atomic.Uint64
 }
 
 func (c *protoCounters) snapshot() ProtoStats {
 	return ProtoStats{
 		Active: c.active.Load(), Total: c.total.Load(), Rejected: c.rejected.Load(), Refused: c.refused.Load(),
-		Direct: c.direct.Load(), Routed: c.routed.Load(), Unresolved: c.unresolved.Load(), Remapped: c.remapped.Load(), HandedOff: c.handedOff.Load(), HandoffWaits: c.handoffWaits.Load(), DialErrors: c.dialErrs.Load(),
+		Direct: c.direct.Load(), Routed: c.routed.Load(), Unresolved: c.unresolved.Load(), Remapped: c.remapped.Load(), HandedOff: c.handedOff.Load(), HandoffWaits: c.handoffWaits.Load(), BulkGathers: c.bulkGathers.Load(), DialErrors: c.dialErrs.Load(),
 		IdleExpired: c.idle.Load(), BytesOut: c.bytesOut.Load(), BytesIn: c.bytesIn.Load(),
 	}
 }

@@ -247,19 +247,22 @@ func (s *tcpSession) clientRoom(deadline time.Time, waits *atomic.Uint64) (int64
 }
 
 // pipe copies src to dst. dst.ReadFrom(src) with both *net.TCPConn splices on Linux (no copy through user
-// space). The idle timeout cannot watch bytes inside a splice, so the copy runs in rounds bounded by a read
-// deadline: a round that moved bytes proves activity; a round that moved none proves this direction was idle
-// for the whole round, and when both directions prove idleness for IdleTimeout the session expires. Only read
-// deadlines are used: a write deadline could interrupt a splice with data already drained from src.
+// space), also through an io.LimitedReader. The idle timeout cannot watch bytes inside a splice, so the copy
+// runs in rounds bounded by a read deadline: a round that moved bytes proves activity; a round that moved none
+// proves this direction was idle for the whole round, and when both directions prove idleness for IdleTimeout
+// the session expires. A bulk flow's rounds are shorter (see gatherer). Only read deadlines are used: a write
+// deadline could interrupt a splice with data already drained from src.
 func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, bytes *atomic.Uint64) {
 	round := s.idle / 2
 	bounded := dir == 1 && s.handed != nil
+	g := newGatherer(src)
+	limit := &io.LimitedReader{R: src}
+	var room int64 // bounded: what the application may still be sent before the proxy asks again
 	for {
 		start := time.Now()
-		var from io.Reader = src
-		var limit *io.LimitedReader
-		if bounded {
-			room, err := s.clientRoom(start.Add(round), &p.tcp.handoffWaits)
+		if bounded && room <= 0 {
+			var err error
+			room, err = s.clientRoom(start.Add(round), &p.tcp.handoffWaits)
 			if errors.Is(err, net.ErrClosed) {
 				return // the session was ended elsewhere (expiry, shutdown, the other direction)
 			}
@@ -278,14 +281,29 @@ func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, bytes *atomi
 				}
 				continue
 			}
-			limit = &io.LimitedReader{R: src, N: room} // ReadFrom still splices through a LimitedReader
+			start = time.Now()
+		}
+		var from io.Reader = src
+		if g.possible() || bounded {
+			limit.N = g.chunk()
+			if !g.possible() || bounded && room < limit.N {
+				limit.N = room
+			}
 			from = limit
 		}
-		_ = src.SetReadDeadline(start.Add(round))
+		_ = src.SetReadDeadline(g.deadline(start, round))
 		n, err := dst.ReadFrom(from)
+		took := time.Since(start)
 		bytes.Add(uint64(n))
-		if err == nil && limit != nil && limit.N == 0 {
-			s.idleSince[dir].Store(0) // the window was used up, not an EOF
+		if bounded {
+			room -= n
+		}
+		if err == nil && from == limit && limit.N == 0 {
+			// The chunk or the window was used up, not an EOF.
+			s.idleSince[dir].Store(0)
+			if g.filled(took) {
+				p.tcp.bulkGathers.Add(1)
+			}
 			continue
 		}
 		if err == nil {
@@ -308,6 +326,13 @@ func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, bytes *atomi
 		}
 		if n > 0 {
 			s.idleSince[dir].Store(0)
+		}
+		if g.gathering() {
+			// A gathering read's short deadline: whatever waits below the mark goes with the next splice.
+			g.expired(n)
+			continue
+		}
+		if n > 0 {
 			continue
 		}
 		s.markIdle(dir, start)

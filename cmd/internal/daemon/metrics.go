@@ -102,12 +102,13 @@ var (
 	descProxyBytes  = prometheus.NewDesc("warden_proxy_bytes_total", "Bytes relayed by the split-tunnel proxy.", []string{"protocol", "direction"}, nil)
 	descSplitRouted = prometheus.NewDesc("warden_split_routed_total", "Split connections (tcp) and flows (udp) carried by kernel routing.", []string{"protocol"}, nil)
 	descHandedOff   = prometheus.NewDesc("warden_split_handed_off_total", "Proxied TCP connections whose downloads went into the application's socket in the kernel (split_tunnel.kernel_handoff).", nil, nil)
+	descGathers     = prometheus.NewDesc("warden_split_bulk_gathers_total", "Times a proxied TCP direction started gathering a bulk flow (the relay then wakes once per large piece).", nil, nil)
 	descIfaceUp     = prometheus.NewDesc("warden_split_interface_up", "Whether the split-tunnel interface is up.", nil, nil)
 )
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descPackets, descVerdicts, descFailures, descConns, descEnded,
-		descOverruns, descTimeouts, descQueued, descProxyActive, descProxyTotal, descProxyBytes, descIfaceUp, descSplitRouted} {
+		descOverruns, descTimeouts, descQueued, descProxyActive, descProxyTotal, descProxyBytes, descIfaceUp, descSplitRouted, descHandedOff, descGathers} {
 		ch <- d
 	}
 }
@@ -137,6 +138,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descSplitRouted, prometheus.CounterValue, float64(s.Routed), proto)
 		}
 		ch <- prometheus.MustNewConstMetric(descHandedOff, prometheus.CounterValue, float64(ps.TCP.HandedOff))
+		ch <- prometheus.MustNewConstMetric(descGathers, prometheus.CounterValue, float64(ps.TCP.BulkGathers))
 		up := 0.0
 		if ps.Interface.Up {
 			up = 1

@@ -145,7 +145,7 @@ metrics:
 		t.Errorf("+Inf bucket %v, want %v", inf, decided)
 	}
 	for _, z := range []string{"warden_decision_failures_total", "warden_queue_overruns_total", "warden_verdict_timeouts_total",
-		`warden_split_routed_total{protocol="tcp"}`, `warden_split_routed_total{protocol="udp"}`, "warden_split_handed_off_total"} {
+		`warden_split_routed_total{protocol="tcp"}`, `warden_split_routed_total{protocol="udp"}`, "warden_split_handed_off_total", "warden_split_bulk_gathers_total"} {
 		if v := m.need(t, z); v != 0 {
 			t.Errorf("%s = %v, want 0", z, v)
 		}

@@ -1,0 +1,75 @@
+package splittun
+
+import (
+	"errors"
+	"testing"
+	"time"
+)
+
+// markRecorder stands in for the socket option: it records the marks set and fails when told to.
+type markRecorder struct {
+	marks []int
+	fail  bool
+}
+
+func (r *markRecorder) set(mark int) error {
+	if r.fail {
+		return errors.New("refused")
+	}
+	r.marks = append(r.marks, mark)
+	return nil
+}
+
+func TestGathererStartsOnlyForBulk(t *testing.T) {
+	r := &markRecorder{}
+	g := gatherer{set: r.set}
+	if g.chunk() != relayChunk || !g.deadline(time.Unix(0, 0), time.Minute).Equal(time.Unix(60, 0)) {
+		t.Fatalf("idle gatherer: chunk %d, deadline %v", g.chunk(), g.deadline(time.Unix(0, 0), time.Minute))
+	}
+	if g.filled(gatherEnter + time.Microsecond) {
+		t.Fatal("a chunk slower than gatherEnter started gathering")
+	}
+	if !g.filled(gatherEnter) || !g.gathering() {
+		t.Fatal("a chunk within gatherEnter did not start gathering")
+	}
+	if g.filled(time.Microsecond) {
+		t.Fatal("started twice")
+	}
+	if g.chunk() != gatherChunk || !g.deadline(time.Unix(0, 0), time.Minute).Equal(time.Unix(0, 0).Add(gatherWait)) {
+		t.Fatalf("gathering: chunk %d, deadline %v", g.chunk(), g.deadline(time.Unix(0, 0), time.Minute))
+	}
+	g.expired(1) // still flowing: the next read's splice takes what waits below the mark
+	if !g.gathering() {
+		t.Fatal("a read that moved bytes stopped gathering")
+	}
+	g.expired(0) // the sender paused
+	if g.gathering() {
+		t.Fatal("a read that moved nothing in gatherWait kept gathering")
+	}
+	if want := []int{gatherMark, 1}; len(r.marks) != 2 || r.marks[0] != want[0] || r.marks[1] != want[1] {
+		t.Fatalf("marks set %v, want %v", r.marks, want)
+	}
+}
+
+func TestGathererFailures(t *testing.T) {
+	// The option refused when starting: this socket never gathers.
+	r := &markRecorder{fail: true}
+	g := gatherer{set: r.set}
+	if g.filled(0) || g.gathering() || g.possible() {
+		t.Fatalf("gathering %v, possible %v after a refused mark", g.gathering(), g.possible())
+	}
+	// Refused when stopping: keep the short deadline rather than leave data behind a mark with a long one.
+	r = &markRecorder{}
+	g = gatherer{set: r.set}
+	g.filled(0)
+	r.fail = true
+	g.expired(0)
+	if !g.gathering() || !g.deadline(time.Unix(0, 0), time.Hour).Equal(time.Unix(0, 0).Add(gatherWait)) {
+		t.Fatal("a failed reset left the gatherer waiting a whole round behind its mark")
+	}
+	// Where the platform has no mark, nothing gathers.
+	var none gatherer
+	if none.possible() || none.filled(0) {
+		t.Fatal("a gatherer without a setter gathered")
+	}
+}
