@@ -1,6 +1,9 @@
 package splittun
 
-import "time"
+import (
+	"math/bits"
+	"time"
+)
 
 // A relay direction carrying a bulk flow gathers: it raises its source socket's receive low-water mark, so the
 // kernel wakes the relay once per large piece instead of once per arriving burst. Every wake-up is a trip
@@ -19,7 +22,7 @@ import "time"
 const (
 	relayChunk  = 1 << 20 // what one read moves at most while not gathering, so the relay sees a flow's pace
 	gatherChunk = 4 << 20 // the same while gathering (the deadline usually ends a read first)
-	gatherMark  = 1 << 20 // the receive low-water mark while gathering (the kernel caps it at half tcp_rmem's maximum)
+	gatherMark  = 1 << 20 // the highest receive low-water mark; see markFor
 	gatherWait  = time.Millisecond
 	gatherEnter = 8 * time.Millisecond
 	// gatherMin per gatherWait is 64 MB/s.
@@ -31,9 +34,25 @@ const (
 type gatherer struct {
 	// set changes the source socket's receive low-water mark; nil where the platform cannot, and the relay
 	// then never gathers.
-	set  func(mark int) error
-	on   bool
-	slow int // gathering reads in a row that moved less than gatherMin
+	set func(mark int) error
+	// rcvbuf returns the source socket's receive buffer size (which TCP autotuning grows), 0 if unknown.
+	rcvbuf func() int
+	on     bool
+	mark   int // the mark in force while gathering
+	slow   int // gathering reads in a row that moved less than gatherMin
+}
+
+// markFor is the mark for a receive buffer of rcvbuf bytes: a quarter of it (a power of two, at most
+// gatherMark), 0 when that is under gatherMin. The quarter matters twice: the socket's receive window is about
+// half its buffer, so the sender can keep sending while the relay is being woken at the mark; and the kernel,
+// given a mark whose buffer needs exceed the socket's, grows the buffer and clamps the window to the mark, so
+// that every wake-up would come with the sender stopped at a closed window.
+func markFor(rcvbuf int) int {
+	m := min(rcvbuf/4, gatherMark)
+	if m < gatherMin {
+		return 0
+	}
+	return 1 << (bits.Len(uint(m)) - 1)
 }
 
 func (g *gatherer) possible() bool  { return g.set != nil }
@@ -55,18 +74,25 @@ func (g *gatherer) deadline(start time.Time, round time.Duration) time.Time {
 	return start.Add(round)
 }
 
-// filled is told that a read moved a whole chunk in took; it reports whether gathering started.
+// filled is told that a read moved a whole chunk in took; it starts gathering when that was fast enough, and
+// raises the mark as autotuning grows the receive buffer. It reports whether gathering started.
 func (g *gatherer) filled(took time.Duration) (started bool) {
 	g.slow = 0
-	if g.on || g.set == nil || took > gatherEnter {
+	if g.set == nil || !g.on && took > gatherEnter {
 		return false
 	}
-	if err := g.set(gatherMark); err != nil {
-		g.set = nil // the platform refused the option, or the socket is closing: never again on this socket
+	mark := markFor(g.rcvbuf())
+	if mark <= g.mark {
+		return false // too small a buffer yet, or the mark is already right
+	}
+	if err := g.set(mark); err != nil {
+		if !g.on {
+			g.set = nil // the platform refused the option, or the socket is closing: never again on this socket
+		}
 		return false
 	}
-	g.on = true
-	return true
+	started, g.on, g.mark = !g.on, true, mark
+	return started
 }
 
 // expired is told that a gathering read reached its deadline having moved n bytes.
@@ -84,6 +110,6 @@ func (g *gatherer) expired(n int64) {
 	// 1 is the kernel's default: wake at the first byte. Should that fail (the socket is closing), stay
 	// gathering: the short deadline still bounds every wait.
 	if g.set(1) == nil {
-		g.on, g.slow = false, 0
+		g.on, g.mark, g.slow = false, 0, 0
 	}
 }

@@ -6,7 +6,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// newGatherer gathers on c through SO_RCVLOWAT, which epoll and the socket's wake-ups honour for TCP.
+// newGatherer gathers on c through SO_RCVLOWAT, which epoll and the socket's wake-ups honour for TCP, sized
+// by SO_RCVBUF (the buffer in force, autotuned).
 func newGatherer(c *net.TCPConn) gatherer {
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -20,5 +21,9 @@ func newGatherer(c *net.TCPConn) gatherer {
 			return err
 		}
 		return serr
+	}, rcvbuf: func() int {
+		v := 0
+		_ = rc.Control(func(fd uintptr) { v, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) })
+		return v
 	}}
 }

@@ -8,9 +8,12 @@ import (
 
 // markRecorder stands in for the socket option: it records the marks set and fails when told to.
 type markRecorder struct {
-	marks []int
-	fail  bool
+	marks  []int
+	fail   bool
+	rcvbuf int
 }
+
+func (r *markRecorder) buffer() int { return r.rcvbuf }
 
 func (r *markRecorder) set(mark int) error {
 	if r.fail {
@@ -21,8 +24,8 @@ func (r *markRecorder) set(mark int) error {
 }
 
 func TestGathererStartsOnlyForBulk(t *testing.T) {
-	r := &markRecorder{}
-	g := gatherer{set: r.set}
+	r := &markRecorder{rcvbuf: 8 << 20}
+	g := gatherer{set: r.set, rcvbuf: r.buffer}
 	if g.chunk() != relayChunk || !g.deadline(time.Unix(0, 0), time.Minute).Equal(time.Unix(60, 0)) {
 		t.Fatalf("idle gatherer: chunk %d, deadline %v", g.chunk(), g.deadline(time.Unix(0, 0), time.Minute))
 	}
@@ -61,14 +64,14 @@ func TestGathererStartsOnlyForBulk(t *testing.T) {
 
 func TestGathererFailures(t *testing.T) {
 	// The option refused when starting: this socket never gathers.
-	r := &markRecorder{fail: true}
-	g := gatherer{set: r.set}
+	r := &markRecorder{fail: true, rcvbuf: 8 << 20}
+	g := gatherer{set: r.set, rcvbuf: r.buffer}
 	if g.filled(0) || g.gathering() || g.possible() {
 		t.Fatalf("gathering %v, possible %v after a refused mark", g.gathering(), g.possible())
 	}
 	// Refused when stopping: keep the short deadline rather than leave data behind a mark with a long one.
-	r = &markRecorder{}
-	g = gatherer{set: r.set}
+	r = &markRecorder{rcvbuf: 8 << 20}
+	g = gatherer{set: r.set, rcvbuf: r.buffer}
 	g.filled(0)
 	r.fail = true
 	for range gatherSlowReads {
@@ -81,5 +84,35 @@ func TestGathererFailures(t *testing.T) {
 	var none gatherer
 	if none.possible() || none.filled(0) {
 		t.Fatal("a gatherer without a setter gathered")
+	}
+}
+
+// TestGathererMarkFollowsBuffer: the mark stays at a quarter of the receive buffer, so the kernel never clamps
+// the window to it, and rises as autotuning grows the buffer.
+func TestGathererMarkFollowsBuffer(t *testing.T) {
+	for _, c := range []struct{ rcvbuf, mark int }{
+		{128 << 10, 0}, {255 << 10, 0}, {256 << 10, 64 << 10}, {1282025, 256 << 10}, {4 << 20, 1 << 20}, {32 << 20, gatherMark},
+	} {
+		if got := markFor(c.rcvbuf); got != c.mark {
+			t.Errorf("markFor(%d) = %d, want %d", c.rcvbuf, got, c.mark)
+		}
+	}
+	r := &markRecorder{rcvbuf: 128 << 10}
+	g := gatherer{set: r.set, rcvbuf: r.buffer}
+	if g.filled(0) || g.gathering() {
+		t.Fatal("gathered with a buffer too small for a useful mark")
+	}
+	r.rcvbuf = 1 << 20
+	if !g.filled(0) {
+		t.Fatal("did not gather once the buffer had grown")
+	}
+	r.rcvbuf = 8 << 20
+	if g.filled(0) {
+		t.Fatal("raising the mark reported a new start")
+	}
+	r.rcvbuf = 2 << 20 // buffers do not shrink under autotuning; if one did, the mark would stay
+	g.filled(0)
+	if want := []int{256 << 10, 1 << 20}; len(r.marks) != 2 || r.marks[0] != want[0] || r.marks[1] != want[1] {
+		t.Fatalf("marks set %v, want %v", r.marks, want)
 	}
 }
