@@ -42,13 +42,14 @@ type gatherer struct {
 	slow   int // gathering reads in a row that moved less than gatherMin
 }
 
-// markFor is the mark for a receive buffer of rcvbuf bytes: a quarter of it (a power of two, at most
-// gatherMark), 0 when that is under gatherMin. The quarter matters twice: the socket's receive window is about
-// half its buffer, so the sender can keep sending while the relay is being woken at the mark; and the kernel,
-// given a mark whose buffer needs exceed the socket's, grows the buffer and clamps the window to the mark, so
-// that every wake-up would come with the sender stopped at a closed window.
+// markFor is the mark for a receive buffer of rcvbuf bytes: an eighth of it (a power of two, at most
+// gatherMark), 0 when that is under gatherMin. The socket's receive window is about half its buffer or more, so
+// the mark stays at a quarter of the window or less and the sender keeps sending while the relay is being
+// woken. A mark near the window makes every wake-up find the sender stopped at a closed window, and a mark
+// whose buffer needs exceed the socket's is worse: the kernel grows the buffer and clamps the window to the
+// mark itself (tcp_set_rcvlowat).
 func markFor(rcvbuf int) int {
-	m := min(rcvbuf/4, gatherMark)
+	m := min(rcvbuf/8, gatherMark)
 	if m < gatherMin {
 		return 0
 	}
@@ -74,11 +75,20 @@ func (g *gatherer) deadline(start time.Time, round time.Duration) time.Time {
 	return start.Add(round)
 }
 
-// filled is told that a read moved a whole chunk in took; it starts gathering when that was fast enough, and
-// raises the mark as autotuning grows the receive buffer. It reports whether gathering started.
+// filled is told that a read moved a whole chunk in took; it starts gathering when that was fast enough. It
+// reports whether gathering started.
 func (g *gatherer) filled(took time.Duration) (started bool) {
 	g.slow = 0
 	if g.set == nil || !g.on && took > gatherEnter {
+		return false
+	}
+	return g.raise()
+}
+
+// raise sets the mark for the receive buffer in force, if that is higher than the mark set: autotuning grows
+// the buffer during a bulk flow, often after gathering began. It reports whether gathering started.
+func (g *gatherer) raise() (started bool) {
+	if g.mark >= gatherMark {
 		return false
 	}
 	mark := markFor(g.rcvbuf())
@@ -101,7 +111,9 @@ func (g *gatherer) expired(n int64) {
 		return
 	}
 	if n >= gatherMin {
+		// Most gathering reads end at their deadline, not a full chunk: follow the buffer here.
 		g.slow = 0
+		g.raise()
 		return
 	}
 	if g.slow++; g.slow < gatherSlowReads {

@@ -87,11 +87,11 @@ func TestGathererFailures(t *testing.T) {
 	}
 }
 
-// TestGathererMarkFollowsBuffer: the mark stays at a quarter of the receive buffer, so the kernel never clamps
-// the window to it, and rises as autotuning grows the buffer.
+// TestGathererMarkFollowsBuffer: the mark stays at an eighth of the receive buffer, well inside the window, and
+// rises as autotuning grows the buffer.
 func TestGathererMarkFollowsBuffer(t *testing.T) {
 	for _, c := range []struct{ rcvbuf, mark int }{
-		{128 << 10, 0}, {255 << 10, 0}, {256 << 10, 64 << 10}, {1282025, 256 << 10}, {4 << 20, 1 << 20}, {32 << 20, gatherMark},
+		{128 << 10, 0}, {511 << 10, 0}, {512 << 10, 64 << 10}, {1282025, 128 << 10}, {4 << 20, 512 << 10}, {8 << 20, 1 << 20}, {32 << 20, gatherMark},
 	} {
 		if got := markFor(c.rcvbuf); got != c.mark {
 			t.Errorf("markFor(%d) = %d, want %d", c.rcvbuf, got, c.mark)
@@ -102,7 +102,7 @@ func TestGathererMarkFollowsBuffer(t *testing.T) {
 	if g.filled(0) || g.gathering() {
 		t.Fatal("gathered with a buffer too small for a useful mark")
 	}
-	r.rcvbuf = 1 << 20
+	r.rcvbuf = 2 << 20
 	if !g.filled(0) {
 		t.Fatal("did not gather once the buffer had grown")
 	}
@@ -110,8 +110,19 @@ func TestGathererMarkFollowsBuffer(t *testing.T) {
 	if g.filled(0) {
 		t.Fatal("raising the mark reported a new start")
 	}
-	r.rcvbuf = 2 << 20 // buffers do not shrink under autotuning; if one did, the mark would stay
+	r.rcvbuf = 4 << 20 // buffers do not shrink under autotuning; if one did, the mark would stay
 	g.filled(0)
+	if want := []int{256 << 10, 1 << 20}; len(r.marks) != 2 || r.marks[0] != want[0] || r.marks[1] != want[1] {
+		t.Fatalf("marks set %v, want %v", r.marks, want)
+	}
+
+	// Reads while gathering mostly end at their deadline: those at bulk pace raise the mark too.
+	r = &markRecorder{rcvbuf: 2 << 20}
+	g = gatherer{set: r.set, rcvbuf: r.buffer}
+	g.filled(0)
+	r.rcvbuf = 8 << 20
+	g.expired(gatherMin - 1) // a slow read: no system call
+	g.expired(gatherMin)
 	if want := []int{256 << 10, 1 << 20}; len(r.marks) != 2 || r.marks[0] != want[0] || r.marks[1] != want[1] {
 		t.Fatalf("marks set %v, want %v", r.marks, want)
 	}
