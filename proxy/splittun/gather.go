@@ -1,7 +1,9 @@
 package splittun
 
 import (
+	"bytes"
 	"math/bits"
+	"strconv"
 	"time"
 )
 
@@ -124,4 +126,18 @@ func (g *gatherer) expired(n int64) {
 	if g.set(1) == nil {
 		g.on, g.mark, g.slow = false, 0, 0
 	}
+}
+
+// parseRmemMax reads the maximum from the text of /proc/sys/net/ipv4/tcp_rmem ("min default max"); 0 if it is
+// not three positive numbers.
+func parseRmemMax(b []byte) int {
+	f := bytes.Fields(b)
+	if len(f) != 3 {
+		return 0
+	}
+	n, err := strconv.Atoi(string(f[2]))
+	if err != nil || n <= 0 {
+		return 0
+	}
+	return n
 }

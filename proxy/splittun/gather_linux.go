@@ -2,6 +2,7 @@ package splittun
 
 import (
 	"net"
+	"os"
 
 	"golang.org/x/sys/unix"
 )
@@ -26,4 +27,14 @@ func newGatherer(c *net.TCPConn) gatherer {
 		_ = rc.Control(func(fd uintptr) { v, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) })
 		return v
 	}}
+}
+
+// tcpReceiveMax is the largest receive buffer TCP autotuning gives a socket in this network namespace
+// (tcp_rmem's third field), 0 if unknown.
+func tcpReceiveMax() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_rmem")
+	if err != nil {
+		return 0
+	}
+	return parseRmemMax(b)
 }

@@ -127,3 +127,22 @@ func TestGathererMarkFollowsBuffer(t *testing.T) {
 		t.Fatalf("marks set %v, want %v", r.marks, want)
 	}
 }
+
+func TestHandoffWindow(t *testing.T) {
+	for in, want := range map[string]int{
+		"4096\t131072\t33554432\n": 33554432, "4096 87380 6291456": 6291456,
+		"": 0, "4096 131072": 0, "4096 131072 x": 0, "4096 131072 -1": 0, "1 2 3 4": 0,
+	} {
+		if got := parseRmemMax([]byte(in)); got != want {
+			t.Errorf("parseRmemMax(%q) = %d, want %d", in, got, want)
+		}
+	}
+	if w := handoffWindow(); w < handoffWindowMin {
+		t.Fatalf("handoffWindow() = %d, under the minimum %d", w, handoffWindowMin)
+	}
+	handoffWindowOverride = 1 << 16
+	defer func() { handoffWindowOverride = 0 }()
+	if w := handoffWindow(); w != 1<<16 {
+		t.Fatalf("handoffWindow() = %d with the override set", w)
+	}
+}

@@ -184,7 +184,7 @@ func clientMain() {
 			var err error
 			if req.Handoff {
 				if req.Window > 0 {
-					handoffWindow = req.Window
+					handoffWindowOverride = req.Window
 				}
 				if ho, err = handoff.Load(); err != nil {
 					resp.Err = err.Error()

@@ -156,8 +156,9 @@ type Proxy struct {
 
 	// routes is non-nil in route mode.
 	routes *routes
-	// handoff is Options.Handoff.
-	handoff *handoff.Handoff
+	// handoff is Options.Handoff, and handoffWindow its sessions' bound (see handoffWindow).
+	handoff       *handoff.Handoff
+	handoffWindow int
 }
 
 // New returns a proxy that is not yet listening. table is shared with the pipeline and must not be nil.
@@ -178,6 +179,9 @@ func New(cfg Config, table *redirect.Table, opts Options) (*Proxy, error) {
 		handoff: opts.Handoff,
 		tcpSess: make(map[*tcpSession]struct{}), udpSess: make(map[udpKey]*udpSession),
 		self: make(map[netip.AddrPort]bool),
+	}
+	if p.handoff != nil {
+		p.handoffWindow = handoffWindow()
 	}
 	if p.plat == nil {
 		plat, err := NewPlatform(log)

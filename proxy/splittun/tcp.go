@@ -58,8 +58,9 @@ type tcpSession struct {
 	client, up *net.TCPConn
 	idle       time.Duration
 	// handed, when set, is the application socket the client connection's writes go straight into (see
-	// package handoff); the up→client direction then keeps to handoffWindow.
+	// package handoff); the up→client direction then keeps to window.
 	handed *handoff.Client
+	window int
 
 	// idleSince holds, per direction (0: client→up, 1: up→client), the UnixNano time since which that direction
 	// has moved no byte, or 0 while it is active. A finished (half-closed) direction stays idle.
@@ -104,7 +105,7 @@ func (p *Proxy) handleTCP(c *net.TCPConn) {
 		hc, err := p.handoff.Attach(c, from, e.Original)
 		switch {
 		case err == nil:
-			s.handed = hc
+			s.handed, s.window = hc, p.handoffWindow
 			p.tcp.handedOff.Add(1)
 		case !errors.Is(err, handoff.ErrNotPaired):
 			p.log.Debug("split tunnel: kernel handoff", "client", from, "dst", e.Original, "err", err)
@@ -186,11 +187,23 @@ func (p *Proxy) relay(s *tcpSession) {
 	s.up.Close()
 }
 
-// handoffWindow bounds what a handed-off session lets wait, unread, in the application's socket. The kernel
-// applies no receive window to handed-off data; without this bound a server could fill kernel memory behind an
-// application that stopped reading. It is about what TCP's autotuned receive buffer would allow (tcp_rmem's
-// maximum is 6 MiB by default), and it is a variable for tests.
-var handoffWindow = 4 << 20
+// handoffWindow returns what a handed-off session lets wait, unread, in the application's socket. The kernel
+// applies no receive window to handed-off data; without a bound a server could fill kernel memory behind an
+// application that stopped reading. The bound is what the application's socket could hold unread without the
+// handoff: the kernel's largest TCP receive buffer (tcp_rmem's maximum, 6 MiB by default), and at least
+// handoffWindowMin. Measured, a window of 4 MiB where tcp_rmem allowed 32 MiB left the application behind in
+// some runs (docs/performance.md, session 11).
+func handoffWindow() int {
+	if handoffWindowOverride > 0 {
+		return handoffWindowOverride
+	}
+	return max(tcpReceiveMax(), handoffWindowMin)
+}
+
+const handoffWindowMin = 4 << 20
+
+// handoffWindowOverride, when positive, replaces handoffWindow's answer (tests).
+var handoffWindowOverride int
 
 // handoffPoll bounds how long a session whose application is a full window behind waits before it asks again:
 // no event tells the proxy that the application read.
@@ -211,8 +224,8 @@ func (s *tcpSession) clientRoom(deadline time.Time, waits *atomic.Uint64) (int64
 	if err != nil {
 		return 0, err
 	}
-	if queued < handoffWindow {
-		return int64(handoffWindow - queued), nil
+	if queued < s.window {
+		return int64(s.window - queued), nil
 	}
 	waits.Add(1)
 	wait, asked := handoffPollMin, time.Now()
@@ -233,12 +246,12 @@ func (s *tcpSession) clientRoom(deadline time.Time, waits *atomic.Uint64) (int64
 			return 0, err
 		}
 		asked = time.Now()
-		if queued <= handoffWindow/2 {
-			return int64(handoffWindow - queued), nil
+		if queued <= s.window/2 {
+			return int64(s.window - queued), nil
 		}
 		if read := prev - queued; read > 0 {
 			perByte := float64(asked.Sub(prevAt)) / float64(read)
-			wait = time.Duration(perByte * float64(queued-handoffWindow/2))
+			wait = time.Duration(perByte * float64(queued-s.window/2))
 		} else {
 			wait *= 2
 		}
