@@ -1,9 +1,7 @@
 package splittun
 
 import (
-	"bytes"
 	"math/bits"
-	"strconv"
 	"time"
 )
 
@@ -39,8 +37,7 @@ type gatherer struct {
 	set func(mark int) error
 	// rcvbuf returns the source socket's receive buffer size (which TCP autotuning grows), 0 if unknown.
 	rcvbuf func() int
-	on     bool
-	mark   int // the mark in force while gathering
+	mark   int // the mark in force while gathering; 0 while not
 	slow   int // gathering reads in a row that moved less than gatherMin
 }
 
@@ -59,11 +56,11 @@ func markFor(rcvbuf int) int {
 }
 
 func (g *gatherer) possible() bool  { return g.set != nil }
-func (g *gatherer) gathering() bool { return g.on }
+func (g *gatherer) gathering() bool { return g.mark > 0 }
 
 // chunk is the most the next read may move.
 func (g *gatherer) chunk() int64 {
-	if g.on {
+	if g.gathering() {
 		return gatherChunk
 	}
 	return relayChunk
@@ -71,7 +68,7 @@ func (g *gatherer) chunk() int64 {
 
 // deadline is the read deadline for a read starting at start: gatherWait while gathering, else round.
 func (g *gatherer) deadline(start time.Time, round time.Duration) time.Time {
-	if g.on {
+	if g.gathering() {
 		return start.Add(gatherWait)
 	}
 	return start.Add(round)
@@ -81,7 +78,7 @@ func (g *gatherer) deadline(start time.Time, round time.Duration) time.Time {
 // reports whether gathering started.
 func (g *gatherer) filled(took time.Duration) (started bool) {
 	g.slow = 0
-	if g.set == nil || !g.on && took > gatherEnter {
+	if g.set == nil || !g.gathering() && took > gatherEnter {
 		return false
 	}
 	return g.raise()
@@ -98,18 +95,18 @@ func (g *gatherer) raise() (started bool) {
 		return false // too small a buffer yet, or the mark is already right
 	}
 	if err := g.set(mark); err != nil {
-		if !g.on {
+		if !g.gathering() {
 			g.set = nil // the platform refused the option, or the socket is closing: never again on this socket
 		}
 		return false
 	}
-	started, g.on, g.mark = !g.on, true, mark
+	started, g.mark = !g.gathering(), mark
 	return started
 }
 
 // expired is told that a gathering read reached its deadline having moved n bytes.
 func (g *gatherer) expired(n int64) {
-	if !g.on {
+	if !g.gathering() {
 		return
 	}
 	if n >= gatherMin {
@@ -124,20 +121,6 @@ func (g *gatherer) expired(n int64) {
 	// 1 is the kernel's default: wake at the first byte. Should that fail (the socket is closing), stay
 	// gathering: the short deadline still bounds every wait.
 	if g.set(1) == nil {
-		g.on, g.mark, g.slow = false, 0, 0
+		g.mark, g.slow = 0, 0
 	}
-}
-
-// parseRmemMax reads the maximum from the text of /proc/sys/net/ipv4/tcp_rmem ("min default max"); 0 if it is
-// not three positive numbers.
-func parseRmemMax(b []byte) int {
-	f := bytes.Fields(b)
-	if len(f) != 3 {
-		return 0
-	}
-	n, err := strconv.Atoi(string(f[2]))
-	if err != nil || n <= 0 {
-		return 0
-	}
-	return n
 }

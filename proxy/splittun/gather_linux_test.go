@@ -38,10 +38,7 @@ func TestTCPRelayGathersBulkAndReleasesTail(t *testing.T) {
 				io.Copy(io.Discard, c) // paused, connection open, until the client is done
 			})
 			h.route(dst)
-			c, err := net.DialTCP(fam, nil, net.TCPAddrFromAddrPort(h.tcp[i]))
-			if err != nil {
-				t.Fatal(err)
-			}
+			c := h.dialTCP(t, i)
 			defer c.Close()
 			// Without the gathering deadline the tail would wait for the relay's idle round (minutes).
 			c.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -66,15 +63,8 @@ func TestTCPRelayGathersBulkAndReleasesTail(t *testing.T) {
 // TestTCPRelayRequestResponseDoesNotGather: small exchanges never raise the mark, so they are never held back.
 func TestTCPRelayRequestResponseDoesNotGather(t *testing.T) {
 	h := newHarness(t, Config{})
-	dst := serveTCP(t, "tcp4", "127.0.0.1:0", func(c net.Conn) {
-		defer c.Close()
-		io.Copy(c, c)
-	})
-	h.route(dst)
-	c, err := net.DialTCP("tcp4", nil, net.TCPAddrFromAddrPort(h.tcp[0]))
-	if err != nil {
-		t.Fatal(err)
-	}
+	h.route(echoServer(t, "tcp4", "127.0.0.1:0", ""))
+	c := h.dialTCP(t, 0)
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	msg, got := bytes.Repeat([]byte{'q'}, 1000), make([]byte, 1000)

@@ -136,6 +136,16 @@ func newHarness(t testing.TB, cfg Config) *harness {
 	return h
 }
 
+// dialTCP connects to the proxy's TCP listener i (0: IPv4, 1: IPv6).
+func (h *harness) dialTCP(t testing.TB, i int) *net.TCPConn {
+	t.Helper()
+	c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(h.tcp[i]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // route makes the fake pipeline send every new flow to dst.
 func (h *harness) route(dst netip.AddrPort) {
 	h.plat.mu.Lock()
@@ -225,10 +235,7 @@ func TestTCPRelayHalfClose(t *testing.T) {
 			}
 			dst := echoServer(t, fam, loop, "hello|")
 			h.route(dst)
-			c, err := net.DialTCP(fam, nil, net.TCPAddrFromAddrPort(h.tcp[i]))
-			if err != nil {
-				t.Fatal(err)
-			}
+			c := h.dialTCP(t, i)
 			defer c.Close()
 			payload := bytes.Repeat([]byte("0123456789"), 100_000)
 			go func() {
@@ -274,10 +281,7 @@ func TestTCPSessionBound(t *testing.T) {
 	h.route(echoServer(t, "tcp4", "127.0.0.1:0", "hi"))
 	var held []*net.TCPConn
 	for i := 0; i < 2; i++ {
-		c, err := net.DialTCP("tcp4", nil, net.TCPAddrFromAddrPort(h.tcp[0]))
-		if err != nil {
-			t.Fatal(err)
-		}
+		c := h.dialTCP(t, 0)
 		defer c.Close()
 		buf := make([]byte, 2)
 		c.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -294,10 +298,7 @@ func TestTCPSessionBound(t *testing.T) {
 	// A slot frees when a held connection ends.
 	held[0].Close()
 	waitFor(t, "a slot to free", func() bool { return h.p.Stats().TCP.Active == 1 })
-	c2, err := net.DialTCP("tcp4", nil, net.TCPAddrFromAddrPort(h.tcp[0]))
-	if err != nil {
-		t.Fatal(err)
-	}
+	c2 := h.dialTCP(t, 0)
 	defer c2.Close()
 	c2.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.ReadFull(c2, make([]byte, 2)); err != nil {
@@ -309,10 +310,7 @@ func TestTCPIdleTimeout(t *testing.T) {
 	const idle = 200 * time.Millisecond
 	h := newHarness(t, Config{IdleTimeout: idle})
 	h.route(echoServer(t, "tcp4", "127.0.0.1:0", "hi"))
-	c, err := net.DialTCP("tcp4", nil, net.TCPAddrFromAddrPort(h.tcp[0]))
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := h.dialTCP(t, 0)
 	defer c.Close()
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	buf := make([]byte, 64)
@@ -335,7 +333,7 @@ func TestTCPIdleTimeout(t *testing.T) {
 	if st := h.p.Stats().TCP; st.IdleExpired != 0 {
 		t.Fatalf("active session expired: %+v", st)
 	}
-	_, err = c.Read(buf) // silence: the proxy must end the session
+	_, err := c.Read(buf) // silence: the proxy must end the session
 	if err == nil {
 		t.Fatal("read data on an idle session")
 	}
@@ -492,13 +490,10 @@ func TestInterfaceDown(t *testing.T) {
 				expectRefused(t, h.tcp[0])
 				waitFor(t, "refusal counted", func() bool { return h.p.Stats().TCP.Refused == 1 })
 			} else {
-				c, err := net.DialTCP("tcp4", nil, net.TCPAddrFromAddrPort(h.tcp[0]))
-				if err != nil {
-					t.Fatal(err)
-				}
+				c := h.dialTCP(t, 0)
 				defer c.Close()
 				c.SetReadDeadline(time.Now().Add(5 * time.Second))
-				if _, err = io.ReadFull(c, make([]byte, 2)); err != nil {
+				if _, err := io.ReadFull(c, make([]byte, 2)); err != nil {
 					t.Fatalf("direct: %v", err)
 				}
 				if st := h.p.Stats().TCP; st.Direct != 1 {
@@ -530,10 +525,7 @@ func TestShutdownCutsRelaysAndLeaksNothing(t *testing.T) {
 	h.tcp, h.udp = p.Addrs()
 	srv := echoServer(t, "tcp4", "127.0.0.1:0", "hi")
 	h.route(srv)
-	c, err := net.DialTCP("tcp4", nil, net.TCPAddrFromAddrPort(h.tcp[0]))
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := h.dialTCP(t, 0)
 	defer c.Close()
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.ReadFull(c, make([]byte, 2)); err != nil {

@@ -1,11 +1,13 @@
 package splittun
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -205,6 +207,20 @@ const handoffWindowMin = 4 << 20
 // handoffWindowOverride, when positive, replaces handoffWindow's answer (tests).
 var handoffWindowOverride int
 
+// parseRmemMax reads the maximum from the text of /proc/sys/net/ipv4/tcp_rmem ("min default max"); 0 if it is
+// not three positive numbers.
+func parseRmemMax(b []byte) int {
+	f := bytes.Fields(b)
+	if len(f) != 3 {
+		return 0
+	}
+	n, err := strconv.Atoi(string(f[2]))
+	if err != nil || n <= 0 {
+		return 0
+	}
+	return n
+}
+
 // handoffPoll bounds how long a session whose application is a full window behind waits before it asks again:
 // no event tells the proxy that the application read.
 const (
@@ -265,7 +281,7 @@ func (s *tcpSession) clientRoom(deadline time.Time, waits *atomic.Uint64) (int64
 // proves this direction was idle for the whole round, and when both directions prove idleness for IdleTimeout
 // the session expires. A bulk flow's rounds are shorter (see gatherer). Only read deadlines are used: a write
 // deadline could interrupt a splice with data already drained from src.
-func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, bytes *atomic.Uint64) {
+func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, moved *atomic.Uint64) {
 	round := s.idle / 2
 	bounded := dir == 1 && s.handed != nil
 	g := newGatherer(src)
@@ -307,7 +323,7 @@ func (p *Proxy) pipe(s *tcpSession, dir int, dst, src *net.TCPConn, bytes *atomi
 		_ = src.SetReadDeadline(g.deadline(start, round))
 		n, err := dst.ReadFrom(from)
 		took := time.Since(start)
-		bytes.Add(uint64(n))
+		moved.Add(uint64(n))
 		if bounded {
 			room -= n
 		}
