@@ -348,7 +348,12 @@ func tail(path string) string {
 // childEnviron is the children's environment. Asynchronous preemption is off: its signals would interrupt
 // the load generators' blocking system calls for nothing (they run one goroutine per thread anyway).
 func childEnviron() []string {
-	return append(os.Environ(), childEnv+"=1", "GODEBUG=asyncpreemptoff=1")
+	// A GODEBUG given to the harness (gctrace=1, say) reaches the children too.
+	debug := "GODEBUG=asyncpreemptoff=1"
+	if v := os.Getenv("GODEBUG"); v != "" {
+		debug += "," + v
+	}
+	return append(os.Environ(), childEnv+"=1", debug)
 }
 
 // client runs one workload in C and returns its result.

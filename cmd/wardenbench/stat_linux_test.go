@@ -32,3 +32,18 @@ func TestParseStat(t *testing.T) {
 		t.Errorf("unparsable text gave %+v, want zero", got)
 	}
 }
+
+// A GODEBUG given to the harness reaches the children after the harness's own setting, so the caller's wins
+// where both name the same knob.
+func TestChildEnvironKeepsGODEBUG(t *testing.T) {
+	t.Setenv("GODEBUG", "gctrace=1")
+	env := childEnviron()
+	if got, want := env[len(env)-1], "GODEBUG=asyncpreemptoff=1,gctrace=1"; got != want {
+		t.Fatalf("last GODEBUG entry %q, want %q", got, want)
+	}
+	t.Setenv("GODEBUG", "")
+	env = childEnviron()
+	if got, want := env[len(env)-1], "GODEBUG=asyncpreemptoff=1"; got != want {
+		t.Fatalf("without a GODEBUG: %q, want %q", got, want)
+	}
+}
