@@ -41,6 +41,8 @@ type childConfig struct {
 	Rules    []childRule   `json:"rules"`
 	// Watch is the watcher's interval; default 200 ms.
 	Watch time.Duration `json:"watch"`
+	// RouteSplit is backend.Options.RouteSplit (the source NAT of kernel-routed split connections).
+	RouteSplit bool `json:"route_split"`
 }
 
 // childPolicy decides by the first matching rule; the default is a permanent accept.
@@ -150,7 +152,7 @@ func childMain(cfgJSON string) int {
 	// Everything above stays until exit; the backend must leave nothing beyond it behind.
 	baseline := runtime.NumGoroutine()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	o := backend.Options{Logger: log, VerdictTimeout: cfg.Timeout, QueueCount: 2}
+	o := backend.Options{Logger: log, VerdictTimeout: cfg.Timeout, QueueCount: 2, RouteSplit: cfg.RouteSplit}
 	if cfg.FailMode == "closed" {
 		o.FailMode = backend.FailClosed
 	}

@@ -50,6 +50,10 @@ type family struct {
 	ipt    iptablesRunner
 	chains []chainRules
 	jumps  []jumpRule
+	// cleanChains and cleanJumps are what cleanup removes: chains and jumps too, and those of other
+	// configurations (a crashed run's).
+	cleanChains []chainRules
+	cleanJumps  []jumpRule
 }
 
 // firewall installs, watches and removes Warden's chains. mu serialises those operations so the watcher
@@ -73,14 +77,20 @@ func newFirewall(log *slog.Logger, p ruleParams, noIPv6 bool) (*firewall, error)
 			return nil, fmt.Errorf("finding iptables for %v: %w", proto, err)
 		}
 		v6 := proto == iptables.ProtocolIPv6
-		chains, jumps := buildRules(v6, p)
 		name, restore := "ipv4", "iptables-restore"
 		if v6 {
 			name, restore = "ipv6", "ip6tables-restore"
 		}
-		fw.fams = append(fw.fams, family{name: name, ipt: runner{ipt, restore}, chains: chains, jumps: jumps})
+		fw.fams = append(fw.fams, newFamily(name, runner{ipt, restore}, v6, p))
 	}
 	return fw, nil
+}
+
+func newFamily(name string, ipt iptablesRunner, v6 bool, p ruleParams) family {
+	f := family{name: name, ipt: ipt}
+	f.chains, f.jumps = buildRules(v6, p)
+	f.cleanChains, f.cleanJumps = cleanupRules(v6, p)
+	return f
 }
 
 // isJumpTo reports whether an `iptables -S` line is a rule in builtin that jumps to target, whatever else it
@@ -150,14 +160,14 @@ func (fw *firewall) cleanupLocked() error {
 	for _, f := range fw.fams {
 		// Jumps go first: a chain that is still referenced cannot be deleted. mangle first, so nothing is
 		// queued or marked any more while the filter chain still enforces what was marked.
-		for i := len(f.jumps) - 1; i >= 0; i-- {
-			if err := deleteJumps(f.ipt, f.jumps[i]); err != nil {
+		for i := len(f.cleanJumps) - 1; i >= 0; i-- {
+			if err := deleteJumps(f.ipt, f.cleanJumps[i]); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", f.name, err))
 			}
 		}
 		// In reverse: a chain another of ours jumps to is deleted after that one.
-		for i := len(f.chains) - 1; i >= 0; i-- {
-			c := f.chains[i]
+		for i := len(f.cleanChains) - 1; i >= 0; i-- {
+			c := f.cleanChains[i]
 			ok, err := f.ipt.ChainExists(c.Table, c.Chain)
 			if err != nil {
 				if isNotExist(err) {

@@ -93,8 +93,8 @@ func (f *fakeIPT) Restore(input string) error {
 }
 
 func testFirewall(f *fakeIPT) *firewall {
-	chains, jumps := buildRules(false, ruleParams{Out: queueRange{1, 1}, In: queueRange{2, 2}})
-	return &firewall{log: slog.New(slog.DiscardHandler), fams: []family{{name: "ipv4", ipt: f, chains: chains, jumps: jumps}}}
+	fam := newFamily("ipv4", f, false, ruleParams{Out: queueRange{1, 1}, In: queueRange{2, 2}})
+	return &firewall{log: slog.New(slog.DiscardHandler), fams: []family{fam}}
 }
 
 func TestInstallIsIdempotentAndRemovesLeftovers(t *testing.T) {

@@ -391,6 +391,45 @@ func TestKernelRestartConverges(t *testing.T) {
 	w.stop(t)
 }
 
+// Route mode's source NAT is installed only with it. A run in route mode that crashed leaves its chain; the
+// next start without route mode removes it and converges to a clean start's rules, and its stop restores the
+// ruleset as it was before either.
+func TestKernelSourceNATOnlyInRouteMode(t *testing.T) {
+	t.Parallel()
+	n := newTestNet(t)
+	thirdPartyRules(t, n)
+	before4, before6 := save(t, n.client, false), save(t, n.client, true)
+	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
+	clean4, clean6 := withoutCounters(save(t, n.client, false)), withoutCounters(save(t, n.client, true))
+	for _, s := range []string{clean4, clean6} {
+		if strings.Contains(s, chainSplitSNAT) || !strings.Contains(s, "-A OUTPUT -j "+chainRedirect+"\n") {
+			t.Fatalf("without route mode: want the redirect chain and no %s:\n%s", chainSplitSNAT, s)
+		}
+	}
+	w.stop(t)
+	w = startWarden(t, n.client, childConfig{Rules: verdictRules(), RouteSplit: true})
+	for _, v6 := range []bool{false, true} {
+		if s := save(t, n.client, v6); !strings.Contains(s, "-A POSTROUTING -j "+chainSplitSNAT+"\n") {
+			t.Fatalf("route mode (v6=%v): no jump to %s:\n%s", v6, chainSplitSNAT, s)
+		}
+	}
+	w.kill(t)
+	w = startWarden(t, n.client, childConfig{Rules: verdictRules()})
+	if diff := cmp.Diff(clean4, withoutCounters(save(t, n.client, false))); diff != "" {
+		t.Errorf("IPv4 rules after a route-mode crash differ from a clean start (-clean +now):\n%s", diff)
+	}
+	if diff := cmp.Diff(clean6, withoutCounters(save(t, n.client, true))); diff != "" {
+		t.Errorf("IPv6 rules after a route-mode crash differ from a clean start (-clean +now):\n%s", diff)
+	}
+	w.stop(t)
+	if diff := cmp.Diff(before4, save(t, n.client, false)); diff != "" {
+		t.Errorf("iptables-save after stop differs (-before +after):\n%s", diff)
+	}
+	if diff := cmp.Diff(before6, save(t, n.client, true)); diff != "" {
+		t.Errorf("ip6tables-save after stop differs (-before +after):\n%s", diff)
+	}
+}
+
 // fail_mode decides what happens while the daemon is down (its rules stay after kill -9).
 func TestKernelFailMode(t *testing.T) {
 	t.Parallel()

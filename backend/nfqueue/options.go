@@ -57,6 +57,7 @@ type settings struct {
 	tunnelPort     uint16
 	splitPort      uint16
 	nameserverPort uint16
+	routeSplit     bool
 	cfg            Config
 }
 
@@ -64,7 +65,7 @@ type settings struct {
 var portmasterQueues = []uint16{17040, 17060, 17140, 17160}
 
 func resolve(o backend.Options, c Config) (settings, error) {
-	s := settings{log: o.Logger, failMode: o.FailMode, timeout: o.VerdictTimeout, cfg: c}
+	s := settings{log: o.Logger, failMode: o.FailMode, timeout: o.VerdictTimeout, routeSplit: o.RouteSplit, cfg: c}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -118,5 +119,6 @@ func (s *settings) ruleParams() ruleParams {
 	return ruleParams{
 		Out: s.out, In: s.in, FailMode: s.failMode,
 		TunnelPort: s.tunnelPort, SplitPort: s.splitPort, NameserverPort: s.nameserverPort,
+		SplitSNAT: s.routeSplit,
 	}
 }

@@ -55,6 +55,8 @@ type ruleParams struct {
 	FailMode backend.FailMode
 	// Ports of the local endpoints the reroute verdicts DNAT to.
 	TunnelPort, SplitPort, NameserverPort uint16
+	// SplitSNAT installs the source NAT of kernel-routed split connections (chainSplitSNAT).
+	SplitSNAT bool
 }
 
 func mark(m uint32) []string {
@@ -200,10 +202,6 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		}
 	}
 
-	// Split connections carried by kernel routing leave through another interface than the one whose address
-	// the socket chose: give them that interface's address. Only a connection's first packet passes nat.
-	snat := chainRules{Table: "nat", Chain: chainSplitSNAT, Rules: [][]string{cat(splitRouteMarks, []string{"-j", "MASQUERADE"})}}
-
 	// Chains are created in this order and deleted in the reverse: a chain exists before a rule jumps to it.
 	chains := []chainRules{
 		foreignChain(chainForeignOutput, p.In, p.Out),
@@ -212,18 +210,30 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		ingest(chainIngestInput, chainForeignInput, p.Out, p.In),
 		filter,
 		redirect,
-		snat,
 	}
 	// Installation order: filter first, so that no verdict mark is ever set without being enforced.
 	jumps := []jumpRule{
 		{"filter", "OUTPUT", chainFilter},
 		{"filter", "INPUT", chainFilter},
 		{"nat", "OUTPUT", chainRedirect},
-		{"nat", "POSTROUTING", chainSplitSNAT},
-		{"mangle", "OUTPUT", chainIngestOutput},
-		{"mangle", "INPUT", chainIngestInput},
 	}
+	if p.SplitSNAT {
+		// Split connections carried by kernel routing leave through another interface than the one whose
+		// address the socket chose: give them that interface's address. Only a connection's first packet
+		// passes nat. Only then: a nat chain after routing gives every new connection a null binding.
+		chains = append(chains, chainRules{Table: "nat", Chain: chainSplitSNAT,
+			Rules: [][]string{cat(splitRouteMarks, []string{"-j", "MASQUERADE"})}})
+		jumps = append(jumps, jumpRule{"nat", "POSTROUTING", chainSplitSNAT})
+	}
+	jumps = append(jumps, jumpRule{"mangle", "OUTPUT", chainIngestOutput}, jumpRule{"mangle", "INPUT", chainIngestInput})
 	return chains, jumps
+}
+
+// cleanupRules returns every chain and jump any configuration of Warden installs for one address family: what a
+// stop or a crash cleanup removes, whatever the configuration that installed them was.
+func cleanupRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
+	p.SplitSNAT = true
+	return buildRules(v6, p)
 }
 
 // renderRules renders a rule set as iptables-restore-like text, for tests and debugging.

@@ -4,6 +4,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -12,9 +13,10 @@ import (
 
 var update = flag.Bool("update", false, "rewrite the golden rule files in testdata")
 
-// The whole rule set, rendered as text, is reviewed in testdata/*.rules; a change shows up as a diff.
+// The whole rule set, rendered as text, is reviewed in testdata/*.rules; a change shows up as a diff. It is the
+// rule set of split_tunnel.mode auto, the default, which on Linux routes split connections in the kernel.
 func TestRulesGolden(t *testing.T) {
-	s, err := resolve(backend.Options{QueueCount: 2, FailMode: backend.FailClosed}, Config{})
+	s, err := resolve(backend.Options{QueueCount: 2, FailMode: backend.FailClosed, RouteSplit: true}, Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,6 +80,39 @@ func TestResolveQueues(t *testing.T) {
 		}
 		if err == nil && (s.out != tt.out || s.in != tt.in) {
 			t.Errorf("base %d count %d: out %v in %v, want %v %v", tt.base, tt.count, s.out, s.in, tt.out, tt.in)
+		}
+	}
+}
+
+// Without kernel-routed split connections no nat chain runs after routing (it would give every new connection a
+// null binding), but a cleanup still removes the one a run in route mode left behind.
+func TestRulesWithoutRouteSplitHaveNoSourceNAT(t *testing.T) {
+	s, err := resolve(backend.Options{QueueCount: 2}, Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v6 := range []bool{false, true} {
+		chains, jumps := buildRules(v6, s.ruleParams())
+		for _, c := range chains {
+			if c.Chain == chainSplitSNAT {
+				t.Errorf("v6=%v: %s installed without route mode", v6, chainSplitSNAT)
+			}
+		}
+		for _, j := range jumps {
+			if j.Builtin == "POSTROUTING" {
+				t.Errorf("v6=%v: jump from %s %s installed without route mode", v6, j.Table, j.Builtin)
+			}
+		}
+		full, _ := buildRules(v6, ruleParams{Out: s.out, In: s.in, SplitSNAT: true})
+		cleanChains, cleanJumps := cleanupRules(v6, s.ruleParams())
+		if len(cleanChains) != len(chains)+1 || len(cleanChains) != len(full) {
+			t.Errorf("v6=%v: cleanup removes %d chains, want the %d of route mode", v6, len(cleanChains), len(full))
+		}
+		if got := cleanChains[len(cleanChains)-1].Chain; got != chainSplitSNAT {
+			t.Errorf("v6=%v: cleanup's last chain is %s, want %s", v6, got, chainSplitSNAT)
+		}
+		if !slices.Contains(cleanJumps, jumpRule{"nat", "POSTROUTING", chainSplitSNAT}) {
+			t.Errorf("v6=%v: cleanup does not remove the POSTROUTING jump", v6)
 		}
 	}
 }

@@ -99,7 +99,8 @@ func BackendOptions(cfg *config.Config, log *slog.Logger) backend.Options {
 	return backend.Options{
 		Logger: log, FailMode: fm, VerdictTimeout: cfg.VerdictTimeout, OwnPID: os.Getpid(),
 		QueueBase: uint16(cfg.NFQueue.QueueBase), QueueCount: cfg.NFQueue.Queues,
-		SplitTunnelPort: uint16(cfg.SplitTunnel.Port), DriverPath: driver,
+		SplitTunnelPort: uint16(cfg.SplitTunnel.Port), RouteSplit: cfg.SplitTunnel.Mode != splittun.ModeProxy,
+		DriverPath: driver,
 	}
 }
 
