@@ -51,8 +51,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	var workloads string
 	fs.StringVar(&o.out, "out", "", "write the results as JSON to this file")
 	fs.BoolVar(&o.quick, "quick", false, "one repetition of 1s per workload and 20000 memory flows (finishes within 60s)")
-	fs.IntVar(&o.reps, "reps", 0, "repetitions of every workload (median reported; default 4, quick 1)")
-	fs.DurationVar(&o.duration, "duration", 0, "length of one workload run (default 3s, quick 1s)")
+	fs.IntVar(&o.reps, "reps", 0, "repetitions of every workload (median reported; default 8, quick 1)")
+	fs.DurationVar(&o.duration, "duration", 0, "length of one workload run (default 2s, quick 1s)")
 	fs.StringVar(&workloads, "workloads", "", "comma-separated workloads (default all): "+strings.Join(allWorkloads, ","))
 	fs.IntVar(&o.clients, "clients", 8, "concurrent clients for tcp_connect and udp_flows")
 	fs.IntVar(&o.latencyRate, "latency-rate", 2000, "new connections per second for connect_latency (moderate load)")
@@ -77,13 +77,16 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	if o.reps <= 0 {
 		// Even, so that each configuration order (odd repetitions run it reversed) is measured equally often.
-		o.reps = 4
+		// Many short repetitions rather than a few long ones: this host's speed swings by 10-20 % within
+		// seconds, and two identical Warden binaries measured side by side differed by 9-15 % in their medians
+		// of 5 x 3 s, by 1-2 % in their medians of 8 x 2 s (docs/performance.md, session 12).
+		o.reps = 8
 		if o.quick {
 			o.reps = 1
 		}
 	}
 	if o.duration <= 0 {
-		o.duration = 3 * time.Second
+		o.duration = 2 * time.Second
 		if o.quick {
 			o.duration = time.Second
 		}

@@ -208,7 +208,7 @@ func TestParseFlags(t *testing.T) {
 		t.Errorf("quick options = %+v", o)
 	}
 	o, err = parseFlags(nil, &bytes.Buffer{})
-	if err != nil || o.reps != 4 || o.duration != 3*time.Second || o.memFlows != 100000 || o.maxSteal != 0.05 ||
+	if err != nil || o.reps != 8 || o.duration != 2*time.Second || o.memFlows != 100000 || o.maxSteal != 0.05 ||
 		len(o.workloads) != len(allWorkloads) {
 		t.Errorf("default options = %+v, %v", o, err)
 	}
