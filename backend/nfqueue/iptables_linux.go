@@ -50,8 +50,8 @@ type family struct {
 	ipt    iptablesRunner
 	chains []chainRules
 	jumps  []jumpRule
-	// cleanChains and cleanJumps are what cleanup removes: chains and jumps too, and those of other
-	// configurations (a crashed run's).
+	// cleanChains and cleanJumps are what cleanup removes: these chains and jumps, and those another
+	// configuration installs (a crashed run in route mode leaves its source NAT chain).
 	cleanChains []chainRules
 	cleanJumps  []jumpRule
 }
