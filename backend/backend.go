@@ -148,9 +148,9 @@ type Options struct {
 	SplitTunnelPort uint16
 	TunnelPort      uint16
 	NameserverPort  uint16
-	// NFQueue: split connections are carried by kernel routing (split_tunnel.mode route or auto), so they need
-	// source NAT. Without it no NAT hook is installed after routing: every new connection would pay for an
-	// empty one (a null binding, about 0.7 µs).
+	// NFQueue: split connections are carried by kernel routing (split_tunnel.mode route or auto) and the
+	// policy has split rules, so they need source NAT. Without it no NAT hook is installed after routing:
+	// every new connection would pay for an empty one (a null binding). RouteSplitter changes it while running.
 	RouteSplit bool
 
 	// WindowsKext: the driver file to install as a service.
@@ -168,6 +168,13 @@ type Cleaner interface {
 // daemon hands them the pipeline's ConnectionEnded so the connection table stays exact.
 type EndNotifier interface {
 	SetConnectionEndHandler(func(ConnKey))
+}
+
+// RouteSplitter is implemented by backends that need rules of their own for split connections routed in the
+// kernel (the nfqueue backend's source NAT). The daemon turns them on before a policy that splits takes effect
+// and off once none does.
+type RouteSplitter interface {
+	SetRouteSplit(on bool) error
 }
 
 // LiveReporter is implemented by backends whose kernel keeps the table of live connections (conntrack, on

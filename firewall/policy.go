@@ -61,6 +61,8 @@ type Policy struct {
 	NeedsInterface bool
 	// NeedsDomain reports whether some rule names domains.
 	NeedsDomain bool
+	// HasSplit reports whether some rule splits (action split).
+	HasSplit bool
 
 	refs        []ruleRef // one per rule, shared by every connection it decides
 	defaultRefs [1]ruleRef
@@ -156,6 +158,9 @@ func Compile(cfg *config.Config) (*Policy, error) {
 		}
 		if r.Interface != "" {
 			p.NeedsInterface = true
+		}
+		if r.Action == config.Split {
+			p.HasSplit = true
 		}
 		if len(r.Domains) > 0 {
 			p.NeedsDomain = true

@@ -336,3 +336,13 @@ func TestLargePolicyAgainstLinear(t *testing.T) {
 		}
 	}
 }
+
+// HasSplit tells the daemon whether routed split connections need the backend's source NAT.
+func TestPolicyHasSplit(t *testing.T) {
+	if mustPolicy(t, "rules:\n  - {name: web, action: block, ports: [80]}\n").HasSplit {
+		t.Error("HasSplit without a split rule")
+	}
+	if !mustPolicy(t, "rules:\n  - {name: web, action: block, ports: [80]}\n  - {name: s, action: split, ports: [8080], via: eth1}\n").HasSplit {
+		t.Error("no HasSplit with a split rule")
+	}
+}

@@ -287,6 +287,18 @@ func (b *Backend) watch(fw *firewall, stop <-chan struct{}) {
 	}
 }
 
+// SetRouteSplit installs or removes the source NAT of split connections routed in the kernel
+// (backend.RouteSplitter). Stopped, it changes what the next Start installs.
+func (b *Backend) SetRouteSplit(on bool) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.s.routeSplit = on
+	if b.fw == nil {
+		return nil
+	}
+	return b.fw.setSplitSNAT(on)
+}
+
 // Reevaluate deletes the conntrack entries of exactly the changed connections, so their next packet is
 // queued again and meets the new decision.
 func (b *Backend) Reevaluate(changes []backend.ConnChange) error {

@@ -239,6 +239,12 @@ loop:
 				pol.mu.Unlock()
 				j, _ := json.Marshal(out)
 				fmt.Println("live", string(j))
+			case "route_split":
+				if err := b.SetRouteSplit(arg == "on"); err != nil {
+					fmt.Println("err", err)
+					continue
+				}
+				fmt.Println("ok")
 			case "restart":
 				if err := b.Stop(); err != nil {
 					fmt.Println("err", err)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -54,6 +55,9 @@ type family struct {
 	// configuration installs (a crashed run in route mode leaves its source NAT chain).
 	cleanChains []chainRules
 	cleanJumps  []jumpRule
+	// v6 and params are what chains and jumps were built from.
+	v6     bool
+	params ruleParams
 }
 
 // firewall installs, watches and removes Warden's chains. mu serialises those operations so the watcher
@@ -87,10 +91,62 @@ func newFirewall(log *slog.Logger, p ruleParams, noIPv6 bool) (*firewall, error)
 }
 
 func newFamily(name string, ipt iptablesRunner, v6 bool, p ruleParams) family {
-	f := family{name: name, ipt: ipt}
+	f := family{name: name, ipt: ipt, v6: v6, params: p}
 	f.chains, f.jumps = buildRules(v6, p)
 	f.cleanChains, f.cleanJumps = cleanupRules(v6, p)
 	return f
+}
+
+// setSplitSNAT installs or removes the source NAT of kernel-routed split connections while the rest of the rule
+// set stays in place (a reload that brings the first split rule, or takes the last away). Connections NATed
+// already keep their binding: conntrack holds it, not the rule. A family already in the state asked is left
+// alone; one that fails halfway is put back as it was.
+func (fw *firewall) setSplitSNAT(on bool) error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	for i := range fw.fams {
+		f := &fw.fams[i]
+		if f.params.SplitSNAT == on {
+			continue
+		}
+		p := f.params
+		p.SplitSNAT = true
+		chains, jumps := buildRules(f.v6, p)
+		c, j := chains[len(chains)-1], jumps[slices.IndexFunc(jumps, func(j jumpRule) bool { return j.Target == chainSplitSNAT })]
+		remove := func() error {
+			if err := deleteJumps(f.ipt, j); err != nil {
+				return fmt.Errorf("%s: %w", f.name, err)
+			}
+			if ok, err := f.ipt.ChainExists(c.Table, c.Chain); err != nil || !ok {
+				return err
+			}
+			if err := f.ipt.ClearAndDeleteChain(c.Table, c.Chain); err != nil {
+				return fmt.Errorf("%s: deleting chain %s %s: %w", f.name, c.Table, c.Chain, err)
+			}
+			return nil
+		}
+		if on {
+			// The chain is filled before the jump to it exists.
+			err := f.ipt.NewChain(c.Table, c.Chain)
+			for _, r := range c.Rules {
+				if err == nil {
+					err = f.ipt.Append(c.Table, c.Chain, r...)
+				}
+			}
+			if err == nil {
+				err = f.ipt.Insert(j.Table, j.Builtin, 1, "-j", j.Target)
+			}
+			if err != nil {
+				err = fmt.Errorf("%s: installing %s %s: %w", f.name, c.Table, c.Chain, err)
+				return errors.Join(err, remove())
+			}
+		} else if err := remove(); err != nil {
+			return err
+		}
+		f.params.SplitSNAT = on
+		f.chains, f.jumps = buildRules(f.v6, f.params)
+	}
+	return nil
 }
 
 // isJumpTo reports whether an `iptables -S` line is a rule in builtin that jumps to target, whatever else it

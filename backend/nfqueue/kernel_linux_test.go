@@ -392,12 +392,14 @@ func TestKernelRestartConverges(t *testing.T) {
 }
 
 // Route mode's source NAT is installed only with it. A run in route mode that crashed leaves its chain; the
-// next start without route mode removes it and converges to a clean start's rules, and its stop restores the
-// ruleset as it was before either.
+// next start without route mode removes it and converges to a clean start's rules; turned on and off while
+// running (a reload that brings the first split rule or takes the last away) it comes and goes alone, first
+// in POSTROUTING; and a stop restores the ruleset as it was before all of it.
 func TestKernelSourceNATOnlyInRouteMode(t *testing.T) {
 	t.Parallel()
 	n := newTestNet(t)
 	thirdPartyRules(t, n)
+	n.ipt(t, n.client, false, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "--dport", "9996", "-j", "RETURN")
 	before4, before6 := save(t, n.client, false), save(t, n.client, true)
 	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
 	clean4, clean6 := withoutCounters(save(t, n.client, false)), withoutCounters(save(t, n.client, true))
@@ -417,6 +419,24 @@ func TestKernelSourceNATOnlyInRouteMode(t *testing.T) {
 	w = startWarden(t, n.client, childConfig{Rules: verdictRules()})
 	if diff := cmp.Diff(clean4, withoutCounters(save(t, n.client, false))); diff != "" {
 		t.Errorf("IPv4 rules after a route-mode crash differ from a clean start (-clean +now):\n%s", diff)
+	}
+	// Turned on while running (a reload brought the first split rule): the chain, and the jump first in
+	// POSTROUTING above a third party's rule; the watcher keeps it there. Off again: as before.
+	for _, state := range []string{"on", "on", "off", "off"} {
+		if r := w.call(t, "route_split "+state); r != "ok" {
+			t.Fatalf("route_split %s: %s", state, r)
+		}
+		s := save(t, n.client, false)
+		jump := "-A POSTROUTING -j " + chainSplitSNAT + "\n-A POSTROUTING -p udp"
+		if got := strings.Contains(s, jump) && strings.Count(s, "-j "+chainSplitSNAT+"\n") == 1 &&
+			strings.Contains(s, "-A "+chainSplitSNAT+" -m mark --mark"); got != (state == "on") {
+			t.Fatalf("route_split %s: jump first and chain filled %v:\n%s", state, got, s)
+		}
+		if state == "off" {
+			if diff := cmp.Diff(clean4, withoutCounters(s)); diff != "" {
+				t.Errorf("after route_split off (-before on +now):\n%s", diff)
+			}
+		}
 	}
 	if diff := cmp.Diff(clean6, withoutCounters(save(t, n.client, true))); diff != "" {
 		t.Errorf("IPv6 rules after a route-mode crash differ from a clean start (-clean +now):\n%s", diff)

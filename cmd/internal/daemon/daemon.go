@@ -52,6 +52,9 @@ type Daemon struct {
 
 	log     *slog.Logger
 	started time.Time
+	// routesSplit is whether split connections may be routed in the kernel (split_tunnel.mode at start: a
+	// change of it waits for a restart).
+	routesSplit bool
 
 	mu         sync.Mutex // guards the fields below and serialises reloads
 	cfg        *config.Config
@@ -188,6 +191,9 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	}()
 
 	bo := BackendOptions(cfg, d.log)
+	d.routesSplit = bo.RouteSplit
+	// Routed split connections need the backend's source NAT only while a rule splits (see Reload).
+	bo.RouteSplit = bo.RouteSplit && pol.HasSplit
 	b, err := backend.New(cfg.Backend, bo)
 	if err != nil {
 		if errors.Is(err, backend.ErrUnsupported) {
@@ -374,11 +380,7 @@ func (d *Daemon) Reload() (changed int, err error) {
 	defer d.mu.Unlock()
 	cfg, pol, err := Load(d.ConfigPath)
 	if err != nil {
-		d.reloadErr = err
-		d.reloadFail++
-		d.metrics.reloads.WithLabelValues("rejected").Inc()
-		d.log.Error("reload rejected; the running config stays", "err", err)
-		return 0, err
+		return 0, d.rejectReload(err)
 	}
 	old := d.cfg
 	if cfg.Backend != old.Backend || cfg.FailMode != old.FailMode || cfg.NFQueue != old.NFQueue ||
@@ -394,6 +396,13 @@ func (d *Daemon) Reload() (changed int, err error) {
 			d.log.Warn("split tunnel: preparing kernel routes; they are retried on first use", "err", err)
 		}
 	}
+	rs, _ := d.backend.(backend.RouteSplitter)
+	if rs != nil && d.routesSplit && pol.HasSplit {
+		// Before the policy: its first routed connection must find its source NAT in place.
+		if err := rs.SetRouteSplit(true); err != nil {
+			return 0, d.rejectReload(fmt.Errorf("installing the source NAT of routed split connections: %w", err))
+		}
+	}
 	changes := d.pipeline.SetPolicy(pol)
 	if d.dns != nil {
 		d.dns.SetPolicy(pol)
@@ -401,6 +410,12 @@ func (d *Daemon) Reload() (changed int, err error) {
 	if r, ok := d.backend.(backend.Reevaluator); ok && len(changes) > 0 {
 		if err := r.Reevaluate(changes); err != nil {
 			d.log.Error("re-evaluating live connections", "err", err)
+		}
+	}
+	if rs != nil && d.routesSplit && !pol.HasSplit {
+		// After the policy: no new connection is routed any more, and those routed keep their NAT binding.
+		if err := rs.SetRouteSplit(false); err != nil {
+			d.log.Warn("removing the source NAT of routed split connections", "err", err)
 		}
 	}
 	if err := d.connLog.Reopen(); err != nil {
@@ -411,6 +426,15 @@ func (d *Daemon) Reload() (changed int, err error) {
 	d.metrics.reloads.WithLabelValues("ok").Inc()
 	d.log.Info("config reloaded", "rules", pol.Len(), "changed_connections", len(changes))
 	return len(changes), nil
+}
+
+// rejectReload records a reload that failed before anything changed, and returns err.
+func (d *Daemon) rejectReload(err error) error {
+	d.reloadErr = err
+	d.reloadFail++
+	d.metrics.reloads.WithLabelValues("rejected").Inc()
+	d.log.Error("reload rejected; the running config stays", "err", err)
+	return err
 }
 
 func (d *Daemon) onDecision(c firewall.Conn, took time.Duration) {

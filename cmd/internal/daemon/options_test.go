@@ -18,7 +18,7 @@ func TestBackendOptionsRouteSplit(t *testing.T) {
 		{"split_tunnel: {mode: auto}", true},
 		{"split_tunnel: {mode: proxy}", false},
 	} {
-		cfg, err := config.LoadBytes([]byte(tt.yaml), "yaml", nil)
+		cfg, err := config.LoadBytes([]byte(tt.yaml), ".yaml", nil)
 		if err != nil {
 			t.Fatalf("%s: %v", tt.yaml, err)
 		}

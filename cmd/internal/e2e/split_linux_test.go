@@ -330,3 +330,42 @@ func TestSplitRouteRestored(t *testing.T) {
 	}
 	expectServer(t, "split after the repair", call(t, e.client, tcpReq(dst)), "B")
 }
+
+// TestSplitRouteSNATFollowsRules: in route mode the source NAT of routed split connections is installed only
+// while a rule splits (every other new connection would pay for an empty NAT binding): none at start without
+// split rules, a reload that brings one installs it before the first routed connection, which reaches B, and a
+// reload that takes the last one away removes it.
+func TestSplitRouteSNATFollowsRules(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	const tunnel = "split_tunnel:\n  interface: ub\n  mode: route\n"
+	e.writeConfig(tunnel)
+	e.startDaemon()
+	snat := func() bool {
+		t.Helper()
+		out, err := exec.Command("ip", "netns", "exec", e.top.Client, "iptables-save", "-t", "nat").CombinedOutput()
+		if err != nil {
+			t.Fatalf("iptables-save: %v: %s", err, out)
+		}
+		return strings.Contains(string(out), "-A POSTROUTING -j WARDEN-SPLIT-SNAT")
+	}
+	split := hp(sandbox.ServiceV4, 8080)
+	if snat() {
+		t.Error("source NAT installed at start without a split rule")
+	}
+	expectServer(t, "tcp :8080 before any split rule", call(t, e.client, tcpReq(split)), "A")
+
+	e.writeConfig("rules:\n  - name: split-port\n    action: split\n    ports: [8080]\n    via: ub\n" + tunnel)
+	e.cli("reload")
+	if !snat() {
+		t.Error("no source NAT after a reload brought a split rule")
+	}
+	expectServer(t, "tcp :8080 split by the reloaded rule", call(t, e.client, tcpReq(split)), "B")
+
+	e.writeConfig(tunnel)
+	e.cli("reload")
+	if snat() {
+		t.Error("source NAT still installed after the last split rule went")
+	}
+	expectServer(t, "tcp :8080 after the split rule went", call(t, e.client, tcpReq(split)), "A")
+}
