@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 )
 
 // fakeIPT keeps built-in chains as lists of rule lines and logs every change, to test the installer's
@@ -16,11 +17,13 @@ import (
 type fakeIPT struct {
 	chains map[string][]string // "table/chain" → "-A CHAIN ..." lines
 	log    []string
+	// failInsert makes Insert into that "table/chain" fail.
+	failInsert string
 }
 
 func newFakeIPT() *fakeIPT {
 	f := &fakeIPT{chains: map[string][]string{}}
-	for _, tc := range []string{"filter/INPUT", "filter/OUTPUT", "mangle/INPUT", "mangle/OUTPUT", "nat/OUTPUT"} {
+	for _, tc := range []string{"filter/INPUT", "filter/OUTPUT", "mangle/INPUT", "mangle/OUTPUT", "nat/OUTPUT", "nat/POSTROUTING"} {
 		f.chains[tc] = nil
 	}
 	return f
@@ -52,6 +55,9 @@ func (f *fakeIPT) Append(table, chain string, rulespec ...string) error {
 
 func (f *fakeIPT) Insert(table, chain string, pos int, rulespec ...string) error {
 	k := table + "/" + chain
+	if k == f.failInsert {
+		return fmt.Errorf("insert into %s refused", k)
+	}
 	f.chains[k] = slices.Insert(f.chains[k], pos-1, "-A "+chain+" "+strings.Join(rulespec, " "))
 	f.log = append(f.log, fmt.Sprintf("insert %s %s %d", table, chain, pos))
 	return nil
@@ -204,5 +210,39 @@ func TestRestoreInputQuotes(t *testing.T) {
 	want := "*filter\n:C - [0:0]\n-A C -m comment --comment \"a b\" -j RETURN\nCOMMIT\n"
 	if got != want {
 		t.Errorf("restoreInput:\n%s\nwant\n%s", got, want)
+	}
+}
+
+// Turning the split source NAT on when its jump cannot be inserted leaves the rule set as it was (no chain
+// without a jump) and the state off, so that a retry installs it; on and then off again is the starting state.
+func TestSetSplitSNATRollsBack(t *testing.T) {
+	f := newFakeIPT()
+	fw := testFirewall(f)
+	if err := fw.install(); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshot(f)
+	f.failInsert = "nat/POSTROUTING"
+	if err := fw.setSplitSNAT(true); err == nil {
+		t.Fatal("setSplitSNAT(true) succeeded with the jump refused")
+	}
+	if diff := cmp.Diff(before, snapshot(f)); diff != "" {
+		t.Errorf("after a failed setSplitSNAT(true) (-before +after):\n%s", diff)
+	}
+	f.failInsert = ""
+	if err := fw.setSplitSNAT(true); err != nil {
+		t.Fatalf("retry: %v", err)
+	}
+	if got := f.chains["nat/POSTROUTING"]; len(got) != 1 || got[0] != "-A POSTROUTING -j "+chainSplitSNAT {
+		t.Errorf("POSTROUTING after setSplitSNAT(true): %q", got)
+	}
+	if _, ok := f.chains["nat/"+chainSplitSNAT]; !ok || !slices.ContainsFunc(fw.fams[0].jumps, func(j jumpRule) bool { return j.Target == chainSplitSNAT }) {
+		t.Error("the chain, or the watcher's copy of the jump, is missing")
+	}
+	if err := fw.setSplitSNAT(false); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(before, snapshot(f), cmpopts.EquateEmpty()); diff != "" {
+		t.Errorf("after on and off (-before +after):\n%s", diff)
 	}
 }
