@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os/exec"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -109,35 +108,20 @@ func (fw *firewall) setSplitSNAT(on bool) error {
 		if f.params.SplitSNAT == on {
 			continue
 		}
-		p := f.params
-		p.SplitSNAT = true
-		chains, jumps := buildRules(f.v6, p)
-		c, j := chains[len(chains)-1], jumps[slices.IndexFunc(jumps, func(j jumpRule) bool { return j.Target == chainSplitSNAT })]
+		c, j := splitSNATRules()
 		remove := func() error {
 			if err := deleteJumps(f.ipt, j); err != nil {
 				return fmt.Errorf("%s: %w", f.name, err)
 			}
-			if ok, err := f.ipt.ChainExists(c.Table, c.Chain); err != nil || !ok {
-				return err
-			}
-			if err := f.ipt.ClearAndDeleteChain(c.Table, c.Chain); err != nil {
-				return fmt.Errorf("%s: deleting chain %s %s: %w", f.name, c.Table, c.Chain, err)
-			}
-			return nil
+			return f.deleteChain(c)
 		}
 		if on {
 			// The chain is filled before the jump to it exists.
-			err := f.ipt.NewChain(c.Table, c.Chain)
-			for _, r := range c.Rules {
-				if err == nil {
-					err = f.ipt.Append(c.Table, c.Chain, r...)
-				}
-			}
+			err := f.createChain(c)
 			if err == nil {
-				err = f.ipt.Insert(j.Table, j.Builtin, 1, "-j", j.Target)
+				err = f.insertJump(j)
 			}
 			if err != nil {
-				err = fmt.Errorf("%s: installing %s %s: %w", f.name, c.Table, c.Chain, err)
 				return errors.Join(err, remove())
 			}
 		} else if err := remove(); err != nil {
@@ -223,24 +207,51 @@ func (fw *firewall) cleanupLocked() error {
 		}
 		// In reverse: a chain another of ours jumps to is deleted after that one.
 		for i := len(f.cleanChains) - 1; i >= 0; i-- {
-			c := f.cleanChains[i]
-			ok, err := f.ipt.ChainExists(c.Table, c.Chain)
-			if err != nil {
-				if isNotExist(err) {
-					continue
-				}
-				errs = append(errs, fmt.Errorf("%s: checking chain %s %s: %w", f.name, c.Table, c.Chain, err))
-				continue
-			}
-			if !ok {
-				continue
-			}
-			if err := f.ipt.ClearAndDeleteChain(c.Table, c.Chain); err != nil {
-				errs = append(errs, fmt.Errorf("%s: deleting chain %s %s: %w", f.name, c.Table, c.Chain, err))
+			if err := f.deleteChain(f.cleanChains[i]); err != nil {
+				errs = append(errs, err)
 			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// deleteChain deletes one of our chains with its rules, if it exists (or its table does).
+func (f *family) deleteChain(c chainRules) error {
+	ok, err := f.ipt.ChainExists(c.Table, c.Chain)
+	if err != nil {
+		if isNotExist(err) {
+			return nil
+		}
+		return fmt.Errorf("%s: checking chain %s %s: %w", f.name, c.Table, c.Chain, err)
+	}
+	if !ok {
+		return nil
+	}
+	if err := f.ipt.ClearAndDeleteChain(c.Table, c.Chain); err != nil {
+		return fmt.Errorf("%s: deleting chain %s %s: %w", f.name, c.Table, c.Chain, err)
+	}
+	return nil
+}
+
+// createChain creates one of our chains and fills it.
+func (f *family) createChain(c chainRules) error {
+	if err := f.ipt.NewChain(c.Table, c.Chain); err != nil {
+		return fmt.Errorf("%s: creating chain %s %s: %w", f.name, c.Table, c.Chain, err)
+	}
+	for _, r := range c.Rules {
+		if err := f.ipt.Append(c.Table, c.Chain, r...); err != nil {
+			return fmt.Errorf("%s: appending to %s %s %q: %w", f.name, c.Table, c.Chain, strings.Join(r, " "), err)
+		}
+	}
+	return nil
+}
+
+// insertJump puts a jump into one of our chains first in its built-in chain.
+func (f *family) insertJump(j jumpRule) error {
+	if err := f.ipt.Insert(j.Table, j.Builtin, 1, "-j", j.Target); err != nil {
+		return fmt.Errorf("%s: installing jump rule %s %s -> %s: %w", f.name, j.Table, j.Builtin, j.Target, err)
+	}
+	return nil
 }
 
 // install removes leftovers and installs the rule set; on failure it removes what it added.
@@ -263,20 +274,15 @@ func (fw *firewall) installLocked() error {
 	for _, f := range fw.fams {
 		// Chains are filled before anything jumps to them, so no packet sees a half-built chain.
 		for _, c := range f.chains {
-			if err := f.ipt.NewChain(c.Table, c.Chain); err != nil {
-				return fmt.Errorf("%s: creating chain %s %s: %w", f.name, c.Table, c.Chain, err)
-			}
-			for _, r := range c.Rules {
-				if err := f.ipt.Append(c.Table, c.Chain, r...); err != nil {
-					return fmt.Errorf("%s: appending to %s %s %q: %w", f.name, c.Table, c.Chain, strings.Join(r, " "), err)
-				}
+			if err := f.createChain(c); err != nil {
+				return err
 			}
 		}
 	}
 	for _, f := range fw.fams {
 		for _, j := range f.jumps {
-			if err := f.ipt.Insert(j.Table, j.Builtin, 1, "-j", j.Target); err != nil {
-				return fmt.Errorf("%s: installing jump rule %s %s -> %s: %w", f.name, j.Table, j.Builtin, j.Target, err)
+			if err := f.insertJump(j); err != nil {
+				return err
 			}
 		}
 	}

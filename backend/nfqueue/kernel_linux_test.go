@@ -338,11 +338,21 @@ func TestKernelStopRestoresRuleset(t *testing.T) {
 		t.Fatalf("rules not installed:\n%s", during)
 	}
 	w.stop(t)
-	if diff := cmp.Diff(before4, save(t, n.client, false)); diff != "" {
-		t.Errorf("iptables-save after stop differs (-before +after):\n%s", diff)
-	}
-	if diff := cmp.Diff(before6, save(t, n.client, true)); diff != "" {
-		t.Errorf("ip6tables-save after stop differs (-before +after):\n%s", diff)
+	expectRuleset(t, n.client, "after stop", before4, before6, true)
+}
+
+// expectRuleset compares the namespace's iptables-save and ip6tables-save with want4 and want6: exactly, or,
+// when withCounters is false, with the packet counters left out (want is then withoutCounters output).
+func expectRuleset(t *testing.T, ns, when, want4, want6 string, withCounters bool) {
+	t.Helper()
+	for i, want := range []string{want4, want6} {
+		got := save(t, ns, i == 1)
+		if !withCounters {
+			got = withoutCounters(got)
+		}
+		if diff := cmp.Diff(want, got); diff != "" {
+			t.Errorf("%s rules %s differ (-want +got):\n%s", []string{"IPv4", "IPv6"}[i], when, diff)
+		}
 	}
 }
 
@@ -367,12 +377,7 @@ func TestKernelRestartConverges(t *testing.T) {
 		t.Fatal("rules vanished with the process; fail mode would not hold")
 	}
 	w = startWarden(t, n.client, childConfig{Rules: verdictRules()})
-	if diff := cmp.Diff(clean4, withoutCounters(save(t, n.client, false))); diff != "" {
-		t.Errorf("IPv4 rules after crash and restart differ from a clean start (-clean +restarted):\n%s", diff)
-	}
-	if diff := cmp.Diff(clean6, withoutCounters(save(t, n.client, true))); diff != "" {
-		t.Errorf("IPv6 rules after crash and restart differ from a clean start (-clean +restarted):\n%s", diff)
-	}
+	expectRuleset(t, n.client, "after crash and restart, against a clean start", clean4, clean6, false)
 	if r := w.call(t, "restart"); r != "ok" {
 		t.Fatalf("restart: %s", r)
 	}
@@ -417,9 +422,7 @@ func TestKernelSourceNATOnlyInRouteMode(t *testing.T) {
 	}
 	w.kill(t)
 	w = startWarden(t, n.client, childConfig{Rules: verdictRules()})
-	if diff := cmp.Diff(clean4, withoutCounters(save(t, n.client, false))); diff != "" {
-		t.Errorf("IPv4 rules after a route-mode crash differ from a clean start (-clean +now):\n%s", diff)
-	}
+	expectRuleset(t, n.client, "after a route-mode crash, against a clean start", clean4, clean6, false)
 	// Turned on while running (a reload brought the first split rule): the chain, and the jump first in
 	// POSTROUTING above a third party's rule; the watcher keeps it there. Off again: as before.
 	for _, state := range []string{"on", "on", "off", "off"} {
@@ -438,16 +441,9 @@ func TestKernelSourceNATOnlyInRouteMode(t *testing.T) {
 			}
 		}
 	}
-	if diff := cmp.Diff(clean6, withoutCounters(save(t, n.client, true))); diff != "" {
-		t.Errorf("IPv6 rules after a route-mode crash differ from a clean start (-clean +now):\n%s", diff)
-	}
+	expectRuleset(t, n.client, "after route_split on and off, against a clean start", clean4, clean6, false)
 	w.stop(t)
-	if diff := cmp.Diff(before4, save(t, n.client, false)); diff != "" {
-		t.Errorf("iptables-save after stop differs (-before +after):\n%s", diff)
-	}
-	if diff := cmp.Diff(before6, save(t, n.client, true)); diff != "" {
-		t.Errorf("ip6tables-save after stop differs (-before +after):\n%s", diff)
-	}
+	expectRuleset(t, n.client, "after stop", before4, before6, true)
 }
 
 // fail_mode decides what happens while the daemon is down (its rules stay after kill -9).

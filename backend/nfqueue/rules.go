@@ -218,15 +218,20 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		{"nat", "OUTPUT", chainRedirect},
 	}
 	if p.SplitSNAT {
-		// Split connections carried by kernel routing leave through another interface than the one whose
-		// address the socket chose: give them that interface's address. Only a connection's first packet
-		// passes nat. Only then: a nat chain after routing gives every new connection a null binding.
-		chains = append(chains, chainRules{Table: "nat", Chain: chainSplitSNAT,
-			Rules: [][]string{cat(splitRouteMarks, []string{"-j", "MASQUERADE"})}})
-		jumps = append(jumps, jumpRule{"nat", "POSTROUTING", chainSplitSNAT})
+		// Only then: a nat chain after routing gives every new connection a null binding.
+		c, j := splitSNATRules()
+		chains, jumps = append(chains, c), append(jumps, j)
 	}
 	jumps = append(jumps, jumpRule{"mangle", "OUTPUT", chainIngestOutput}, jumpRule{"mangle", "INPUT", chainIngestInput})
 	return chains, jumps
+}
+
+// splitSNATRules returns the source NAT of kernel-routed split connections: they leave through another interface
+// than the one whose address the socket chose, and get that interface's address. Only a connection's first
+// packet passes nat. The same for both address families.
+func splitSNATRules() (chainRules, jumpRule) {
+	return chainRules{Table: "nat", Chain: chainSplitSNAT, Rules: [][]string{cat(splitRouteMarks, []string{"-j", "MASQUERADE"})}},
+		jumpRule{"nat", "POSTROUTING", chainSplitSNAT}
 }
 
 // cleanupRules returns every chain and jump any configuration of Warden installs for one address family: what a

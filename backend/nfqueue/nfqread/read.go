@@ -148,7 +148,7 @@ type Reader struct {
 func NewReader(rc syscall.RawConn) *Reader {
 	r := &Reader{rc: rc, buf: make([]byte, BufferSize)}
 	r.read = func(fd uintptr) bool {
-		r.n, r.err = read(int(fd), r.buf)
+		r.n, r.err = nlwire.Read(int(fd), r.buf)
 		return !errors.Is(r.err, syscall.EAGAIN)
 	}
 	return r

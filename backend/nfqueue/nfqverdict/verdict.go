@@ -10,6 +10,8 @@ import (
 	"errors"
 	"sync"
 	"syscall"
+
+	"github.com/warden-fw/warden/backend/nfqueue/nlwire"
 )
 
 // Netlink and nfnetlink_queue constants (linux/netlink.h, linux/netfilter/nfnetlink*.h).
@@ -85,7 +87,7 @@ func NewWriter(rc syscall.RawConn, family uint8, queue uint16) *Writer {
 	w.ops.New = func() any {
 		o := new(op)
 		o.write = func(fd uintptr) bool {
-			_, o.err = write(int(fd), o.b[:o.n])
+			_, o.err = nlwire.Write(int(fd), o.b[:o.n])
 			return !errors.Is(o.err, syscall.EAGAIN)
 		}
 		return o

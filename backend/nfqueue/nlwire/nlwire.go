@@ -1,7 +1,7 @@
 // Package nlwire walks netlink messages and their attributes in place (no copy, no allocation, no panic on
 // malformed input) and writes their framing. The queue reader (nfqread), the sock_diag clients (process,
 // sockdiag) and the conntrack listing (ctdump) each speak their own netlink family; the framing around it is
-// this one.
+// this one. Read and Write (io_linux.go) are the queue reader's and the verdict writer's system calls.
 package nlwire
 
 import (
