@@ -184,6 +184,11 @@ func TestKernelOnlyFirstPacketsQueued(t *testing.T) {
 	n := newTestNet(t)
 	listenTCP(t, n.server, portAllow)
 	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
+	// Probes after routing: every packet the client sends to the server, and those of them carrying the
+	// accept-always mark.
+	port := strconv.Itoa(int(portAllow))
+	n.ipt(t, n.client, false, "-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "--dport", port)
+	n.ipt(t, n.client, false, "-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "--dport", port, "-m", "mark", "--mark", strconv.Itoa(int(marks.AcceptAlways)))
 	before := w.count(t)
 	c, err := dial(t, n.client, net.Dialer{}, "tcp", netip.AddrPortFrom(n.ServerV4, portAllow), 3*time.Second)
 	if err != nil {
@@ -207,6 +212,37 @@ func TestKernelOnlyFirstPacketsQueued(t *testing.T) {
 	if queued >= 20 || queued < 1 {
 		t.Errorf("%d packets reached user space, want a handful (1..19)", queued)
 	}
+	// The later packets leave with their mark untouched (the filter chain reads the connmark): a mark changed
+	// in mangle OUTPUT would cost each of them a second route lookup.
+	counts := postroutingCounts(t, n)
+	t.Logf("packets to the server after routing: %d, with the accept-always mark: %d", counts[0], counts[1])
+	if counts[0] < 100 {
+		t.Errorf("%d packets counted after routing for 10 MB, want at least 100", counts[0])
+	}
+	if counts[1] < 1 || counts[1] >= 20 {
+		t.Errorf("%d packets left with the accept-always mark, want the first few (1..19)", counts[1])
+	}
+}
+
+// postroutingCounts returns the packet counters of the client's mangle POSTROUTING rules, in order.
+func postroutingCounts(t *testing.T, n *testNet) []uint64 {
+	t.Helper()
+	var counts []uint64
+	for _, line := range strings.Split(n.ipt(t, n.client, false, "-t", "mangle", "-L", "POSTROUTING", "-v", "-x", "-n"), "\n")[2:] {
+		fields := strings.Fields(line)
+		if len(fields) == 0 {
+			continue
+		}
+		c, err := strconv.ParseUint(fields[0], 10, 64)
+		if err != nil {
+			t.Fatalf("counter of %q: %v", line, err)
+		}
+		counts = append(counts, c)
+	}
+	if len(counts) != 2 {
+		t.Fatalf("got %d POSTROUTING rules, want the 2 probes", len(counts))
+	}
+	return counts
 }
 
 // Accept-final: Warden's own sockets pass even when other software appends a DROP to OUTPUT and INPUT.

@@ -63,6 +63,10 @@ func mark(m uint32) []string {
 	return []string{"-m", "mark", "--mark", strconv.FormatUint(uint64(m), 10)}
 }
 
+func connmark(m uint32) []string {
+	return []string{"-m", "connmark", "--mark", strconv.FormatUint(uint64(m), 10)}
+}
+
 func cat(parts ...[]string) []string {
 	var out []string
 	for _, p := range parts {
@@ -104,7 +108,7 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		// ingest chain too.
 		c := chainRules{Table: "mangle", Chain: chain}
 		add := func(r ...[]string) { c.Rules = append(c.Rules, cat(r...)) }
-		pending := []string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.ForeignPending))}
+		pending := connmark(marks.ForeignPending)
 		// 1. A foreign mark (a WireGuard fwmark, say) on a connection's first packet: the packet was queued
 		// with its mark intact (rule 4) and Warden accepted it by letting this hook run again (NF_REPEAT).
 		// Record the accept in the connmark alone: the packet keeps the mark its routing depends on. Only a
@@ -115,14 +119,14 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		// 2. A foreign mark on a connection already accepted for good: leave the packet alone, so the restore
 		// below does not overwrite the mark other software routes by.
 		for _, cm := range []uint32{marks.AcceptAlways, marks.AcceptFinal} {
-			add([]string{"-m", "connmark", "--mark", strconv.Itoa(int(cm)), "-j", "RETURN"})
+			add(connmark(cm), []string{"-j", "RETURN"})
 		}
 		// 3. Warden's own sockets carry SO_MARK 1709: remember it on the connection and never queue them.
 		// Saving here is safe because the packet returns before the restore.
 		add(mark(marks.AcceptFinal), []string{"-j", "CONNMARK", "--save-mark"})
 		add(mark(marks.AcceptFinal), []string{"-j", "RETURN"})
 		// 4. A foreign mark on a new connection: ask Warden without restoring (which would zero the mark).
-		add([]string{"-m", "connmark", "--mark", "0", "-j", "CONNMARK", "--set-mark", strconv.Itoa(int(marks.ForeignPending))})
+		add(connmark(0), []string{"-j", "CONNMARK", "--set-mark", strconv.Itoa(int(marks.ForeignPending))})
 		add(pending, []string{"-m", "conntrack", "--ctdir", "REPLY"}, replies.args())
 		add(pending, rest.args())
 		// 5. Any other connection's verdict (a block, say) replaces the foreign mark.
@@ -133,7 +137,13 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		c := chainRules{Table: "mangle", Chain: chain}
 		add := func(r ...[]string) { c.Rules = append(c.Rules, cat(r...)) }
 		add([]string{"-m", "mark", "!", "--mark", "0", "-g", foreign})
-		// Later packets of a decided connection get its permanent mark back from the connmark, and leave.
+		// Later packets of a connection accepted for good, the bulk of all traffic, leave with their mark
+		// untouched: the filter chain reads the connmark. Restoring the mark would change it, and a changed mark
+		// in mangle OUTPUT makes the kernel look the packet's route up again (nf_tables' route chain), once per
+		// packet.
+		add(connmark(marks.AcceptAlways), []string{"-j", "RETURN"})
+		// Later packets of other decided connections get their permanent mark back from the connmark, and
+		// leave: the split routes' policy routing and the filter's rejects and drops read the packet mark.
 		add([]string{"-j", "CONNMARK", "--restore-mark"})
 		add([]string{"-m", "mark", "!", "--mark", "0", "-j", "RETURN"})
 		// ICMP errors and the TCP resets REJECT generates are RELATED to a connection already decided; they
@@ -149,10 +159,10 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 
 	filter := chainRules{Table: "filter", Chain: chainFilter}
 	addF := func(r ...[]string) { filter.Rules = append(filter.Rules, cat(r...)) }
-	// Later packets of accepted connections, the bulk of all traffic: the mark was restored from the connmark,
-	// there is nothing to save, and one rule decides.
-	addF(mark(marks.AcceptAlways), []string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.AcceptAlways)), "-j", "RETURN"})
-	addF(mark(marks.AcceptFinal), []string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.AcceptFinal)), "-j", "ACCEPT"})
+	// Later packets of accepted connections, the bulk of all traffic: the ingest chain left their mark alone (a
+	// foreign one, or none), there is nothing to save, and one rule decides.
+	addF(connmark(marks.AcceptAlways), []string{"-j", "RETURN"})
+	addF(mark(marks.AcceptFinal), connmark(marks.AcceptFinal), []string{"-j", "ACCEPT"})
 	addF(splitRouteMarks, []string{"-m", "connmark", "--mark", fmt.Sprintf("%d/0x%x", marks.SplitRouteBase, marks.SplitRouteMask), "-j", "RETURN"})
 	// The filter table runs after mangle, where the verdict's mark was set (and, for later packets, restored),
 	// so saving here never races the restore. Saves come first because REJECT and DROP end the traversal.
@@ -185,7 +195,7 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		// packet whose connection is still pending: had Warden accepted it, rule 1 of the ingest chain would have
 		// replaced the pending connmark.
 		addF(mark(0), []string{"-j", "DROP"})
-		addF([]string{"-m", "connmark", "--mark", strconv.Itoa(int(marks.ForeignPending)), "-j", "DROP"})
+		addF(connmark(marks.ForeignPending), []string{"-j", "DROP"})
 	}
 
 	redirect := chainRules{Table: "nat", Chain: chainRedirect}
