@@ -616,7 +616,9 @@ func bareMain(args []string) error {
 	return nil
 }
 
-// bareRules returns the bare consumer's iptables rules: Warden's scheme in miniature.
+// bareRules returns the bare consumer's iptables rules: Warden's scheme in miniature, with its fast path for
+// accepted connections (their later packets leave mangle on the connmark, mark untouched, so that mangle OUTPUT
+// does not look their route up again), so that the ceiling is no slower on an established packet than Warden.
 func bareRules(first, n int) [][]string {
 	half := n / 2
 	out := fmt.Sprintf("%d:%d", first, first+half-1)
@@ -625,8 +627,8 @@ func bareRules(first, n int) [][]string {
 	var rules [][]string
 	for _, c := range []struct{ chain, queues string }{{"OUTPUT", out}, {"INPUT", in}} {
 		rules = append(rules,
-			[]string{"-t", "mangle", "-A", c.chain, "-j", "CONNMARK", "--restore-mark"},
-			[]string{"-t", "mangle", "-A", c.chain, "-m", "mark", "--mark", "0", "-j", "NFQUEUE", "--queue-balance", c.queues, "--queue-bypass"},
+			[]string{"-t", "mangle", "-A", c.chain, "-m", "connmark", "--mark", mark, "-j", "RETURN"},
+			[]string{"-t", "mangle", "-A", c.chain, "-j", "NFQUEUE", "--queue-balance", c.queues, "--queue-bypass"},
 			[]string{"-t", "filter", "-A", c.chain, "-m", "mark", "--mark", mark, "-j", "CONNMARK", "--save-mark"},
 		)
 	}
