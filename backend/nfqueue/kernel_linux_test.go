@@ -708,6 +708,11 @@ func TestKernelReroute(t *testing.T) {
 	proxy6 := listenTCPOn(t, n.client, netip.MustParseAddrPort("[::1]:719"))
 	udp := listenUDP(t, n.client, 719, netip.MustParseAddr("127.0.0.17"), netip.IPv6Loopback())
 	startWarden(t, n.client, childConfig{Rules: []childRule{{Dir: "out", Port: 443, Verdict: "split"}}})
+	// Probes after routing: the packets of the IPv4 connection's leg to the proxy, and those of them carrying
+	// the reroute mark.
+	toProxy := []string{"-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "-d", "127.0.0.17", "--dport", "719"}
+	n.ipt(t, n.client, false, toProxy...)
+	n.ipt(t, n.client, false, append(toProxy, "-m", "mark", "--mark", strconv.Itoa(int(marks.RerouteSplit)))...)
 	for _, server := range []netip.Addr{n.ServerV4, n.ServerV6} {
 		c, err := dial(t, n.client, net.Dialer{}, "tcp", netip.AddrPortFrom(server, 443), 3*time.Second)
 		if err != nil {
@@ -720,6 +725,13 @@ func TestKernelReroute(t *testing.T) {
 	}
 	if proxy4.accepted.Load() != 1 || proxy6.accepted.Load() != 1 || udp.received.Load() != 2 {
 		t.Errorf("proxy saw tcp4=%d tcp6=%d udp=%d, want 1, 1, 2", proxy4.accepted.Load(), proxy6.accepted.Load(), udp.received.Load())
+	}
+	// Like an accepted connection's, the rerouted one's later packets leave with their mark untouched (the
+	// DNAT is conntrack's): only the first carries the reroute mark.
+	counts := postroutingCounts(t, n)
+	t.Logf("IPv4 packets to the proxy after routing: %d, with the reroute mark: %d", counts[0], counts[1])
+	if counts[0] < 3 || counts[1] != 1 {
+		t.Errorf("%d of %d packets to the proxy carried the reroute mark, want the first only", counts[1], counts[0])
 	}
 }
 

@@ -142,6 +142,9 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		// in mangle OUTPUT makes the kernel look the packet's route up again (nf_tables' route chain), once per
 		// packet.
 		add(connmark(marks.AcceptAlways), []string{"-j", "RETURN"})
+		// The same for connections rerouted to the split-tunnel proxy, whose bytes all pass here twice (the
+		// application's leg on loopback): conntrack's DNAT needs no mark after the first packet.
+		add(connmark(marks.RerouteSplit), []string{"-j", "RETURN"})
 		// Later packets of other decided connections get their permanent mark back from the connmark, and
 		// leave: the split routes' policy routing and the filter's rejects and drops read the packet mark.
 		add([]string{"-j", "CONNMARK", "--restore-mark"})
@@ -159,9 +162,11 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 
 	filter := chainRules{Table: "filter", Chain: chainFilter}
 	addF := func(r ...[]string) { filter.Rules = append(filter.Rules, cat(r...)) }
-	// Later packets of accepted connections, the bulk of all traffic: the ingest chain left their mark alone (a
-	// foreign one, or none), there is nothing to save, and one rule decides.
+	// Later packets of accepted connections, the bulk of all traffic, and of connections rerouted to the proxy:
+	// the ingest chain left their mark alone (a foreign one, or none), there is nothing to save, and one rule
+	// decides.
 	addF(connmark(marks.AcceptAlways), []string{"-j", "RETURN"})
+	addF(connmark(marks.RerouteSplit), []string{"-j", "RETURN"})
 	addF(mark(marks.AcceptFinal), connmark(marks.AcceptFinal), []string{"-j", "ACCEPT"})
 	addF(splitRouteMarks, []string{"-m", "connmark", "--mark", fmt.Sprintf("%d/0x%x", marks.SplitRouteBase, marks.SplitRouteMask), "-j", "RETURN"})
 	// The filter table runs after mangle, where the verdict's mark was set (and, for later packets, restored),
