@@ -921,3 +921,70 @@ func TestRepeatedSendsReportNothing(t *testing.T) {
 	sendto(c, peers[0], 1)
 	checkTupleLookup(t, r, "connected socket sending to another peer", out(c, peers[0]), me, byTuple)
 }
+
+// TestSocketsReportedFromBind checks when the socket storage programs first report a socket: not at its
+// creation, which would cost every client socket an event that its connect repeats, but when it is bound (a
+// listener or a receiving UDP socket, which connect and send never report) or connected.
+func TestSocketsReportedFromBind(t *testing.T) {
+	if !runInNetns(t) {
+		return
+	}
+	r := newTupleResolver(t)
+	if r.mirror == nil || r.bpf.mode != modeStorage {
+		t.Skip("the socket storage programs are not loaded")
+	}
+	events := func() uint64 {
+		r.mirror.sync()
+		return r.Stats().MirrorEvents
+	}
+	newSocket := func(typ int) (fd int, cookie uint64) {
+		t.Helper()
+		fd, err := unix.Socket(unix.AF_INET, typ|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Close(fd) })
+		if cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE); err != nil {
+			t.Fatal(err)
+		}
+		return fd, cookie
+	}
+	owned := func(what string, cookie uint64, want bool) {
+		t.Helper()
+		o, ok := r.mirror.owner(cookie)
+		if ok != want || (ok && o.tgid != int32(os.Getpid())) {
+			t.Errorf("%s: owner %+v recorded %v, want recorded %v by this process", what, o, ok, want)
+		}
+	}
+	loopback := &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}
+
+	before := events()
+	tcp, tcpCookie := newSocket(unix.SOCK_STREAM)
+	udp, udpCookie := newSocket(unix.SOCK_DGRAM)
+	if got := events() - before; got != 0 {
+		t.Errorf("creating two sockets reported %d events, want none", got)
+	}
+	owned("created TCP socket", tcpCookie, false)
+
+	if err := unix.Bind(tcp, loopback); err != nil {
+		t.Fatal(err)
+	}
+	owned("bound TCP socket", tcpCookie, true)
+	if err := unix.Listen(tcp, 1); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := unix.Getsockname(tcp)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A client socket connected without a bind: its connect reports it, in one event.
+	before = events()
+	if err := unix.Connect(udp, sa); err != nil {
+		t.Fatal(err)
+	}
+	if got := events() - before; got != 1 {
+		t.Errorf("connecting a fresh UDP socket reported %d events, want 1", got)
+	}
+	owned("connected UDP socket", udpCookie, true)
+}
