@@ -166,7 +166,7 @@ func FuzzSocketMirror(f *testing.F) {
 // TestNextSyncWait checks the ring reader's pacing: an idle ring is read ever more rarely, up to once a
 // second; a filling one often enough that it would be at most a quarter full at the next read.
 func TestNextSyncWait(t *testing.T) {
-	const size = 1 << 21
+	const size = 1 << 17
 	wait := mirrorSyncMin
 	for range 10 {
 		wait = nextSyncWait(wait, 0, size)
@@ -183,7 +183,7 @@ func TestNextSyncWait(t *testing.T) {
 		{200 * time.Millisecond, size / 4, 200 * time.Millisecond}, // a quarter in 200 ms: keep it
 		{time.Second, size / 2, 500 * time.Millisecond},            // half in 1 s: read twice as often
 		{time.Second, size, 250 * time.Millisecond},                // full in 1 s
-		{100 * time.Millisecond, size, mirrorSyncMin},              // full in 100 ms: 25 ms, floored
+		{10 * time.Millisecond, size, mirrorSyncMin},               // full in 10 ms: 2.5 ms, floored
 		{100 * time.Millisecond, 100, 200 * time.Millisecond},      // a trickle: grow, at most twice
 	} {
 		if got := nextSyncWait(c.wait, c.drained, size); got != c.want {
