@@ -67,7 +67,7 @@ type bpfOwners struct {
 // or flows between two reads. It is read at every lookup and between lookups at least every mirrorSyncMax,
 // sooner while it fills (see nextSyncWait). Small on purpose: the programs write the ring front to back, so
 // every event lands on the next cache line of the ring, and a ring larger than the CPU's cache made each one
-// a cache miss in the application and another in the daemon, and pushed their other data out. 128 KiB
+// a miss to memory in the application's system call, and pushed its and the daemon's other data out. 128 KiB
 // instead of 2 MiB: 0.94-0.96x the machine time per TCP connection and UDP flow in the benchmark (two A/Bs,
 // docs/performance.md session 13). A ring that fills anyway resets the mirror (lookups then ask sock_diag),
 // which costs speed, not answers.
