@@ -69,8 +69,9 @@ type bpfOwners struct {
 // every event lands on the next cache line of the ring, and a ring larger than the CPU's cache made each one
 // a miss to memory in the application's system call, and pushed its and the daemon's other data out. 128 KiB
 // instead of 2 MiB: 0.94-0.96x the machine time per TCP connection and UDP flow in the benchmark (two A/Bs,
-// docs/performance.md session 13). A ring that fills anyway resets the mirror (lookups then ask sock_diag),
-// which costs speed, not answers.
+// docs/performance.md session 13). The programs wake the reader when a burst fills a quarter of it (see
+// emitInsns); a ring that fills anyway resets the mirror (lookups then ask sock_diag), which costs speed, not
+// answers.
 var mirrorRingSize = 1 << 17
 
 // Kernel constants the programs use (linux/in.h, linux/bpf.h).
@@ -160,8 +161,15 @@ func currentComm() asm.Instructions {
 	}
 }
 
-// bpfRBNoWakeup is BPF_RB_NO_WAKEUP: nobody sleeps on the ring (user space reads it when it resolves).
-const bpfRBNoWakeup = 1
+// Ring buffer flags and query (linux/bpf.h). User space reads the ring when it resolves, so an event wakes
+// nobody (a wake-up costs the writer an interrupt of work); only one written into a ring already a quarter full
+// wakes the reader, so that a burst of sockets while no lookup reads the ring does not overflow it. The reads
+// between lookups keep a steady stream below a quarter (see nextSyncWait), so only bursts wake anyone.
+const (
+	bpfRBNoWakeup    = 1 // BPF_RB_NO_WAKEUP
+	bpfRBForceWakeup = 2 // BPF_RB_FORCE_WAKEUP
+	bpfRBAvailData   = 0 // BPF_RB_AVAIL_DATA
+)
 
 // emitInsns puts size bytes of the frame at off into the ring as one event, and counts it lost when the ring
 // is full. It clobbers R0-R5; done names its last instruction and must be unique in the program.
@@ -171,10 +179,15 @@ func emitInsns(m progMaps, off int16, size int32, done string) asm.Instructions 
 	}
 	return asm.Instructions{
 		asm.LoadMapPtr(asm.R1, m.ring),
+		asm.Mov.Imm(asm.R2, bpfRBAvailData),
+		asm.FnRingbufQuery.Call(),
+		asm.Mov.Imm(asm.R4, bpfRBNoWakeup),
+		asm.JLE.Imm(asm.R0, int32(mirrorRingSize/4), done+"_out"),
+		asm.Mov.Imm(asm.R4, bpfRBForceWakeup),
+		asm.LoadMapPtr(asm.R1, m.ring).WithSymbol(done + "_out"),
 		asm.Mov.Reg(asm.R2, asm.RFP),
 		asm.Add.Imm(asm.R2, int32(off)),
 		asm.Mov.Imm(asm.R3, size),
-		asm.Mov.Imm(asm.R4, bpfRBNoWakeup),
 		asm.FnRingbufOutput.Call(),
 		asm.JEq.Imm(asm.R0, 0, done),
 		asm.StoreImm(asm.RFP, lostKeyOff, 0, asm.Word),

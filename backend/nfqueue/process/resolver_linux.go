@@ -46,6 +46,8 @@ type Resolver struct {
 	watcher *exitWatcher // nil in unit tests: records are then checked with alive
 	bpf     *bpfOwners   // nil when eBPF is off or unavailable: every lookup uses /proc
 	bpfErr  error        // why bpf is nil, when it was wanted
+	// ringWait wakes the event ring's background reader; nil without the mirror.
+	ringWait *ringWaiter
 	// tupleErr is why bpf has no tuple map, when it was wanted.
 	tupleErr error
 	// exitHook, when set, is called with the PID of each watched process that exits (tests wait on it).
@@ -153,7 +155,14 @@ func NewWithOptions(logger *slog.Logger, opts Options) (*Resolver, error) {
 	}
 	if r.bpf != nil && r.bpf.mirror != nil && !opts.DisableMirror {
 		r.mirror = r.bpf.mirror
-		go r.syncMirror(r.mirror)
+		w, err := newRingWaiter(r.bpf.ringMap.FD())
+		if err != nil {
+			// The timer alone paces the reads; a burst may then overflow the ring, which resets the mirror.
+			r.log.Warn("the event ring's reader cannot be woken; it reads on a timer alone", "err", err)
+			w = nil
+		}
+		r.ringWait = w
+		go r.syncMirror(r.mirror, w)
 	}
 	return r, nil
 }
@@ -221,9 +230,18 @@ const (
 )
 
 // syncMirror keeps the event ring drained between lookups until the resolver closes. Each read sets the wait
-// before the next (see nextSyncWait): an idle daemon wakes once a second for it instead of twenty times.
-func (r *Resolver) syncMirror(m *mirrorRing) {
+// before the next (see nextSyncWait): an idle daemon wakes once a second for it instead of twenty times. The
+// programs cut a wait short when the ring is a quarter full (w; nil: the timer alone).
+func (r *Resolver) syncMirror(m *mirrorRing, w *ringWaiter) {
 	wait := mirrorSyncMin
+	if w != nil {
+		defer w.close()
+		for w.wait(wait) {
+			drained, size := m.sync()
+			wait = nextSyncWait(wait, drained, size)
+		}
+		return
+	}
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {
@@ -255,6 +273,9 @@ func (r *Resolver) Close() error {
 	r.closeOnce.Do(func() {
 		r.isClosed.Store(true)
 		close(r.closed)
+		if r.ringWait != nil {
+			r.ringWait.wake()
+		}
 		if r.diag != nil {
 			r.diag.close()
 		}

@@ -1,9 +1,12 @@
 package process
 
 import (
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -11,7 +14,8 @@ import (
 
 // ringReader consumes a BPF ring buffer in place: the kernel maps the consumer position read-write, and the
 // producer position and the data (twice in a row, so a record that wraps is contiguous) read-only. Reading
-// needs no system call; the programs submit with BPF_RB_NO_WAKEUP, since nobody waits on the ring.
+// needs no system call; the programs submit without waking anyone unless the ring is a quarter full (see
+// ringWaiter).
 type ringReader struct {
 	cons []byte // the consumer page
 	prod []byte // the producer page, then the data twice
@@ -164,4 +168,79 @@ func (m *mirrorRing) close() {
 	m.ring.close()
 	unix.Munmap(m.lost)
 	m.ring, m.lost = nil, nil
+}
+
+// ringWaiter puts the ring's background reader to sleep until a timeout, a wake-up from the programs (they
+// send one when they write into a ring already a quarter full: a burst of sockets while no lookup reads it), or
+// the resolver's Close.
+type ringWaiter struct {
+	ep   int // epoll instance: the ring (edge-triggered) and stop
+	stop int // eventfd that Close writes
+
+	mu     sync.Mutex // guards stop against wake after close
+	closed bool
+}
+
+func newRingWaiter(ringFD int) (_ *ringWaiter, err error) {
+	w := &ringWaiter{ep: -1, stop: -1}
+	defer func() {
+		if err != nil {
+			w.close()
+		}
+	}()
+	if w.ep, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	if w.stop, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	// Edge-triggered: the ring polls readable whenever it holds an event, which between lookups is most of the
+	// time; only the programs' wake-ups should end a wait.
+	if err = unix.EpollCtl(w.ep, unix.EPOLL_CTL_ADD, ringFD, &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: int32(ringFD)}); err != nil {
+		return nil, fmt.Errorf("watching the event ring: %w", err)
+	}
+	if err = unix.EpollCtl(w.ep, unix.EPOLL_CTL_ADD, w.stop, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(w.stop)}); err != nil {
+		return nil, fmt.Errorf("watching the stop event: %w", err)
+	}
+	return w, nil
+}
+
+// wait sleeps for up to d; it returns false once wake was called.
+func (w *ringWaiter) wait(d time.Duration) bool {
+	var evs [2]unix.EpollEvent
+	n, err := unix.EpollWait(w.ep, evs[:], max(int(d/time.Millisecond), 1))
+	if err != nil && !errors.Is(err, unix.EINTR) {
+		// Not expected with valid descriptors; sleep out the wait rather than spin.
+		time.Sleep(d)
+	}
+	for _, ev := range evs[:max(n, 0)] {
+		if ev.Fd == int32(w.stop) {
+			return false
+		}
+	}
+	return true
+}
+
+// wake ends the current or next wait, for good.
+func (w *ringWaiter) wake() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.closed {
+		var one [8]byte
+		binary.NativeEndian.PutUint64(one[:], 1)
+		unix.Write(w.stop, one[:])
+	}
+}
+
+// close releases the descriptors; the reader calls it when it stops waiting.
+func (w *ringWaiter) close() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.closed = true
+	for _, fd := range []int{w.ep, w.stop} {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+	}
+	w.ep, w.stop = -1, -1
 }

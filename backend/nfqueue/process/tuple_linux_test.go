@@ -988,3 +988,49 @@ func TestSocketsReportedFromBind(t *testing.T) {
 	}
 	owned("connected UDP socket", udpCookie, true)
 }
+
+// TestRingBurstAfterIdle checks that a burst of sockets while no lookup reads the event ring, after the reader
+// has backed off to its idle pace, wakes the reader before the ring overflows: the programs wake it when they
+// write into a ring already a quarter full.
+func TestRingBurstAfterIdle(t *testing.T) {
+	if !runInNetns(t) {
+		return
+	}
+	r := newTupleResolver(t)
+	if r.mirror == nil || r.ringWait == nil {
+		t.Skip("no event ring reader")
+	}
+	// The reader doubles its wait while the ring stays empty, from mirrorSyncMin to mirrorSyncMax in about
+	// 1.3 s; nothing announces that it got there.
+	time.Sleep(mirrorSyncMax + mirrorSyncMax/2)
+	before := r.Stats()
+	// Each socket reports its bind and its release: three rings' worth, written far faster than one idle
+	// wait.
+	const sockets = 3 * (1 << 17) / 64
+	lo := &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}
+	start := time.Now()
+	for range sockets {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Bind(fd, lo); err != nil {
+			unix.Close(fd)
+			t.Fatal(err)
+		}
+		unix.Close(fd)
+	}
+	took := time.Since(start)
+	r.mirror.sync()
+	after := r.Stats()
+	t.Logf("%d sockets in %v; events %d, resets %d", sockets, took, after.MirrorEvents-before.MirrorEvents, after.MirrorResets-before.MirrorResets)
+	if took > mirrorSyncMax/2 {
+		t.Skipf("the burst took %v, too slow to outrun an idle reader", took)
+	}
+	if after.MirrorResets != before.MirrorResets {
+		t.Errorf("the ring overflowed during the burst (%d resets)", after.MirrorResets-before.MirrorResets)
+	}
+	if got := after.MirrorEvents - before.MirrorEvents; got < 2*sockets {
+		t.Errorf("%d events replayed, want at least %d (a bind and a release per socket)", got, 2*sockets)
+	}
+}
