@@ -82,6 +82,15 @@ var permanentMarks = []uint32{
 	marks.RerouteTunnel, marks.RerouteSplit, marks.RerouteNS,
 }
 
+// unmarkedConnmarks are the permanent decisions whose later packets keep their own mark: the ingest chain
+// returns them before restoring the connmark, and the filter chain decides them on the connmark. Restoring would
+// change the packet mark, and a changed mark in mangle OUTPUT (an nf_tables route chain) makes the kernel look
+// the route up again, once per packet. Accepts are the bulk of all traffic; a connection rerouted to the
+// split-tunnel proxy passes twice per byte relayed (the application's leg on loopback), and conntrack's DNAT
+// needs no mark after the first packet. Split routes are policy-routed by their mark, and blocks and drops are
+// enforced on it: those are restored.
+var unmarkedConnmarks = []uint32{marks.AcceptAlways, marks.RerouteSplit}
+
 // splitRouteMarks matches every kernel-routed split mark (marks.SplitRoute) with one mask.
 var splitRouteMarks = []string{"-m", "mark", "--mark", fmt.Sprintf("%d/0x%x", marks.SplitRouteBase, marks.SplitRouteMask)}
 
@@ -137,14 +146,11 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		c := chainRules{Table: "mangle", Chain: chain}
 		add := func(r ...[]string) { c.Rules = append(c.Rules, cat(r...)) }
 		add([]string{"-m", "mark", "!", "--mark", "0", "-g", foreign})
-		// Later packets of a connection accepted for good, the bulk of all traffic, leave with their mark
-		// untouched: the filter chain reads the connmark. Restoring the mark would change it, and a changed mark
-		// in mangle OUTPUT makes the kernel look the packet's route up again (nf_tables' route chain), once per
-		// packet.
-		add(connmark(marks.AcceptAlways), []string{"-j", "RETURN"})
-		// The same for connections rerouted to the split-tunnel proxy, whose bytes all pass here twice (the
-		// application's leg on loopback): conntrack's DNAT needs no mark after the first packet.
-		add(connmark(marks.RerouteSplit), []string{"-j", "RETURN"})
+		// Later packets of connections whose decision needs no packet mark leave with their mark untouched (see
+		// unmarkedConnmarks).
+		for _, cm := range unmarkedConnmarks {
+			add(connmark(cm), []string{"-j", "RETURN"})
+		}
 		// Later packets of other decided connections get their permanent mark back from the connmark, and
 		// leave: the split routes' policy routing and the filter's rejects and drops read the packet mark.
 		add([]string{"-j", "CONNMARK", "--restore-mark"})
@@ -162,11 +168,12 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 
 	filter := chainRules{Table: "filter", Chain: chainFilter}
 	addF := func(r ...[]string) { filter.Rules = append(filter.Rules, cat(r...)) }
-	// Later packets of accepted connections, the bulk of all traffic, and of connections rerouted to the proxy:
-	// the ingest chain left their mark alone (a foreign one, or none), there is nothing to save, and one rule
-	// decides.
-	addF(connmark(marks.AcceptAlways), []string{"-j", "RETURN"})
-	addF(connmark(marks.RerouteSplit), []string{"-j", "RETURN"})
+	// Later packets of the connections the ingest chain left unmarked (a foreign mark, or none): nothing to
+	// save, and their connmark decides. They must return before the rules below read the packet mark, or
+	// fail_mode closed would drop them as unmarked.
+	for _, cm := range unmarkedConnmarks {
+		addF(connmark(cm), []string{"-j", "RETURN"})
+	}
 	addF(mark(marks.AcceptFinal), connmark(marks.AcceptFinal), []string{"-j", "ACCEPT"})
 	addF(splitRouteMarks, []string{"-m", "connmark", "--mark", fmt.Sprintf("%d/0x%x", marks.SplitRouteBase, marks.SplitRouteMask), "-j", "RETURN"})
 	// The filter table runs after mangle, where the verdict's mark was set (and, for later packets, restored),

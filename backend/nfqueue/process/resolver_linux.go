@@ -159,7 +159,6 @@ func NewWithOptions(logger *slog.Logger, opts Options) (*Resolver, error) {
 		if err != nil {
 			// The timer alone paces the reads; a burst may then overflow the ring, which resets the mirror.
 			r.log.Warn("the event ring's reader cannot be woken; it reads on a timer alone", "err", err)
-			w = nil
 		}
 		r.ringWait = w
 		go r.syncMirror(r.mirror, w)
@@ -233,26 +232,27 @@ const (
 // before the next (see nextSyncWait): an idle daemon wakes once a second for it instead of twenty times. The
 // programs cut a wait short when the ring is a quarter full (w; nil: the timer alone).
 func (r *Resolver) syncMirror(m *mirrorRing, w *ringWaiter) {
-	wait := mirrorSyncMin
 	if w != nil {
 		defer w.close()
-		for w.wait(wait) {
-			drained, size := m.sync()
-			wait = nextSyncWait(wait, drained, size)
-		}
-		return
 	}
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	for {
-		select {
-		case <-r.closed:
-			return
-		case <-t.C:
-		}
+	for wait := mirrorSyncMin; r.sleep(w, wait); {
 		drained, size := m.sync()
 		wait = nextSyncWait(wait, drained, size)
-		t.Reset(wait)
+	}
+}
+
+// sleep waits d, or less when the programs wake w (nil: a timer alone); false once the resolver closes.
+func (r *Resolver) sleep(w *ringWaiter, d time.Duration) bool {
+	if w != nil {
+		return w.wait(d)
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-r.closed:
+		return false
+	case <-t.C:
+		return true
 	}
 }
 

@@ -812,18 +812,28 @@ func TestMirrorLostEvents(t *testing.T) {
 	// Learn this process first, so answers below are trusted without /proc.
 	checkTupleLookup(t, r, "first socket", connected(), me, byTuple)
 
-	r.mirror.mu.Lock() // nothing drains the ring meanwhile
-	for range 200 {
+	// Nothing drains the ring meanwhile. The socket looked up next is made before the lock is released, so its
+	// events are lost with the others: the ring's reader, which the programs wake on a ring this full, may read
+	// and reset the mirror before the lookup does, and would then mirror a socket made after that.
+	r.mirror.mu.Lock()
+	var kept *net.UDPConn
+	for i := range 200 {
 		c, err := dial()
 		if err != nil {
 			r.mirror.mu.Unlock()
 			t.Fatal(err)
 		}
-		c.Close()
+		if i < 199 {
+			c.Close()
+		} else {
+			kept = c
+		}
 	}
 	r.mirror.mu.Unlock()
+	t.Cleanup(func() { kept.Close() })
 
-	info := connected()
+	info := backend.Info{Protocol: backend.UDP, Direction: backend.Outbound,
+		Local: kept.LocalAddr().(*net.UDPAddr).AddrPort(), Remote: peer, UID: int32(os.Getuid())}
 	before := r.Stats()
 	got, ok := r.ResolveProcess(&info)
 	if !ok || got != *me {
@@ -861,11 +871,7 @@ func TestRepeatedSendsReportNothing(t *testing.T) {
 		defer sink.Close()
 		peers[i] = sink.LocalAddr().(*net.UDPAddr).AddrPort()
 	}
-	// events brings the mirror up to date and returns how many events it has replayed.
-	events := func() uint64 {
-		r.mirror.sync()
-		return r.Stats().MirrorEvents
-	}
+	events := func() uint64 { return replayedEvents(r) }
 	// sendto sends n datagrams to peer with an explicit destination, which is what runs the sendmsg program.
 	sendto := func(c *net.UDPConn, peer netip.AddrPort, n int) {
 		t.Helper()
@@ -933,10 +939,7 @@ func TestSocketsReportedFromBind(t *testing.T) {
 	if r.mirror == nil || r.bpf.mode != modeStorage {
 		t.Skip("the socket storage programs are not loaded")
 	}
-	events := func() uint64 {
-		r.mirror.sync()
-		return r.Stats().MirrorEvents
-	}
+	events := func() uint64 { return replayedEvents(r) }
 	newSocket := func(typ int) (fd int, cookie uint64) {
 		t.Helper()
 		fd, err := unix.Socket(unix.AF_INET, typ|unix.SOCK_CLOEXEC, 0)
@@ -1006,7 +1009,7 @@ func TestRingBurstAfterIdle(t *testing.T) {
 	before := r.Stats()
 	// Each socket reports its bind and its release: three rings' worth, written far faster than one idle
 	// wait.
-	const sockets = 3 * (1 << 17) / 64
+	sockets := uint64(3 * mirrorRingSize / 64)
 	lo := &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}
 	start := time.Now()
 	for range sockets {
@@ -1033,4 +1036,10 @@ func TestRingBurstAfterIdle(t *testing.T) {
 	if got := after.MirrorEvents - before.MirrorEvents; got < 2*sockets {
 		t.Errorf("%d events replayed, want at least %d (a bind and a release per socket)", got, 2*sockets)
 	}
+}
+
+// replayedEvents brings the resolver's mirror up to date and returns how many events it has replayed.
+func replayedEvents(r *Resolver) uint64 {
+	r.mirror.sync()
+	return r.Stats().MirrorEvents
 }
