@@ -248,7 +248,7 @@ func (f *family) createChain(c chainRules) error {
 
 // insertJump puts a jump into one of our chains first in its built-in chain.
 func (f *family) insertJump(j jumpRule) error {
-	if err := f.ipt.Insert(j.Table, j.Builtin, 1, "-j", j.Target); err != nil {
+	if err := f.ipt.Insert(j.Table, j.Builtin, 1, j.args()...); err != nil {
 		return fmt.Errorf("%s: installing jump rule %s %s -> %s: %w", f.name, j.Table, j.Builtin, j.Target, err)
 	}
 	return nil
@@ -320,7 +320,7 @@ func (fw *firewall) enforceFirst() (int, error) {
 			if len(pos) == 0 || pos[0] != 1 {
 				fw.log.Warn("jump rule lost first place; restoring it", "family", f.name, "table", j.Table,
 					"chain", j.Builtin, "target", j.Target, "now_first", ruleAt(listing, 1), "was_at", pos)
-				if err := f.ipt.Insert(j.Table, j.Builtin, 1, "-j", j.Target); err != nil {
+				if err := f.ipt.Insert(j.Table, j.Builtin, 1, j.args()...); err != nil {
 					errs = append(errs, fmt.Errorf("%s: reinserting jump %s %s: %w", f.name, j.Table, j.Builtin, err))
 					continue
 				}

@@ -106,7 +106,7 @@ func testFirewall(f *fakeIPT) *firewall {
 func TestInstallIsIdempotentAndRemovesLeftovers(t *testing.T) {
 	f := newFakeIPT()
 	fw := testFirewall(f)
-	// A crashed run left two copies of a jump and a chain.
+	// A crashed run (of an older Warden, whose jumps matched nothing) left two copies of a jump and a chain.
 	f.chains["filter/OUTPUT"] = []string{"-A OUTPUT -j WARDEN-FILTER", "-A OUTPUT -p tcp -j ACCEPT", "-A OUTPUT -j WARDEN-FILTER"}
 	f.chains["filter/WARDEN-FILTER"] = []string{"-A WARDEN-FILTER -j DROP"}
 	if err := fw.install(); err != nil {
@@ -119,7 +119,7 @@ func TestInstallIsIdempotentAndRemovesLeftovers(t *testing.T) {
 	if diff := cmp.Diff(first, snapshot(f)); diff != "" {
 		t.Errorf("second install differs (-first +second):\n%s", diff)
 	}
-	if diff := cmp.Diff([]string{"-A OUTPUT -j WARDEN-FILTER", "-A OUTPUT -p tcp -j ACCEPT"}, f.chains["filter/OUTPUT"]); diff != "" {
+	if diff := cmp.Diff([]string{"-A OUTPUT -m connmark ! --mark 1710 -j WARDEN-FILTER", "-A OUTPUT -p tcp -j ACCEPT"}, f.chains["filter/OUTPUT"]); diff != "" {
 		t.Errorf("filter OUTPUT (-want +got):\n%s", diff)
 	}
 	if err := fw.remove(); err != nil {
@@ -162,7 +162,7 @@ func TestEnforceFirstInsertsBeforeDeleting(t *testing.T) {
 	if diff := cmp.Diff([]string{"insert mangle OUTPUT 1", "delete mangle OUTPUT 3"}, f.log); diff != "" {
 		t.Errorf("operations (-want +got):\n%s", diff)
 	}
-	want := []string{"-A OUTPUT -j WARDEN-INGEST-OUTPUT", "-A OUTPUT -j OTHER"}
+	want := []string{"-A OUTPUT -m connmark ! --mark 1710 -j WARDEN-INGEST-OUTPUT", "-A OUTPUT -j OTHER"}
 	if diff := cmp.Diff(want, f.chains["mangle/OUTPUT"]); diff != "" {
 		t.Errorf("mangle OUTPUT (-want +got):\n%s", diff)
 	}

@@ -189,6 +189,21 @@ func TestKernelOnlyFirstPacketsQueued(t *testing.T) {
 	port := strconv.Itoa(int(portAllow))
 	n.ipt(t, n.client, false, "-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "--dport", port)
 	n.ipt(t, n.client, false, "-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "--dport", port, "-m", "mark", "--mark", strconv.Itoa(int(marks.AcceptAlways)))
+	// The jumps into Warden's chains, first in their built-in chains: their counters say how many packets
+	// entered the chains.
+	// The first packet enters them on its way out; the server's answers arrive after it saved the decision.
+	jumps := []struct {
+		table, chain string
+		least        uint64
+	}{{"mangle", "OUTPUT", 1}, {"mangle", "INPUT", 0}, {"filter", "OUTPUT", 1}, {"filter", "INPUT", 0}}
+	jumped := func() []uint64 {
+		var c []uint64
+		for _, j := range jumps {
+			c = append(c, ruleCounts(t, n, j.table, j.chain)[0])
+		}
+		return c
+	}
+	jumpedBefore := jumped()
 	before := w.count(t)
 	c, err := dial(t, n.client, net.Dialer{}, "tcp", netip.AddrPortFrom(n.ServerV4, portAllow), 3*time.Second)
 	if err != nil {
@@ -222,13 +237,31 @@ func TestKernelOnlyFirstPacketsQueued(t *testing.T) {
 	if counts[1] < 1 || counts[1] >= 20 {
 		t.Errorf("%d packets left with the accept-always mark, want the first few (1..19)", counts[1])
 	}
+	// Nor do they enter Warden's chains, which would only return them (the jumps skip connmark 1710).
+	for i, after := range jumped() {
+		j, entered := jumps[i], after-jumpedBefore[i]
+		t.Logf("%s %s: %d packets jumped into Warden's chain", j.table, j.chain, entered)
+		if entered < j.least || entered >= 20 {
+			t.Errorf("%s %s: %d packets jumped into Warden's chain, want the first few (%d..19)", j.table, j.chain, entered, j.least)
+		}
+	}
 }
 
 // postroutingCounts returns the packet counters of the client's mangle POSTROUTING rules, in order.
 func postroutingCounts(t *testing.T, n *testNet) []uint64 {
 	t.Helper()
+	counts := ruleCounts(t, n, "mangle", "POSTROUTING")
+	if len(counts) != 2 {
+		t.Fatalf("got %d POSTROUTING rules, want the 2 probes", len(counts))
+	}
+	return counts
+}
+
+// ruleCounts returns the packet counters of the rules of a chain of the client's (IPv4), in order.
+func ruleCounts(t *testing.T, n *testNet, table, chain string) []uint64 {
+	t.Helper()
 	var counts []uint64
-	for _, line := range strings.Split(n.ipt(t, n.client, false, "-t", "mangle", "-L", "POSTROUTING", "-v", "-x", "-n"), "\n")[2:] {
+	for _, line := range strings.Split(n.ipt(t, n.client, false, "-t", table, "-L", chain, "-v", "-x", "-n"), "\n")[2:] {
 		fields := strings.Fields(line)
 		if len(fields) == 0 {
 			continue
@@ -238,9 +271,6 @@ func postroutingCounts(t *testing.T, n *testNet) []uint64 {
 			t.Fatalf("counter of %q: %v", line, err)
 		}
 		counts = append(counts, c)
-	}
-	if len(counts) != 2 {
-		t.Fatalf("got %d POSTROUTING rules, want the 2 probes", len(counts))
 	}
 	return counts
 }
@@ -370,7 +400,7 @@ func TestKernelStopRestoresRuleset(t *testing.T) {
 	thirdPartyRules(t, n)
 	before4, before6 := save(t, n.client, false), save(t, n.client, true)
 	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
-	if during := save(t, n.client, false); !strings.Contains(during, "-A OUTPUT -j WARDEN-FILTER") {
+	if during := save(t, n.client, false); !strings.Contains(during, "-A OUTPUT -m connmark ! --mark 0x6ae -j WARDEN-FILTER") {
 		t.Fatalf("rules not installed:\n%s", during)
 	}
 	w.stop(t)
@@ -401,8 +431,11 @@ func TestKernelRestartConverges(t *testing.T) {
 	w := startWarden(t, n.client, childConfig{Rules: verdictRules()})
 	clean4, clean6 := withoutCounters(save(t, n.client, false)), withoutCounters(save(t, n.client, true))
 	for _, s := range []string{clean4, clean6} {
-		for _, j := range []string{"-A OUTPUT -j WARDEN-FILTER", "-A INPUT -j WARDEN-FILTER", "-A OUTPUT -j WARDEN-INGEST-OUTPUT",
-			"-A INPUT -j WARDEN-INGEST-INPUT", "-A OUTPUT -j WARDEN-REDIRECT"} {
+		// Packets of connections accepted for good (connmark 1710 = 0x6ae) skip the jumps into the chains
+		// that would only return them.
+		for _, j := range []string{"-A OUTPUT -m connmark ! --mark 0x6ae -j WARDEN-FILTER", "-A INPUT -m connmark ! --mark 0x6ae -j WARDEN-FILTER",
+			"-A OUTPUT -m connmark ! --mark 0x6ae -j WARDEN-INGEST-OUTPUT", "-A INPUT -m connmark ! --mark 0x6ae -j WARDEN-INGEST-INPUT",
+			"-A OUTPUT -j WARDEN-REDIRECT"} {
 			if c := strings.Count(s, j+"\n"); c != 1 {
 				t.Errorf("%q appears %d times after a clean start, want once", j, c)
 			}
@@ -645,9 +678,9 @@ func TestKernelJumpStaysFirst(t *testing.T) {
 		jump         string
 	}
 	chains := []chain{
-		{false, "filter", "OUTPUT", "-A OUTPUT -j WARDEN-FILTER"},
-		{false, "mangle", "INPUT", "-A INPUT -j WARDEN-INGEST-INPUT"},
-		{true, "filter", "INPUT", "-A INPUT -j WARDEN-FILTER"},
+		{false, "filter", "OUTPUT", "-A OUTPUT -m connmark ! --mark 0x6ae -j WARDEN-FILTER"},
+		{false, "mangle", "INPUT", "-A INPUT -m connmark ! --mark 0x6ae -j WARDEN-INGEST-INPUT"},
+		{true, "filter", "INPUT", "-A INPUT -m connmark ! --mark 0x6ae -j WARDEN-FILTER"},
 		{true, "nat", "OUTPUT", "-A OUTPUT -j WARDEN-REDIRECT"},
 	}
 	for _, c := range chains {

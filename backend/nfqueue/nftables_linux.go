@@ -125,8 +125,8 @@ func notifyChanges(wake chan<- struct{}) (stop func(), err error) {
 // else goes to enforceFirst, which lists with iptables and repairs.
 
 // chainJumps returns, for each rule of chain in table (nf_tables family nfproto), in order, the chain it
-// jumps to when it is a plain jump (`-j CHAIN` with no match: an immediate jump and nothing but counters),
-// and "" for any other rule.
+// jumps to when it is a plain jump (`-j CHAIN`, or `-m connmark ... -j CHAIN`: an immediate jump and nothing
+// but counters and connmark matches), and "" for any other rule.
 func (g *genWatcher) chainJumps(nfproto uint8, table, chain string) ([]string, error) {
 	ae := netlink.NewAttributeEncoder()
 	ae.String(nftaRuleTable, table)
@@ -190,6 +190,12 @@ func plainJump(b []byte) (string, error) {
 				})
 				switch name {
 				case "counter":
+				case "match":
+					// Our jumps skip packets by connmark (see jumpRule.Unless); iptables-nft renders `-m connmark`
+					// as an xtables match. Which mark is ours to choose: this only asks where the jump is.
+					if m, err := matchName(data); err != nil || m != "connmark" {
+						return errNotPlain
+					}
 				case "immediate":
 					if target != "" {
 						return errNotPlain
@@ -219,6 +225,24 @@ func plainJump(b []byte) (string, error) {
 }
 
 var errNotPlain = errors.New("not a plain jump")
+
+// nftaMatchName is NFTA_MATCH_NAME, the xtables match's name in a compat match expression.
+const nftaMatchName = 1
+
+// matchName decodes a compat match expression's data: the xtables match's name.
+func matchName(b []byte) (string, error) {
+	ad, err := netlink.NewAttributeDecoder(b)
+	if err != nil {
+		return "", err
+	}
+	name := ""
+	for ad.Next() {
+		if ad.Type() == nftaMatchName {
+			name = ad.String()
+		}
+	}
+	return name, ad.Err()
+}
 
 // immediateJump decodes an immediate expression's data: the chain of a jump verdict, else "".
 func immediateJump(b []byte) (string, error) {

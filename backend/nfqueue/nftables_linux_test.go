@@ -38,12 +38,13 @@ func TestChainJumpsFromNetlink(t *testing.T) {
 	}
 	t.Cleanup(func() { g.Close() })
 
-	jumps := []jumpRule{{"filter", "OUTPUT", "WARDEN-FILTER"}, {"mangle", "INPUT", "WARDEN-INGEST-INPUT"}}
+	// One plain jump and one that skips a connmark, as Warden installs them.
+	jumps := []jumpRule{{"filter", "OUTPUT", "WARDEN-FILTER", 0}, {"mangle", "INPUT", "WARDEN-INGEST-INPUT", skipJump}}
 	fw := &firewall{fams: []family{{name: "ipv4", jumps: jumps}, {name: "ipv6", jumps: jumps}}}
 	for _, v6 := range []bool{false, true} {
 		for _, j := range jumps {
 			ipt(v6, "-t", j.Table, "-N", j.Target)
-			ipt(v6, "-t", j.Table, "-I", j.Builtin, "1", "-j", j.Target)
+			ipt(v6, append([]string{"-t", j.Table, "-I", j.Builtin, "1"}, j.args()...)...)
 		}
 	}
 	ipt(false, "-t", "filter", "-N", "OTHER")
@@ -69,6 +70,9 @@ func TestChainJumpsFromNetlink(t *testing.T) {
 		}
 	}
 	check("every jump first", true)
+	if got, err := g.chainJumps(nfprotoIPv6, "mangle", "INPUT"); err != nil || len(got) != 1 || got[0] != "WARDEN-INGEST-INPUT" {
+		t.Errorf("ipv6 mangle INPUT, a jump that skips a connmark: %q, %v; want the jump's target", got, err)
+	}
 
 	ipt(true, "-t", "mangle", "-I", "INPUT", "1", "-p", "udp", "-j", "ACCEPT")
 	check("another rule above the ipv6 mangle INPUT jump", false)
@@ -80,9 +84,11 @@ func TestChainJumpsFromNetlink(t *testing.T) {
 	ipt(false, "-t", "filter", "-D", "OUTPUT", "5")
 	check("the second jump deleted", true)
 
-	// A jump with a match in first place is not the plain jump Warden installs.
+	// A jump with another match in first place is not a jump Warden installs.
 	ipt(false, "-t", "filter", "-R", "OUTPUT", "1", "-p", "tcp", "-j", "WARDEN-FILTER")
 	check("the first rule jumps only for tcp", false)
+	ipt(false, "-t", "filter", "-R", "OUTPUT", "1", "-m", "mark", "--mark", "5", "-j", "WARDEN-FILTER")
+	check("the first rule jumps only for packet mark 5", false)
 
 	// A dump filtered by name finds nothing rather than failing: no rule, so jumpsFirst says look closer.
 	if got, err := g.chainJumps(nfprotoIPv4, "raw", "OUTPUT"); err != nil || len(got) != 0 {
@@ -91,7 +97,7 @@ func TestChainJumpsFromNetlink(t *testing.T) {
 }
 
 // encodeRule builds a rule's attributes as nf_tables reports them: table, chain, and one expression per name,
-// "immediate:CODE:CHAIN" giving an immediate verdict.
+// "immediate:CODE:CHAIN" giving an immediate verdict and "match:NAME" an xtables match.
 func encodeRule(t testing.TB, exprs ...string) []byte {
 	t.Helper()
 	ae := netlink.NewAttributeEncoder()
@@ -103,7 +109,11 @@ func encodeRule(t testing.TB, exprs ...string) []byte {
 			list.Nested(nftaListElem, func(x *netlink.AttributeEncoder) error {
 				x.String(nftaExprName, name)
 				x.Nested(nftaExprData, func(d *netlink.AttributeEncoder) error {
-					if name != "immediate" {
+					switch {
+					case name == "match" && verdict != "":
+						d.String(nftaMatchName, verdict)
+						return nil
+					case name != "immediate":
 						d.Uint64(1, 0) // a counter's packets
 						return nil
 					}
@@ -145,7 +155,11 @@ func TestPlainJumpDecoding(t *testing.T) {
 	}{
 		{[]string{"counter", "immediate:-3:WARDEN-FILTER"}, "WARDEN-FILTER"},
 		{[]string{"immediate:-3:WARDEN-FILTER"}, "WARDEN-FILTER"},
-		{[]string{"meta", "cmp", "counter", "immediate:-3:WARDEN-FILTER"}, ""}, // a match first
+		{[]string{"match:connmark", "counter", "immediate:-3:WARDEN-FILTER"}, "WARDEN-FILTER"},
+		{[]string{"match:connmark", "match:connmark", "immediate:-3:WARDEN-FILTER"}, "WARDEN-FILTER"},
+		{[]string{"match:mark", "counter", "immediate:-3:WARDEN-FILTER"}, ""},
+		{[]string{"match", "counter", "immediate:-3:WARDEN-FILTER"}, ""},       // a match without a name
+		{[]string{"meta", "cmp", "counter", "immediate:-3:WARDEN-FILTER"}, ""}, // a native match first
 		{[]string{"counter", "immediate:-4:WARDEN-FILTER"}, ""},                // goto
 		{[]string{"counter", "immediate:1:"}, ""},                              // accept
 		{[]string{"counter", "immediate:-3:A", "immediate:-3:B"}, ""},
@@ -167,6 +181,7 @@ func FuzzPlainJump(f *testing.F) {
 	f.Add([]byte{})
 	f.Add(encodeRule(f, "counter", "immediate:-3:WARDEN-FILTER"))
 	f.Add(encodeRule(f, "meta", "cmp", "immediate:1:"))
+	f.Add(encodeRule(f, "match:connmark", "counter", "immediate:-3:WARDEN-FILTER"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		_, _ = plainJump(b)
 	})

@@ -34,6 +34,16 @@ type jumpRule struct {
 	Table   string
 	Builtin string
 	Target  string
+	// Unless is a connmark whose packets do not jump (0: every packet jumps); see skipJump.
+	Unless uint32
+}
+
+// args renders the jump's rule specification (what follows `-I BUILTIN 1`).
+func (j jumpRule) args() []string {
+	if j.Unless == 0 {
+		return []string{"-j", j.Target}
+	}
+	return []string{"-m", "connmark", "!", "--mark", strconv.FormatUint(uint64(j.Unless), 10), "-j", j.Target}
 }
 
 // queueRange is a contiguous range of queue numbers.
@@ -90,6 +100,14 @@ var permanentMarks = []uint32{
 // needs no mark after the first packet. Split routes are policy-routed by their mark, and blocks and drops are
 // enforced on it: those are restored.
 var unmarkedConnmarks = []uint32{marks.AcceptAlways, marks.RerouteSplit}
+
+// skipJump is the connmark whose packets skip the jumps into the ingest and filter chains: the later packets of
+// connections accepted for good, the bulk of all traffic. Both chains would only return them untouched (the
+// ingest chain's first rules and the foreign chain's, the filter chain's first rule), so one match in the
+// built-in chain spares each of them two jumps and the rules before the return. Only accept-always: a
+// connection rerouted to the split-tunnel proxy whose packet carries a foreign mark gets its own mark restored
+// by the foreign chain, which a skipped jump would change.
+const skipJump = marks.AcceptAlways
 
 // splitRouteMarks matches every kernel-routed split mark (marks.SplitRoute) with one mask.
 var splitRouteMarks = []string{"-m", "mark", "--mark", fmt.Sprintf("%d/0x%x", marks.SplitRouteBase, marks.SplitRouteMask)}
@@ -235,16 +253,16 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 	}
 	// Installation order: filter first, so that no verdict mark is ever set without being enforced.
 	jumps := []jumpRule{
-		{"filter", "OUTPUT", chainFilter},
-		{"filter", "INPUT", chainFilter},
-		{"nat", "OUTPUT", chainRedirect},
+		{"filter", "OUTPUT", chainFilter, skipJump},
+		{"filter", "INPUT", chainFilter, skipJump},
+		{"nat", "OUTPUT", chainRedirect, 0},
 	}
 	if p.SplitSNAT {
 		// Only then: a nat chain after routing gives every new connection a null binding.
 		c, j := splitSNATRules()
 		chains, jumps = append(chains, c), append(jumps, j)
 	}
-	jumps = append(jumps, jumpRule{"mangle", "OUTPUT", chainIngestOutput}, jumpRule{"mangle", "INPUT", chainIngestInput})
+	jumps = append(jumps, jumpRule{"mangle", "OUTPUT", chainIngestOutput, skipJump}, jumpRule{"mangle", "INPUT", chainIngestInput, skipJump})
 	return chains, jumps
 }
 
@@ -253,7 +271,7 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 // packet passes nat. The same for both address families.
 func splitSNATRules() (chainRules, jumpRule) {
 	return chainRules{Table: "nat", Chain: chainSplitSNAT, Rules: [][]string{cat(splitRouteMarks, []string{"-j", "MASQUERADE"})}},
-		jumpRule{"nat", "POSTROUTING", chainSplitSNAT}
+		jumpRule{"nat", "POSTROUTING", chainSplitSNAT, 0}
 }
 
 // cleanupRules returns every chain and jump any configuration of Warden installs for one address family: what a
@@ -273,7 +291,7 @@ func renderRules(chains []chainRules, jumps []jumpRule) string {
 		}
 	}
 	for _, j := range jumps {
-		fmt.Fprintf(&b, "*%s -I %s 1 -j %s\n", j.Table, j.Builtin, j.Target)
+		fmt.Fprintf(&b, "*%s -I %s 1 %s\n", j.Table, j.Builtin, strings.Join(j.args(), " "))
 	}
 	return b.String()
 }

@@ -111,7 +111,7 @@ func TestRulesWithoutRouteSplitHaveNoSourceNAT(t *testing.T) {
 		if got := cleanChains[len(cleanChains)-1].Chain; got != chainSplitSNAT {
 			t.Errorf("v6=%v: cleanup's last chain is %s, want %s", v6, got, chainSplitSNAT)
 		}
-		if !slices.Contains(cleanJumps, jumpRule{"nat", "POSTROUTING", chainSplitSNAT}) {
+		if !slices.Contains(cleanJumps, jumpRule{"nat", "POSTROUTING", chainSplitSNAT, 0}) {
 			t.Errorf("v6=%v: cleanup does not remove the POSTROUTING jump", v6)
 		}
 	}
