@@ -493,7 +493,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 			{wlTCPConnect, cfg, []string{"-workload=tcp_connect", dur, clients}, false, true},
 			{wlUDPFlows, cfg, []string{"-workload=udp_flows", dur, clients}, true, true},
 			{wlLatency, cfg, []string{"-workload=latency", dur, "-clients=4", "-rate=" + strconv.Itoa(o.latencyRate)}, false, false},
-			{wlBulk, cfg, []string{"-workload=bulk", dur}, false, false},
+			{wlBulk, cfg, []string{"-workload=bulk", dur}, false, true},
 		}
 	}
 	// The split workloads compare the kernel's direct path with Warden's split tunnel to the same server: through
@@ -567,11 +567,15 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		if profiling {
 			err = errors.Join(err, b.command(fw.c, "stop"))
 		}
+		profOps := res.Ops
+		if isBulk(r.workload) {
+			profOps = res.Bytes / 1e6 // a megabyte moved, as for the costs below
+		}
 		if perf != nil {
-			err = errors.Join(err, b.finishPerf(perf, res.Ops, fwPID))
+			err = errors.Join(err, b.finishPerf(perf, profOps, fwPID))
 		}
 		if bpfRec != nil {
-			perOp, berr := bpfRec.finish(filepath.Join(o.profile, r.config+"-"+r.workload+".bpf.txt"), res.Ops)
+			perOp, berr := bpfRec.finish(filepath.Join(o.profile, r.config+"-"+r.workload+".bpf.txt"), profOps)
 			err = errors.Join(err, berr)
 			if perOp > 0 {
 				b.logf("  Warden's attribution programs: %.2f µs of applications' CPU per operation", float64(perOp.Nanoseconds())/1e3)
@@ -593,7 +597,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		// but at a fixed rate that leaves the machine mostly idle, so their costs would measure waiting).
 		countsOps := r.workload == wlTCPConnect || r.workload == wlUDPFlows || r.workload == wlProxyUDP
 		ops := float64(res.Ops)
-		if r.workload == wlBulk || r.workload == wlProxyBulk {
+		if isBulk(r.workload) {
 			// The bulk workloads' operation is a megabyte moved: their machine time per MB shows what a byte
 			// costs each configuration, which moves less from run to run than the rate.
 			countsOps, ops = true, float64(res.Bytes)/1e6
@@ -949,3 +953,6 @@ func machine() Machine {
 	}
 	return m
 }
+
+// isBulk reports whether a workload moves bytes on one connection, whose operation is then a megabyte.
+func isBulk(workload string) bool { return workload == wlBulk || workload == wlProxyBulk }

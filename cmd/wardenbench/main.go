@@ -61,7 +61,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.rules, "rules", 1000, "rules in Warden's policy")
 	fs.StringVar(&o.warden, "warden", "", "warden binary (default: next to wardenbench, else $PATH); \"builtin\" runs the same daemon package inside this binary")
 	fs.StringVar(&o.compare, "compare", "", "a second warden binary, measured as configuration \"compare\" right after \"warden\" in every repetition (tcp_connect, udp_flows, connect_latency, tcp_bulk): an A/B test of a change under the same conditions")
-	fs.StringVar(&o.profile, "profile", "", "directory for CPU profiles (pprof) of Warden and the bare consumer during tcp_connect and udp_flows; implies --warden builtin")
+	fs.StringVar(&o.profile, "profile", "", "directory for CPU profiles (pprof, perf) of Warden and the bare consumer during tcp_connect, udp_flows and tcp_bulk, and of the split tunnel's workloads; implies --warden builtin")
 	fs.BoolVar(&o.noApps, "no-app-rules", false, "diagnosis: Warden's policy without application rules (no process lookups); the report says so")
 	fs.Float64Var(&o.maxSteal, "max-steal", -1, fmt.Sprintf("repeat a workload run (up to %d times) when the hypervisor stole more than this share of the CPU time during it (default 0.05; quick 0: never)", stealRetries))
 	fs.BoolVar(&o.keepLogs, "keep-logs", false, "keep the temporary directory with Warden's config and logs")
