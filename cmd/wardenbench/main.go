@@ -37,6 +37,7 @@ type options struct {
 	warden      string
 	compare     string
 	profile     string
+	pool        []string
 	keepLogs    bool
 	noApps      bool
 	// maxSteal is the share of CPU time the hypervisor may steal during one workload run before the run is
@@ -48,7 +49,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	o := &options{}
 	fs := flag.NewFlagSet("wardenbench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	var workloads string
+	var workloads, pool string
 	fs.StringVar(&o.out, "out", "", "write the results as JSON to this file")
 	fs.BoolVar(&o.quick, "quick", false, "one repetition of 1s per workload and 20000 memory flows (finishes within 60s)")
 	fs.IntVar(&o.reps, "reps", 0, "repetitions of every workload (median reported; default 8, quick 1)")
@@ -65,6 +66,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.BoolVar(&o.noApps, "no-app-rules", false, "diagnosis: Warden's policy without application rules (no process lookups); the report says so")
 	fs.Float64Var(&o.maxSteal, "max-steal", -1, fmt.Sprintf("repeat a workload run (up to %d times) when the hypervisor stole more than this share of the CPU time during it (default 0.05; quick 0: never)", stealRetries))
 	fs.BoolVar(&o.keepLogs, "keep-logs", false, "keep the temporary directory with Warden's config and logs")
+	fs.StringVar(&pool, "pool", "", "comma-separated result files of earlier runs (--out): measure nothing, report their repetitions pooled (medians over all of them, the same ratios and targets); with --out, write that report")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: wardenbench [flags]\n\nMeasures Warden against the kernel alone and a bare NFQUEUE consumer (needs root).\n\n")
 		fs.PrintDefaults()
@@ -74,6 +76,19 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	if pool != "" {
+		measuring := false
+		fs.Visit(func(f *flag.Flag) { measuring = measuring || (f.Name != "pool" && f.Name != "out") })
+		if measuring {
+			return nil, errors.New("--pool measures nothing: it takes only --out besides the files")
+		}
+		for p := range strings.SplitSeq(pool, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				o.pool = append(o.pool, p)
+			}
+		}
+		return o, nil
 	}
 	if o.reps <= 0 {
 		// Even, so that each configuration order (odd repetitions run it reversed) is measured equally often.
@@ -145,8 +160,29 @@ func main() {
 		fmt.Fprintln(os.Stderr, "wardenbench:", err)
 		os.Exit(2)
 	}
+	if len(o.pool) > 0 {
+		if err := runPool(o, os.Stdout, os.Stderr); err != nil {
+			fmt.Fprintln(os.Stderr, "wardenbench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := runBench(o, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "wardenbench:", err)
 		os.Exit(1)
 	}
+}
+
+// runPool prints (and with --out writes) the pooled report of earlier runs' result files.
+func runPool(o *options, stdout, stderr io.Writer) error {
+	rep, err := poolReports(o.pool, stderr)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "Pooled: %d repetitions from %s\n\n", rep.Method.Reps, strings.Join(rep.Method.PooledFrom, ", "))
+	writeTable(stdout, rep)
+	if o.out != "" {
+		return writeJSON(o.out, rep)
+	}
+	return nil
 }

@@ -125,6 +125,8 @@ type Method struct {
 	Warden      string   `json:"warden"`
 	Compare     string   `json:"compare,omitempty"`
 	NoAppRules  bool     `json:"no_app_rules,omitempty"`
+	// PooledFrom names the result files a --pool report merged; Reps is then their repetitions together.
+	PooledFrom []string `json:"pooled_from,omitempty"`
 }
 
 // Target is one of the issue's goals and whether this run met it.
