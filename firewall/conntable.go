@@ -37,8 +37,12 @@ type ruleRef struct {
 // Decision returns the connection's decision.
 func (c *Conn) Decision() backend.Decision { return c.decision }
 
-// Rule returns the name, index and source of what decided the connection.
+// Rule returns the name, index and source of what decided the connection; for a Conn the pipeline did not
+// hand out (nothing decided it), "", -1 and "".
 func (c *Conn) Rule() (name string, index int, source string) {
+	if c.rule == nil {
+		return "", -1, ""
+	}
 	return c.rule.Name, c.rule.Index, c.rule.Source
 }
 

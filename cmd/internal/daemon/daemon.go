@@ -72,7 +72,10 @@ type Daemon struct {
 	nsAddrs  []netip.AddrPort
 	connLog  *connLogger
 	metrics  *metrics
-	closers  []func() error
+	// logDecisions is whether the logger takes debug records, fixed with it at start: asked once, not per
+	// connection (the handler's level is one more cold cache line on a decision's path).
+	logDecisions bool
+	closers      []func() error
 }
 
 // NewLogger builds the daemon's logger from the log section.
@@ -170,7 +173,7 @@ func (d *Daemon) Run(ctx context.Context, cfg *config.Config, pol *firewall.Poli
 	if d.Stderr == nil {
 		d.Stderr = os.Stderr
 	}
-	d.log = NewLogger(d.Stderr, cfg.Log)
+	d.setLogger(NewLogger(d.Stderr, cfg.Log))
 	d.cfg = cfg
 	d.started = time.Now()
 	// One daemon per network namespace, checked before anything is touched: a second one would take a running
@@ -437,10 +440,16 @@ func (d *Daemon) rejectReload(err error) error {
 	return err
 }
 
+// setLogger installs the daemon's logger, which lives as long as the daemon.
+func (d *Daemon) setLogger(l *slog.Logger) {
+	d.log = l
+	d.logDecisions = l.Enabled(context.Background(), slog.LevelDebug)
+}
+
 func (d *Daemon) onDecision(c firewall.Conn, took time.Duration) {
 	d.metrics.observeDecision(&c, took)
 	d.connLog.Log(&c)
-	if d.log.Enabled(context.Background(), slog.LevelDebug) {
+	if d.logDecisions {
 		// Built only when debug logging is on: this runs once per new connection.
 		name, _, source := c.Rule()
 		d.log.Debug("decided", "conn", c.Key.String(), "direction", c.Direction.String(), "pid", c.PID,
