@@ -92,22 +92,21 @@ var permanentMarks = []uint32{
 	marks.RerouteTunnel, marks.RerouteSplit, marks.RerouteNS,
 }
 
-// unmarkedConnmarks are the permanent decisions whose later packets keep their own mark: the ingest chain
-// returns them before restoring the connmark, and the filter chain decides them on the connmark. Restoring would
-// change the packet mark, and a changed mark in mangle OUTPUT (an nf_tables route chain) makes the kernel look
-// the route up again, once per packet. Accepts are the bulk of all traffic; a connection rerouted to the
-// split-tunnel proxy passes twice per byte relayed (the application's leg on loopback), and conntrack's DNAT
-// needs no mark after the first packet. Split routes are policy-routed by their mark, and blocks and drops are
-// enforced on it: those are restored.
-var unmarkedConnmarks = []uint32{marks.AcceptAlways, marks.RerouteSplit}
-
-// skipJump is the connmark whose packets skip the jumps into the ingest and filter chains: the later packets of
-// connections accepted for good, the bulk of all traffic. Both chains would only return them untouched (the
-// ingest chain's first rules and the foreign chain's, the filter chain's first rule), so one match in the
-// built-in chain spares each of them two jumps and the rules before the return. Only accept-always: a
-// connection rerouted to the split-tunnel proxy whose packet carries a foreign mark gets its own mark restored
-// by the foreign chain, which a skipped jump would change.
+// Later packets of some permanent decisions keep their own mark: restoring the connmark would change the packet
+// mark, and a changed mark in mangle OUTPUT (an nf_tables route chain) makes the kernel look the route up again,
+// once per packet. Split routes are policy-routed by their mark, and blocks and drops are enforced on it: those
+// are restored. Two decisions need no packet mark:
+//
+//   - skipJump, accept-always: the bulk of all traffic. Its later packets do not even jump into the ingest and
+//     filter chains, which could only return them untouched (the foreign chain too, for a packet with another
+//     program's mark), so one match in the built-in chain spares each of them two jumps.
+//   - unmarkedConnmarks, reroute-split: a connection rerouted to the split-tunnel proxy, which passes twice per
+//     byte relayed (the application's leg on loopback); conntrack's DNAT needs no mark after the first packet.
+//     Its packets do jump, and return at the top of both chains: one that carries another program's mark gets
+//     its own mark restored by the foreign chain, which a skipped jump would change.
 const skipJump = marks.AcceptAlways
+
+var unmarkedConnmarks = []uint32{marks.RerouteSplit}
 
 // splitRouteMarks matches every kernel-routed split mark (marks.SplitRoute) with one mask.
 var splitRouteMarks = []string{"-m", "mark", "--mark", fmt.Sprintf("%d/0x%x", marks.SplitRouteBase, marks.SplitRouteMask)}
@@ -164,8 +163,8 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 		c := chainRules{Table: "mangle", Chain: chain}
 		add := func(r ...[]string) { c.Rules = append(c.Rules, cat(r...)) }
 		add([]string{"-m", "mark", "!", "--mark", "0", "-g", foreign})
-		// Later packets of connections whose decision needs no packet mark leave with their mark untouched (see
-		// unmarkedConnmarks).
+		// Later packets of connections whose decision needs no packet mark and that jumped here leave with their
+		// mark untouched (see unmarkedConnmarks).
 		for _, cm := range unmarkedConnmarks {
 			add(connmark(cm), []string{"-j", "RETURN"})
 		}
@@ -186,8 +185,8 @@ func buildRules(v6 bool, p ruleParams) ([]chainRules, []jumpRule) {
 
 	filter := chainRules{Table: "filter", Chain: chainFilter}
 	addF := func(r ...[]string) { filter.Rules = append(filter.Rules, cat(r...)) }
-	// Later packets of the connections the ingest chain left unmarked (a foreign mark, or none): nothing to
-	// save, and their connmark decides. They must return before the rules below read the packet mark, or
+	// Later packets of the connections the ingest chain left unmarked (a foreign mark, or none) and that jumped
+	// here: nothing to save, and their connmark decides. They must return before the rules below read the packet mark, or
 	// fail_mode closed would drop them as unmarked.
 	for _, cm := range unmarkedConnmarks {
 		addF(connmark(cm), []string{"-j", "RETURN"})

@@ -567,15 +567,17 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		if profiling {
 			err = errors.Join(err, b.command(fw.c, "stop"))
 		}
-		profOps := res.Ops
+		// The bulk workloads' operation is a megabyte moved: their machine time per MB shows what a byte costs
+		// each configuration, which moves less from run to run than the rate.
+		ops := float64(res.Ops)
 		if isBulk(r.workload) {
-			profOps = res.Bytes / 1e6 // a megabyte moved, as for the costs below
+			ops = float64(res.Bytes) / 1e6
 		}
 		if perf != nil {
-			err = errors.Join(err, b.finishPerf(perf, profOps, fwPID))
+			err = errors.Join(err, b.finishPerf(perf, uint64(ops), fwPID))
 		}
 		if bpfRec != nil {
-			perOp, berr := bpfRec.finish(filepath.Join(o.profile, r.config+"-"+r.workload+".bpf.txt"), profOps)
+			perOp, berr := bpfRec.finish(filepath.Join(o.profile, r.config+"-"+r.workload+".bpf.txt"), uint64(ops))
 			err = errors.Join(err, berr)
 			if perOp > 0 {
 				b.logf("  Warden's attribution programs: %.2f µs of applications' CPU per operation", float64(perOp.Nanoseconds())/1e3)
@@ -595,13 +597,7 @@ func (b *bench) runConfig(cfg string, rep int) (err error) {
 		}
 		// Costs per operation for the workloads that count operations (the latency ones count connections too,
 		// but at a fixed rate that leaves the machine mostly idle, so their costs would measure waiting).
-		countsOps := r.workload == wlTCPConnect || r.workload == wlUDPFlows || r.workload == wlProxyUDP
-		ops := float64(res.Ops)
-		if isBulk(r.workload) {
-			// The bulk workloads' operation is a megabyte moved: their machine time per MB shows what a byte
-			// costs each configuration, which moves less from run to run than the rate.
-			countsOps, ops = true, float64(res.Bytes)/1e6
-		}
+		countsOps := r.workload == wlTCPConnect || r.workload == wlUDPFlows || r.workload == wlProxyUDP || isBulk(r.workload)
 		if countsOps && ops > 0 {
 			s.machineUS = cpu1.busyTimeSince(cpu0).Seconds() * 1e6 / ops
 			if cpu1.switches > cpu0.switches {

@@ -112,14 +112,6 @@ func poolResult(parts []Result) Result {
 		machine, fw, switches = append(machine, p.MachineUS), append(fw, p.FirewallCPUUS), append(switches, p.MachineSwitches)
 	}
 	r.Value = round(median(r.Runs))
-	if len(r.Runs) == 0 {
-		// A workload measured once per run without repetitions of its own (none today): keep the values.
-		vals := make([]float64, len(parts))
-		for i, p := range parts {
-			vals[i] = p.Value
-		}
-		r.Value = round(median(vals))
-	}
 	r.CPUBusy = math.Round(median(busy)*100) / 100
 	r.Stolen = math.Round(median(stolen)*1000) / 1000
 	r.P50, r.P99 = medianOfSet(p50), medianOfSet(p99)

@@ -4,10 +4,11 @@
 // A lookup asks the kernel's sock_diag netlink interface for the socket that owns the 5-tuple (its inode, UID
 // and cookie). The owner is then read, when it can be, from what small cgroup programs recorded of the socket
 // cookie: the process that bound the socket or last connected or sent with it (the map programs of older kernels
-// record its creator instead of its binder). By default the programs report it as events in a ring that the resolver replays into a user-space mirror, keeping only what they
-// must remember in the socket's own storage (storage_linux.go); where the kernel cannot do that, they keep an
-// eBPF map from cookie to owner (ebpf_linux.go). The PID found is trusted only if that process still exists
-// and had started when the entry was written.
+// record its creator instead of its binder). By default the programs report it as events in a ring that the
+// resolver replays into a user-space mirror, keeping only what they must remember in the socket's own storage
+// (storage_linux.go); where the kernel cannot do that, they keep an eBPF map from cookie to owner
+// (ebpf_linux.go). The PID found is trusted only if that process still exists and had started when the entry
+// was written.
 // The entry also holds the writing thread's name: when the resolver already has a record of that process, kept
 // live by its exit watcher, with the same name and an earlier start, the record answers without any system
 // call; otherwise /proc/<pid>/stat is read to check the PID still names that process.
