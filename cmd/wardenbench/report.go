@@ -140,6 +140,11 @@ type Target struct {
 	// for rate ratios: their spread shows how far one run's ratio can be trusted. Value stays the ratio of the
 	// medians.
 	PairedRuns []float64 `json:"paired_runs,omitempty"`
+	// Interval is the 95 % bootstrap interval of Value (see ratioInterval), for rate ratios with enough paired
+	// repetitions; Settled says it lies wholly on one side of the target, so that Met holds at this run's
+	// precision. An unsettled verdict needs more repetitions, or runs pooled with --pool.
+	Interval []float64 `json:"interval95,omitempty"`
+	Settled  bool      `json:"settled,omitempty"`
 }
 
 // sample is one repetition's measurement of one workload in one configuration.
@@ -389,6 +394,12 @@ func ratios(rs []Result) (map[string]float64, []Target) {
 			} else {
 				t.Want, t.Met = fmt.Sprintf(">= %.2f", s.target), r >= s.target
 			}
+			if s.metric == metricValue {
+				if lo, hi, ok := ratioInterval(a.Runs, b.Runs); ok {
+					t.Interval = []float64{lo, hi}
+					t.Settled = lo > s.target || hi < s.target
+				}
+			}
 			ts = append(ts, t)
 		}
 	}
@@ -422,17 +433,25 @@ func writeTable(w io.Writer, rep *Report) {
 	}
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "RATIO\tVALUE\tTARGET\tMET\tPER REPETITION")
+	fmt.Fprintln(tw, "RATIO\tVALUE\tTARGET\tMET\t95% INTERVAL\tPER REPETITION")
 	for _, t := range rep.Targets {
 		met := "yes"
 		if !t.Met {
 			met = "NO"
 		}
+		interval := "-"
+		if len(t.Interval) == 2 {
+			// "?" marks a verdict the interval does not settle: the target lies inside it.
+			interval = fmt.Sprintf("%s-%s", fmtNum(t.Interval[0]), fmtNum(t.Interval[1]))
+			if !t.Settled {
+				met += "?"
+			}
+		}
 		paired := "-"
 		if len(t.PairedRuns) > 0 {
 			paired = fmtRuns(t.PairedRuns)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.Ratio, fmtNum(t.Value), t.Want, met, paired)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", t.Ratio, fmtNum(t.Value), t.Want, met, interval, paired)
 	}
 	names := make([]string, 0, len(rep.Ratios))
 	for k := range rep.Ratios {
@@ -441,7 +460,7 @@ func writeTable(w io.Writer, rep *Report) {
 	sort.Strings(names)
 	for _, k := range names {
 		if !slices.ContainsFunc(rep.Targets, func(t Target) bool { return t.Ratio == k }) {
-			fmt.Fprintf(tw, "%s\t%s\t-\t-\t\n", k, fmtNum(rep.Ratios[k]))
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\t\n", k, fmtNum(rep.Ratios[k]))
 		}
 	}
 	tw.Flush()
