@@ -16,9 +16,10 @@ import (
 
 // poolReports reads the reports at paths and returns one report whose results hold every repetition of all of
 // them: each rate's median is taken over the concatenated repetitions, so the ratios are those of the pooled
-// medians, and the per-repetition ratios stay paired (each file's repetitions ran side by side). The per-run
-// costs and latencies (p50, p99, machine and firewall time, switches) are kept only as medians in the files:
-// their pooled value is the median of the runs' medians. Runs measured with other parameters, or interrupted,
+// medians, and the per-repetition ratios stay paired (each file's repetitions ran side by side). The p99 is
+// pooled the same way when every file kept its repetitions' p99s (since session 15). The other per-run costs
+// and latencies (p50, machine and firewall time, switches) are kept only as medians in the files: their pooled
+// value is the median of the runs' medians. Runs measured with other parameters, or interrupted,
 // are refused; a workload and configuration missing from any file is left out.
 func poolReports(paths []string, warn io.Writer) (*Report, error) {
 	if len(paths) < 2 {
@@ -103,6 +104,7 @@ func poolResult(parts []Result) Result {
 	var p50, p99, machine, fw, switches []*float64
 	for _, p := range parts {
 		r.Runs = append(r.Runs, p.Runs...)
+		r.P99Runs = append(r.P99Runs, p.P99Runs...)
 		r.Errors += p.Errors
 		r.QueueDrops += p.QueueDrops
 		r.StealRepeats += p.StealRepeats
@@ -115,6 +117,11 @@ func poolResult(parts []Result) Result {
 	r.CPUBusy = math.Round(median(busy)*100) / 100
 	r.Stolen = math.Round(median(stolen)*1000) / 1000
 	r.P50, r.P99 = medianOfSet(p50), medianOfSet(p99)
+	if len(r.P99Runs) == len(r.Runs) && len(r.Runs) > 0 {
+		// Every run kept its repetitions' p99s: their median over all of them, as for the rate.
+		v := round(median(r.P99Runs))
+		r.P99 = &v
+	}
 	r.MachineUS, r.FirewallCPUUS, r.MachineSwitches = medianOfSet(machine), medianOfSet(fw), medianOfSet(switches)
 	return r
 }

@@ -149,3 +149,57 @@ func TestPoolFlags(t *testing.T) {
 		t.Errorf("written report: %+v, %v", rep.Method, err)
 	}
 }
+
+// The repetitions' own p99s pool like the rates: their median over every repetition, and an interval, once each
+// file kept them; a file from before they were kept leaves the p99 as the median of the runs' medians.
+func TestPoolP99Repetitions(t *testing.T) {
+	dir := t.TempDir()
+	f := func(v float64) *float64 { return &v }
+	run := func(bareP99, wardenP99 []float64) *Report {
+		r := poolRun([]float64{1000, 1000, 1000}, []float64{950, 950, 950}, 1, 1)
+		r.Results = append(r.Results,
+			Result{Workload: wlLatency, Config: cfgBare, Unit: "us (p50)", Runs: []float64{50, 50, 50}, Value: 50,
+				P50: f(50), P99: f(median(bareP99)), P99Runs: bareP99},
+			Result{Workload: wlLatency, Config: cfgWarden, Unit: "us (p50)", Runs: []float64{60, 60, 60}, Value: 60,
+				P50: f(60), P99: f(median(wardenP99)), P99Runs: wardenP99})
+		return r
+	}
+	a := writeRun(t, dir, "a.json", run([]float64{100, 100, 100}, []float64{170, 180, 190}))
+	b := writeRun(t, dir, "b.json", run([]float64{100, 100, 100}, []float64{200, 210, 220}))
+	rep, err := poolReports([]string{a, b}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// All six Warden p99s: 170 180 190 200 210 220, median 195.
+	w, _ := find(rep.Results, wlLatency, cfgWarden)
+	if *w.P99 != 195 || len(w.P99Runs) != 6 {
+		t.Errorf("pooled Warden p99 %v from %v", *w.P99, w.P99Runs)
+	}
+	c := writeRun(t, dir, "c.json", run([]float64{100, 100, 100}, []float64{300, 300, 300}))
+	rep, err = poolReports([]string{a, b, c}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Nine p99s, median 210, each at least 1.7 times the bare consumer's: the interval lies above 1.5.
+	var tgt Target
+	for _, x := range rep.Targets {
+		if x.Ratio == "warden_vs_bare_connect_p99" {
+			tgt = x
+		}
+	}
+	if tgt.Value != 2.1 || len(tgt.Interval) != 2 || tgt.Interval[0] > 2.1 || tgt.Interval[1] < 2.1 || !tgt.Settled || tgt.Met {
+		t.Errorf("p99 target %+v: want 2.1 with an interval around it, a settled miss of <= 1.5", tgt)
+	}
+	old := run([]float64{100, 100, 100}, []float64{170, 180, 190})
+	for i := range old.Results {
+		old.Results[i].P99Runs = nil
+	}
+	rep, err = poolReports([]string{writeRun(t, dir, "old.json", old), c}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Pooled over all repetitions it would be 245 (170 180 190 300 300 300); the runs' medians give 240.
+	if w, _ := find(rep.Results, wlLatency, cfgWarden); *w.P99 != 240 {
+		t.Errorf("with a file that kept no p99s: %v, want the median of the runs' medians (180, 300: 240)", *w.P99)
+	}
+}

@@ -58,8 +58,10 @@ type Result struct {
 	P50 *float64 `json:"p50_us"`
 	P99 *float64 `json:"p99_us"`
 	// Runs are the values of the individual repetitions; Errors counts failed operations over all of them.
-	Runs   []float64 `json:"runs"`
-	Errors uint64    `json:"errors"`
+	Runs []float64 `json:"runs"`
+	// P99Runs are the repetitions' own p99s (P99 is their median), so that the p99 target gets an interval too.
+	P99Runs []float64 `json:"p99_runs,omitempty"`
+	Errors  uint64    `json:"errors"`
 	// QueueDrops counts, over all repetitions, the packets the firewall's NFQUEUE queues dropped (full, or the
 	// message not delivered): each is a connection's first packet lost, and the connection waits for its
 	// retransmission. Omitted where no queue was in use or none dropped.
@@ -140,8 +142,8 @@ type Target struct {
 	// for rate ratios: their spread shows how far one run's ratio can be trusted. Value stays the ratio of the
 	// medians.
 	PairedRuns []float64 `json:"paired_runs,omitempty"`
-	// Interval is the 95 % bootstrap interval of Value (see ratioInterval), for rate ratios with enough paired
-	// repetitions; Settled says it lies wholly on one side of the target, so that Met holds at this run's
+	// Interval is the 95 % bootstrap interval of Value (see ratioInterval), for rate and p99 ratios with enough
+	// paired repetitions; Settled says it lies wholly on one side of the target, so that Met holds at this run's
 	// precision. An unsettled verdict needs more repetitions, or runs pooled with --pool.
 	Interval []float64 `json:"interval95,omitempty"`
 	Settled  bool      `json:"settled,omitempty"`
@@ -232,6 +234,7 @@ func (c *collector) results() []Result {
 		if len(p99s) > 0 {
 			p50, p99 := round(median(p50s)), round(median(p99s))
 			r.P50, r.P99 = &p50, &p99
+			r.P99Runs = roundAll(p99s)
 		}
 		out = append(out, r)
 	}
@@ -317,6 +320,18 @@ func (m metric) of(r Result) (float64, bool) {
 	return *p, true
 }
 
+// runs returns the per-repetition values behind measure m of a and b, for the rate and the p99 (the other
+// measures are kept as medians only); false when either lacks them.
+func (m metric) runs(a, b Result) (num, den []float64, ok bool) {
+	switch m {
+	case metricValue:
+		num, den = a.Runs, b.Runs
+	case metricP99:
+		num, den = a.P99Runs, b.P99Runs
+	}
+	return num, den, len(num) > 0 && len(den) > 0
+}
+
 var ratioSpecs = []ratioSpec{
 	{name: "warden_vs_bare_tcp_connect", workload: wlTCPConnect, num: cfgWarden, den: cfgBare, target: 0.9},
 	{name: "warden_vs_bare_udp_flows", workload: wlUDPFlows, num: cfgWarden, den: cfgBare, target: 0.9},
@@ -394,8 +409,8 @@ func ratios(rs []Result) (map[string]float64, []Target) {
 			} else {
 				t.Want, t.Met = fmt.Sprintf(">= %.2f", s.target), r >= s.target
 			}
-			if s.metric == metricValue {
-				if lo, hi, ok := ratioInterval(a.Runs, b.Runs); ok {
+			if num, den, ok := s.metric.runs(a, b); ok {
+				if lo, hi, ok := ratioInterval(num, den); ok {
 					t.Interval = []float64{lo, hi}
 					t.Settled = lo > s.target || hi < s.target
 				}
