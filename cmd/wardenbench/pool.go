@@ -102,7 +102,9 @@ func poolResult(parts []Result) Result {
 	r := Result{Workload: parts[0].Workload, Config: parts[0].Config, Unit: parts[0].Unit}
 	var busy, stolen []float64
 	var p50, p99, machine, fw, switches []*float64
+	everyP99 := true // every run kept a p99 for each of its repetitions
 	for _, p := range parts {
+		everyP99 = everyP99 && len(p.P99Runs) == len(p.Runs)
 		r.Runs = append(r.Runs, p.Runs...)
 		r.P99Runs = append(r.P99Runs, p.P99Runs...)
 		r.Errors += p.Errors
@@ -117,8 +119,8 @@ func poolResult(parts []Result) Result {
 	r.CPUBusy = math.Round(median(busy)*100) / 100
 	r.Stolen = math.Round(median(stolen)*1000) / 1000
 	r.P50, r.P99 = medianOfSet(p50), medianOfSet(p99)
-	if len(r.P99Runs) == len(r.Runs) && len(r.Runs) > 0 {
-		// Every run kept its repetitions' p99s: their median over all of them, as for the rate.
+	if everyP99 && len(r.P99Runs) > 0 {
+		// Their median over all repetitions, as for the rate.
 		v := round(median(r.P99Runs))
 		r.P99 = &v
 	}

@@ -189,13 +189,7 @@ func median(xs []float64) float64 {
 	if len(xs) == 0 {
 		return 0
 	}
-	s := slices.Clone(xs)
-	sort.Float64s(s)
-	n := len(s)
-	if n%2 == 1 {
-		return s[n/2]
-	}
-	return (s[n/2-1] + s[n/2]) / 2
+	return sortedMedian(slices.Clone(xs))
 }
 
 func (c *collector) results() []Result {
@@ -393,14 +387,14 @@ func ratios(rs []Result) (map[string]float64, []Target) {
 		if !okx || !oky || y == 0 {
 			continue
 		}
-		r := math.Round(x/y*1000) / 1000
+		r := roundRatio(x / y)
 		m[s.name] = r
 		if s.target > 0 {
 			t := Target{Name: s.workload, Ratio: s.name, Value: r}
 			if s.metric == metricValue && len(a.Runs) == len(b.Runs) {
 				for i := range a.Runs {
 					if b.Runs[i] > 0 {
-						t.PairedRuns = append(t.PairedRuns, math.Round(a.Runs[i]/b.Runs[i]*1000)/1000)
+						t.PairedRuns = append(t.PairedRuns, roundRatio(a.Runs[i]/b.Runs[i]))
 					}
 				}
 			}
