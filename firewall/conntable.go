@@ -203,7 +203,7 @@ func (t *connTable) touch(k *backend.ConnKey, now int64) (backend.Decision, bool
 // forgetEnded removes the connections the kernel must be tracking while they live (a protocol with ports, a
 // decision that lets packets pass) that were last seen before cutoff, and returns how many it removed.
 func (t *connTable) forgetEnded(cutoff int64) int {
-	return t.removeWhere(func(k *connKey, e *connEntry) bool {
+	return t.removeWhere(func(k connKey, e connEntry) bool {
 		return e.lastSeen < cutoff && k.proto.HasPorts() && passes(unpackDecision(e.decision))
 	})
 }
@@ -301,13 +301,15 @@ func (t *connTable) remove(k backend.ConnKey) bool {
 	return ok
 }
 
-// each calls f with a copy of every connection. f must not touch the table.
+// each calls f with a copy of every connection. f must not touch the table, nor keep the pointer: one Conn is
+// reused for every call (a fresh one per connection would be an allocation each).
 func (t *connTable) each(f func(*Conn)) {
+	var c Conn
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.RLock()
 		for k, e := range s.m {
-			c := t.view(&k, &e)
+			c = t.view(&k, &e)
 			f(&c)
 		}
 		s.mu.RUnlock()
@@ -315,13 +317,14 @@ func (t *connTable) each(f func(*Conn)) {
 }
 
 // update calls f with a copy of every connection and stores the decision and rule it returns. f must not
-// touch the table.
+// touch the table, nor keep the pointer (see each).
 func (t *connTable) update(f func(*Conn) (backend.Decision, *ruleRef)) {
+	var c Conn
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
 		for k, e := range s.m {
-			c := t.view(&k, &e)
+			c = t.view(&k, &e)
 			d, ref := f(&c)
 			if ref != c.rule {
 				t.rules.release(e.rule)
@@ -336,18 +339,19 @@ func (t *connTable) update(f func(*Conn) (backend.Decision, *ruleRef)) {
 
 // expire removes connections last seen before the cutoff for their protocol.
 func (t *connTable) expire(cutoff func(backend.Protocol) int64) int {
-	return t.removeWhere(func(k *connKey, e *connEntry) bool { return e.lastSeen < cutoff(k.proto) })
+	return t.removeWhere(func(k connKey, e connEntry) bool { return e.lastSeen < cutoff(k.proto) })
 }
 
 // removeWhere removes the connections stale reports, returns how many, and then lets go of names no connection
-// uses any more (also those that evictions and removals left).
-func (t *connTable) removeWhere(stale func(*connKey, *connEntry) bool) int {
+// uses any more (also those that evictions and removals left). stale takes copies: pointers to the loop's
+// variables would escape through the func value, one allocation per tracked connection and sweep.
+func (t *connTable) removeWhere(stale func(connKey, connEntry) bool) int {
 	n := 0
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
 		for k, e := range s.m {
-			if stale(&k, &e) {
+			if stale(k, e) {
 				delete(s.m, k)
 				t.release(&e)
 				n++

@@ -522,12 +522,13 @@ func (p *Pipeline) SetPolicy(pol *Policy) []backend.ConnChange {
 	p.policy.Store(pol)
 	var changes []backend.ConnChange
 	var splits []backend.ConnKey
+	var info backend.Info // one for all: evaluate takes its address, so one per connection would be an allocation each
 	p.conns.update(func(c *Conn) (backend.Decision, *ruleRef) {
 		if c.Own {
 			return c.decision, c.rule
 		}
 		old := c.Decision()
-		info := backend.Info{Protocol: c.Key.Protocol, Direction: c.Direction, Local: c.Key.Local,
+		info = backend.Info{Protocol: c.Key.Protocol, Direction: c.Direction, Local: c.Key.Local,
 			Remote: c.Key.Remote, Interface: c.Interface, PID: c.PID, UID: c.UID}
 		d, ref, _ := p.evaluate(&info, c, pol, false)
 		if d != old {
