@@ -123,6 +123,10 @@ func poolResult(parts []Result) Result {
 		// Their median over all repetitions, as for the rate.
 		v := round(median(r.P99Runs))
 		r.P99 = &v
+	} else {
+		// The p99 is then the median of the runs' medians; an interval from the runs that kept their
+		// repetitions' p99s would describe other repetitions than that value.
+		r.P99Runs = nil
 	}
 	r.MachineUS, r.FirewallCPUUS, r.MachineSwitches = medianOfSet(machine), medianOfSet(fw), medianOfSet(switches)
 	return r

@@ -202,4 +202,15 @@ func TestPoolP99Repetitions(t *testing.T) {
 	if w, _ := find(rep.Results, wlLatency, cfgWarden); *w.P99 != 240 {
 		t.Errorf("with a file that kept no p99s: %v, want the median of the runs' medians (180, 300: 240)", *w.P99)
 	}
+	// The interval must describe the same repetitions as the value: from b's and c's alone (six pairs, enough
+	// for one) it would claim a precision the pooled median of medians does not have.
+	rep, err = poolReports([]string{writeRun(t, dir, "old2.json", old), b, c}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range rep.Targets {
+		if x.Ratio == "warden_vs_bare_connect_p99" && (x.Interval != nil || x.Settled) {
+			t.Errorf("p99 target with a file that kept no p99s: %+v, want no interval", x)
+		}
+	}
 }
