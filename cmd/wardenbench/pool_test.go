@@ -194,7 +194,8 @@ func TestPoolP99Repetitions(t *testing.T) {
 	for i := range old.Results {
 		old.Results[i].P99Runs = nil
 	}
-	rep, err = poolReports([]string{writeRun(t, dir, "old.json", old), c}, &bytes.Buffer{})
+	oldPath := writeRun(t, dir, "old.json", old)
+	rep, err = poolReports([]string{oldPath, c}, &bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,7 +205,7 @@ func TestPoolP99Repetitions(t *testing.T) {
 	}
 	// The interval must describe the same repetitions as the value: from b's and c's alone (six pairs, enough
 	// for one) it would claim a precision the pooled median of medians does not have.
-	rep, err = poolReports([]string{writeRun(t, dir, "old2.json", old), b, c}, &bytes.Buffer{})
+	rep, err = poolReports([]string{oldPath, b, c}, &bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
 	}
