@@ -31,14 +31,17 @@ var costParts = []costPart{
 	{"context switches (finish_task_switch)", "context switches", []string{"finish_task_switch"}},
 }
 
-// idleLeaves are the functions an idle CPU's sample ends in.
-var idleLeaves = []string{"pv_native_safe_halt", "native_safe_halt", "default_idle", "mwait_idle", "intel_idle",
-	"acpi_idle", "cpu_idle_poll"}
+// idleLeaves are the functions an idle CPU's sample ends in (pvm_safe_halt: a PVM guest's halt hypercall).
+var idleLeaves = []string{"pv_native_safe_halt", "native_safe_halt", "pvm_safe_halt", "default_idle", "mwait_idle",
+	"intel_idle", "acpi_idle", "cpu_idle_poll"}
 
 // perfSplit is the result of splitting a `perf script -F pid,period,ip,sym` text (with call chains).
 type perfSplit struct {
 	busyNS, firewallNS uint64
-	partNS             []uint64 // by costParts index
+	// firewallUserNS is the firewall's samples that ended in user space: the daemon's own code and the Go
+	// runtime, beside the kernel work its system calls carry (a verdict carries its packet on through the stack).
+	firewallUserNS uint64
+	partNS         []uint64 // by costParts index
 }
 
 // splitPerfScript reads perf script output and sums, in nanoseconds of CPU time, the busy samples, the firewall
@@ -46,9 +49,10 @@ type perfSplit struct {
 func splitPerfScript(r io.Reader, fwPID int) (perfSplit, error) {
 	s := perfSplit{partNS: make([]uint64, len(costParts))}
 	var (
-		pid    int
-		period uint64
-		frames []string
+		pid      int
+		period   uint64
+		frames   []string
+		userLeaf bool // the sample's first frame is not a kernel address
 	)
 	flush := func() {
 		if len(frames) == 0 {
@@ -63,6 +67,9 @@ func splitPerfScript(r io.Reader, fwPID int) (perfSplit, error) {
 		s.busyNS += period
 		if fwPID != 0 && pid == fwPID {
 			s.firewallNS += period
+			if userLeaf {
+				s.firewallUserNS += period
+			}
 		}
 		for i, p := range costParts {
 			if holdsAny(frames, p.funcs) {
@@ -81,6 +88,10 @@ func splitPerfScript(r io.Reader, fwPID int) (perfSplit, error) {
 			// "\tffffffff8224215b pv_native_safe_halt": the address, then the symbol.
 			f := strings.Fields(line)
 			if len(f) >= 2 {
+				if len(frames) == 0 {
+					// x86-64 kernel addresses are the upper half: ffff...
+					userLeaf = !strings.HasPrefix(f[0], "ffff")
+				}
 				frames = append(frames, f[1])
 			}
 		default:
@@ -126,6 +137,7 @@ func writeSplit(w io.Writer, s perfSplit, ops uint64) {
 	fmt.Fprintln(tw, "PART\tµs/OP")
 	fmt.Fprintf(tw, "machine busy (every process, kernel and user)\t%s\n", per(s.busyNS))
 	fmt.Fprintf(tw, "firewall process (kernel and user)\t%s\n", per(s.firewallNS))
+	fmt.Fprintf(tw, "  of it in user space (its own code and the Go runtime)\t%s\n", per(s.firewallUserNS))
 	for i, p := range costParts {
 		fmt.Fprintf(tw, "%s\t%s\n", p.name, per(s.partNS[i]))
 	}
@@ -138,7 +150,8 @@ func (s perfSplit) summary(ops uint64) string {
 		return "no operations counted"
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "busy %.1f µs, firewall %.1f", usPerOp(s.busyNS, ops), usPerOp(s.firewallNS, ops))
+	fmt.Fprintf(&b, "busy %.1f µs, firewall %.1f (user %.1f)", usPerOp(s.busyNS, ops), usPerOp(s.firewallNS, ops),
+		usPerOp(s.firewallUserNS, ops))
 	for i, p := range costParts {
 		if p.short != "" {
 			fmt.Fprintf(&b, ", %s %.1f", p.short, usPerOp(s.partNS[i], ops))

@@ -15,6 +15,11 @@ const perfScriptText = `    0     250000
 	ffffffff813d09d6 do_idle
 
     0     250000 
+	ffffffff82242055 pvm_safe_halt_hc
+	ffffffff82243c75 default_idle
+	ffffffff813d09d6 do_idle
+
+    0     250000 
 	ffffffff81aa0030 __nfqnl_enqueue_packet
 	ffffffff81aa0031 nf_queue
 	ffffffff81aa0001 nft_do_chain
@@ -56,9 +61,12 @@ func TestSplitPerfScript(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Every sample but the idle one is busy: 6 samples, 250 µs each, one of them 500 µs.
-	if s.busyNS != 1_750_000 || s.firewallNS != 750_000 {
-		t.Errorf("busy %d ns, firewall %d ns; want 1750000, 750000", s.busyNS, s.firewallNS)
+	// Every sample but the two idle ones is busy: 6 samples, 250 µs each, one of them 500 µs. Of the
+	// firewall's two, the one that ended in its own code is user space; the one in the kernel under its
+	// system call is not.
+	if s.busyNS != 1_750_000 || s.firewallNS != 750_000 || s.firewallUserNS != 500_000 {
+		t.Errorf("busy %d ns, firewall %d ns, of it user %d ns; want 1750000, 750000, 500000", s.busyNS,
+			s.firewallNS, s.firewallUserNS)
 	}
 	want := map[string]uint64{
 		"netfilter rule chains (nft_do_chain)":                                500_000, // the softirq's and the verdict's
@@ -87,10 +95,11 @@ func TestSplitPerfScript(t *testing.T) {
 			rows[name] = strings.TrimSpace(v)
 		}
 	}
-	if rows["machine busy (every process, kernel and user)"] != "17.50" || rows["NAT hooks (nf_nat_inet_fn)"] != "5.00" {
+	if rows["machine busy (every process, kernel and user)"] != "17.50" || rows["NAT hooks (nf_nat_inet_fn)"] != "5.00" ||
+		rows["of it in user space (its own code and the Go runtime)"] != "5.00" {
 		t.Errorf("split table:\n%s", b.String())
 	}
-	if got := s.summary(100); !strings.HasPrefix(got, "busy 17.5 µs, firewall 7.5, rule chains 5.0, NAT 5.0") {
+	if got := s.summary(100); !strings.HasPrefix(got, "busy 17.5 µs, firewall 7.5 (user 5.0), rule chains 5.0, NAT 5.0") {
 		t.Errorf("summary %q", got)
 	}
 }
